@@ -1,0 +1,16 @@
+"""CleanUp: the owner has the result; drop this job's work dir, runners and pins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from channels.base import Channel
+from ipdc.ids import JobId
+
+
+@dataclass(frozen=True)
+class CleanUp:
+    job_id: JobId
+
+
+CLEANUP: Channel[CleanUp] = Channel("cleanup", CleanUp, "ipdc/peer/{node}/cleanup")

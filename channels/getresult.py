@@ -1,0 +1,36 @@
+"""GetResult: a worker reports to the job's owner.
+
+Each worker publishes on its own result topic (``ipdc/result/<worker>/<job>``), so
+a broker ACL can keep nodes from speaking for one another; the owner subscribes to
+``ipdc/result/+/<job>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from channels.base import Channel
+from ipdc.errors import MessageError
+from ipdc.ids import Cid, JobId, NodeName
+
+KINDS = ("ready", "map", "reduce", "error")
+
+
+@dataclass(frozen=True)
+class GetResult:
+    job_id: JobId
+    peer: NodeName
+    kind: str
+    """One of KINDS: ``ready`` after Download, ``map``/``reduce`` after a task, ``error``."""
+    task: int = 0
+    attempt: int = 0
+    cids: list[Cid] = field(default_factory=list)
+    """``map``: one partition CID per reducer; ``reduce``: the part's CID."""
+    error: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MessageError(f"getresult.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+GETRESULT: Channel[GetResult] = Channel("getresult", GetResult, "ipdc/result/{node}/{job}")

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Install, start and stop this machine's IPDC node.
+
+    python deploy.py init [--host ADDR] [--join TOKEN] [--with-tf]
+    python deploy.py start | stop | status
+    python deploy.py install          # binaries only (mosquitto, kubo), no node
+
+The node lives in $IPDC_HOME (default ~/.ipdc). These are the `ipdc node ...`
+commands; this script exists so a fresh clone works before `ipdc` is on PATH.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _ensure_python_deps(with_tf: bool) -> None:
+    """pip install this project (editable) when its dependencies are missing."""
+    try:
+        import click, httpx, paho.mqtt, rich, yaml  # noqa: F401, E401
+        missing = False
+    except ImportError:
+        missing = True
+    extras = "[tf]" if with_tf else ""
+    if missing or with_tf:
+        print(f"installing IPDC's Python dependencies (pip install -e .{extras})", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{HERE}{extras}"], check=True)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    with_tf = "--with-tf" in args
+    args = [a for a in args if a != "--with-tf"]
+    _ensure_python_deps(with_tf)
+    sys.path.insert(0, str(HERE))
+    from ipdc.cli import main as cli
+    from ipdc.install import ensure_kubo, ensure_mosquitto
+
+    if args[:1] == ["install"]:
+        ensure_mosquitto()
+        print(f"kubo: {ensure_kubo()}")
+        return
+    cli.main(args=["node", *args], prog_name="deploy.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The ``ipdc`` command line.
+
+Errors from the IPDC hierarchy print as one clear message (plus a remote
+traceback where there is one) and a non-zero exit; progress and tables go to
+stderr through rich, results to stdout, so ``--json`` output pipes cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ipdc import __version__
+from ipdc.client import SwarmClient
+from ipdc.cluster import LocalCluster
+from ipdc.config import Config
+from ipdc.errors import IPDCError
+from ipdc.invite import Invite
+from ipdc.kubo import KuboClient
+from ipdc.mapreduce import JOBS_DIR, JobResult, MapReduceController, MapReduceJob, check_job_files
+from ipdc.node import Node
+
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class IPDCGroup(click.Group):
+    """Turns IPDC errors into one message and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IPDCError as exc:
+            err.print("[bold red]error:[/]", str(exc), highlight=False)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=IPDCGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ipdc")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """IPDC: MapReduce and TensorFlow on a private IPFS swarm.
+
+    Every node runs kubo, an agent, and reaches one mosquitto broker. Set up a node
+    with `python deploy.py init` (or `ipdc node init`), start it with
+    `python deploy.py start`, and submit jobs from any node. The node is the one in
+    $IPDC_HOME (default ~/.ipdc).
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+
+
+# -- node ------------------------------------------------------------------------------
+@main.group()
+def node() -> None:
+    """Create, start, stop and inspect this machine's node ($IPDC_HOME)."""
+
+
+@node.command("init")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the node binds and advertises; use the LAN address to serve other machines.")
+@click.option("--join", "token", metavar="TOKEN", help="Join an existing swarm (token from `ipdc invite`).")
+@click.option("--join-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the invite token from a file.")
+@click.option("--slots", type=int, default=0, help="Tasks run at once (default: one per core).")
+def node_init(host: str, token: str | None, join_file: Path | None, slots: int) -> None:
+    """Install what is missing (mosquitto, kubo) and create the node.
+
+    Without --join this founds a new private swarm: a fresh swarm key, and a broker
+    hosted by this node. Running it again changes nothing.
+    """
+    if join_file is not None:
+        token = join_file.read_text()
+    invite = Invite.decode(token) if token else None
+    click.echo(Node().init(host=host, join=invite, slots=slots))
+
+
+@node.command("start")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for each service.")
+def node_start(timeout: float) -> None:
+    """Start kubo, the broker (on the broker host) and the agent, in the background."""
+    with err.status("starting the node..."):
+        rows = Node().start(timeout)
+    _print_status(rows)
+
+
+@node.command("stop")
+def node_stop() -> None:
+    """Stop what start started: SIGTERM, then SIGKILL after a timeout."""
+    stopped = Node().stop()
+    click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@node.command("status")
+def node_status() -> None:
+    """Show the node's services and their pids."""
+    _print_status(Node().status())
+
+
+main.add_command(node_status, "status")
+
+
+def _print_status(rows: list[Any]) -> None:
+    table = Table("service", "state", "pid", "address")
+    for row in rows:
+        style = "green" if row.pid else "red"
+        table.add_row(row.name, f"[{style}]{row.state}[/]", str(row.pid or "-"), row.address)
+    Console().print(table)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the token to this file (mode 0600) instead of printing it.")
+def invite(output: Path | None) -> None:
+    """Print an invite token for one new node: `python deploy.py init --join TOKEN`.
+
+    The token holds the swarm key and fresh broker credentials: treat it like a
+    password. Run this on the node that hosts the broker.
+    """
+    node = Node()
+    token = node.invite()
+    if node.config.node.host.startswith("127."):
+        err.print("[yellow]note:[/] this node listens on 127.0.0.1 only, so the token works on "
+                  "this machine; re-init with --host <LAN address> to invite other machines")
+    if output is None:
+        click.echo(token)
+    else:
+        output.write_text(token + "\n")
+        output.chmod(0o600)
+        err.print(f"wrote the invite token to {output}")
+
+
+# -- peers -----------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def peers(as_json: bool) -> None:
+    """List the live peers of the swarm, as their agents announce themselves."""
+    with SwarmClient(Node().config).connect() as client:
+        live = sorted(client.peers.live(), key=lambda p: p.name)
+    rows = [{
+        "name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "addrs": p.presence.addrs,
+        "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
+        "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
+        "last_seen_s": round(p.age(), 1),
+    } for p in live]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
+    for r in rows:
+        table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
+                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
+    Console().print(table)
+    err.print(f"{len(rows)} live peer(s)")
+
+
+# -- mapreduce -------------------------------------------------------------------------
+@contextmanager
+def swarm_for(k: int | None, quiet: bool) -> Iterator[Config]:
+    """This node's swarm if it runs; else a temporary local cluster of K nodes."""
+    node = Node()
+    if node.initialised and node.running():
+        yield node.config
+        return
+    n = k or 2
+    if not quiet:
+        err.print(f"[yellow]no IPDC node is running for {node.home}: starting a temporary local "
+                  f"cluster of {n} nodes (mosquitto, kubo and an agent each) for this job[/]")
+    with LocalCluster(n) as cluster:
+        yield cluster.nodes[0].config
+    if not quiet:
+        err.print("[yellow]the temporary cluster was stopped and removed[/]")
+
+
+@main.command()
+@click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--k", type=int, default=None,
+              help="Workers (= reducers = output parts). Default: every live peer.")
+@click.option("--map", "map_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Map.py",
+              show_default="jobs/mapreduce/Map.py", help="File defining map(line) [and combine].")
+@click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Reduce.py",
+              show_default="jobs/mapreduce/Reduce.py", help="File defining reduce(key, values).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output directory (default ./ipdc-out/<job-id>); must not hold files.")
+@click.option("--chunks", type=int, default=None, help="Map tasks (default: from input size and K).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
+def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
+       chunks: int | None, quiet: bool, as_json: bool) -> None:
+    """Run a MapReduce job over INPUT on K peers of the swarm.
+
+    The job is your Map.py and Reduce.py (WordCount by default). Input is UTF-8;
+    bytes that are not valid UTF-8 reach map() as surrogate escapes and are written
+    back out as the same bytes. The result is OUTPUT/part-00000 ... part-<K-1>,
+    "key<TAB>value" lines sorted by key, plus job.json and _SUCCESS.
+
+    With no running node for $IPDC_HOME, a temporary local cluster is started for
+    the job and removed afterwards.
+    """
+    job = MapReduceJob(input=input_file, k=k, map_file=map_file, reduce_file=reduce_file,
+                       output=output, chunks=chunks)
+    check_job_files(job)
+    show = not quiet and not as_json and err.is_terminal
+    with swarm_for(k, quiet or as_json) as config, SwarmClient(config).connect() as client, \
+            KuboClient(config.kubo_api_url) as kubo, _progress(show) as progress:
+        result = MapReduceController(client, kubo, job, progress).run()
+    _print_result(result, as_json)
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Callable[[str, float, float], None]]:
+    if not show:
+        yield lambda phase, done, total: None
+        return
+    bars = Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True)
+    ids: dict[str, Any] = {}
+
+    def update(phase: str, done: float, total: float) -> None:
+        if phase not in ids:
+            ids[phase] = bars.add_task(phase, total=total)
+        bars.update(ids[phase], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def _print_result(result: JobResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"job {result.job_id} succeeded in {result.timings['total']:.2f}s")
+    click.echo(f"output:  {result.output}")
+    click.echo(f"result:  {result.result_cid}")
+    click.echo(f"workers: {', '.join(w['name'] for w in result.workers)}")
+
+
+if __name__ == "__main__":
+    main()

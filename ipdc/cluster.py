@@ -1,0 +1,77 @@
+"""A throwaway swarm on this machine: mosquitto, and N nodes (kubo + agent each).
+
+``ipdc mr`` starts one when no node runs for the current IPDC_HOME, so a
+newcomer's first command works with nothing set up; tests and benchmarks use it
+too. The nodes are real: the first founds the swarm and hosts the broker, the
+others join it with invite tokens, exactly as ``deploy.py init --join`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ipdc.invite import Invite
+from ipdc.node import Node
+from ipdc.service import free_port
+
+log = logging.getLogger(__name__)
+
+PORT_KEYS = ("broker", "api", "gateway", "swarm")
+
+
+class LocalCluster:
+    """``n`` real nodes under one temporary directory, on 127.0.0.1."""
+
+    def __init__(self, n: int, base: Path | None = None, slots: int = 0, keep: bool = False) -> None:
+        if n < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.n = n
+        self.slots = slots
+        self.keep = keep
+        self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
+        self.nodes: list[Node] = []
+
+    def start(self) -> "LocalCluster":
+        taken: set[int] = set()
+
+        def ports() -> dict[str, int]:
+            chosen = {}
+            for key in PORT_KEYS:
+                chosen[key] = free_port("127.0.0.1", 0, taken)
+                taken.add(chosen[key])
+            return chosen
+
+        try:
+            first = Node(self.base / "node-0")
+            self.nodes.append(first)
+            first.init(host="127.0.0.1", slots=self.slots, ports=ports())
+            first.start()
+            others = [Node(self.base / f"node-{i}") for i in range(1, self.n)]
+            self.nodes.extend(others)
+            for node in others:
+                node.init(host="127.0.0.1", slots=self.slots, ports=ports(),
+                          join=Invite.decode(first.invite()))
+            if others:
+                with ThreadPoolExecutor(len(others)) as pool:
+                    list(pool.map(lambda node: node.start(), others))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop every node (agents first, the broker host last) and delete the files."""
+        for node in reversed(self.nodes):
+            node.stop()
+        if not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,155 @@
+"""A node's configuration: ``$IPDC_HOME/ipdc.conf`` (YAML), loaded once and validated.
+
+Each section is a frozen dataclass. Loading rejects unknown keys and wrong types
+with the dotted name of the bad key, so a typo such as ``broker.prot`` fails at
+start-up instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipdc.errors import ConfigError
+from ipdc.schema import build
+
+CONFIG_NAME = "ipdc.conf"
+
+
+def ipdc_home() -> Path:
+    """The node home: ``$IPDC_HOME``, or ``~/.ipdc``."""
+    return Path(os.environ.get("IPDC_HOME") or Path.home() / ".ipdc").expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    name: str = ""
+    """MQTT user name, and the key of this node's topics (``ipdc/peer/<name>/...``)."""
+    host: str = "127.0.0.1"
+    """Address the node's services bind to and advertise to other nodes."""
+    slots: int = 0
+    """Tasks run at once; 0 means one per CPU core."""
+    tf: str = "auto"
+    """Offer TensorFlow tasks: ``auto`` (when tensorflow is installed), ``yes`` or ``no``."""
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    hosted: bool = False
+    """True when this node runs the swarm's mosquitto."""
+
+
+@dataclass(frozen=True)
+class KuboSection:
+    binary: str = ""
+    api_port: int = 5001
+    gateway_port: int = 8080
+    swarm_port: int = 4001
+    bootstrap: list[str] = field(default_factory=list)
+    """Multiaddrs of swarm members this node dials and keeps peered with."""
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    heartbeat_interval: float = 2.0
+    peer_timeout: float = 10.0
+    """A peer silent for this long is taken as dead."""
+    warm_runners: int = 1
+    """Idle user-code processes kept started, so a task need not wait for an interpreter."""
+
+
+@dataclass(frozen=True)
+class SandboxSection:
+    cpu_seconds: int = 3600
+    memory_mb: int = 4096
+    file_mb: int = 4096
+    task_timeout: float = 3600.0
+    nice: int = 19
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    kubo: KuboSection = field(default_factory=KuboSection)
+    agent: AgentSection = field(default_factory=AgentSection)
+    sandbox: SandboxSection = field(default_factory=SandboxSection)
+
+    @property
+    def slots(self) -> int:
+        return self.node.slots or os.cpu_count() or 1
+
+    @property
+    def kubo_api_url(self) -> str:
+        """kubo's RPC API listens on loopback only: it is an admin interface."""
+        return f"http://127.0.0.1:{self.kubo.api_port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts and built-in types only (validated str subtypes become str)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with some fields changed: ``cfg.replace(kubo={"api_port": 5002})``."""
+        data = self.to_dict()
+        for name, values in sections.items():
+            data[name].update(values)
+        return config_from_dict(data)
+
+
+def config_from_dict(data: Any) -> Config:
+    cfg = build(Config, data, "", ConfigError)
+    for where, port in (
+        ("broker.port", cfg.broker.port),
+        ("kubo.api_port", cfg.kubo.api_port),
+        ("kubo.gateway_port", cfg.kubo.gateway_port),
+        ("kubo.swarm_port", cfg.kubo.swarm_port),
+    ):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
+    if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
+        raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
+    if cfg.node.tf not in ("auto", "yes", "no"):
+        raise ConfigError(f"node.tf: {cfg.node.tf!r} is not one of auto, yes, no")
+    if cfg.node.slots < 0:
+        raise ConfigError("node.slots: must be 0 (one per core) or a positive number")
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate one ipdc.conf. Errors name the file and the bad key."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist: run `python deploy.py init` (or `ipdc node init`) first"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write atomically, readable by the owner only: the file holds the broker password."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        "# IPDC node configuration. Written by `ipdc node init`; see ipdc.conf in the\n"
+        "# IPDC repository for what each key means.\n"
+        + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    )
+    tmp.chmod(0o600)
+    tmp.replace(path)

@@ -1,0 +1,69 @@
+"""One exception hierarchy for IPDC.
+
+Every error a user can meet derives from :class:`IPDCError`, and its message says
+what went wrong and what to do about it. The CLI prints the message and exits
+non-zero; it never shows a Python traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class IPDCError(Exception):
+    """Base of every error IPDC raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(IPDCError):
+    """ipdc.conf (or another YAML/JSON file a user wrote) is missing or invalid."""
+
+    exit_code = 2
+
+
+class TokenError(IPDCError):
+    """An invite token is malformed or from an unknown format version."""
+
+    exit_code = 2
+
+
+class InstallError(IPDCError):
+    """A dependency (mosquitto, kubo) is missing and could not be installed."""
+
+
+class NodeError(IPDCError):
+    """Starting, stopping or inspecting a node's processes failed."""
+
+
+class KuboError(IPDCError):
+    """The kubo RPC API failed or could not be reached."""
+
+
+class BusError(IPDCError):
+    """The MQTT broker refused us or could not be reached."""
+
+
+class MessageError(IPDCError):
+    """A message on a channel is malformed. The agent logs and drops it."""
+
+
+class JobError(IPDCError):
+    """A job could not be run to completion."""
+
+
+class NotEnoughPeers(JobError):
+    """Fewer live peers than the job asked for."""
+
+
+class TaskFailed(JobError):
+    """User code raised, or a task exhausted its attempts, on some peer."""
+
+    def __init__(self, message: str, *, peer: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.remote_traceback = remote_traceback
+
+
+class SpecError(IPDCError):
+    """A TensorFlow cluster spec is malformed."""
+
+    exit_code = 2

@@ -1,0 +1,124 @@
+"""Install what a node runs: mosquitto from apt, kubo built from source with Go.
+
+No registry reachable from a typical lab network ships a kubo binary, so kubo is
+built from the Go module proxy at a pinned version. An existing binary (on PATH,
+in ``$GOPATH/bin``, or named by ``$IPDC_KUBO_BIN``) is reused: the first build
+takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ipdc.errors import InstallError
+
+log = logging.getLogger(__name__)
+
+KUBO_VERSION = "v0.39.0"
+#: kubo 0.39's dependency github.com/cockroachdb/swiss does not build with Go >= 1.26;
+#: the go command fetches this toolchain from the module proxy when the local one differs.
+GO_TOOLCHAIN = "go1.25.5"
+MIN_KUBO = (0, 37)
+
+
+def _gopath_bin() -> Path | None:
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if go is None:
+        return None
+    out = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True, check=False)
+    return Path(out.stdout.strip().split(os.pathsep)[0]) / "bin" if out.returncode == 0 else None
+
+
+def kubo_version(binary: Path) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([str(binary), "version", "--number"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except OSError:
+        return None
+    try:
+        return tuple(int(x) for x in out.stdout.strip().split("-")[0].split("."))
+    except ValueError:
+        return None
+
+
+def find_kubo() -> Path | None:
+    """An installed kubo recent enough for IPDC's config (AutoConf needs >= 0.37)."""
+    candidates = [os.environ.get("IPDC_KUBO_BIN"), shutil.which("ipfs")]
+    if (gobin := _gopath_bin()) is not None:
+        candidates.append(str(gobin / "ipfs"))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            version = kubo_version(Path(candidate))
+            if version is not None and version[:2] >= MIN_KUBO:
+                return Path(candidate)
+            log.warning("ignoring %s: kubo %s is older than %d.%d", candidate, version, *MIN_KUBO)
+    return None
+
+
+def build_kubo() -> Path:
+    """``go install`` kubo at the pinned version; if the go command refuses the
+    module (replace/exclude directives, or a proxy that hides the version list),
+    download it and ``go build`` inside the module directory."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    gobin = _gopath_bin()
+    if not Path(go).exists() or gobin is None:
+        raise InstallError("kubo is not installed and Go is missing: install Go (https://go.dev/doc/install) "
+                           "or put a kubo >= 0.37 binary on PATH")
+    env = {**os.environ, "GOTOOLCHAIN": GO_TOOLCHAIN, "GOFLAGS": "-trimpath"}
+    log.warning("building kubo %s with Go; the first build takes several minutes", KUBO_VERSION)
+    module = f"github.com/ipfs/kubo/cmd/ipfs@{KUBO_VERSION}"
+    first = subprocess.run([go, "install", module], env=env, capture_output=True, text=True, check=False)
+    if first.returncode == 0 and (gobin / "ipfs").exists():
+        return gobin / "ipfs"
+    log.info("go install refused the module (%s); building from the module directory",
+             first.stderr.strip().splitlines()[-1:] or "no message")
+    dl = subprocess.run([go, "mod", "download", "-json", f"github.com/ipfs/kubo@{KUBO_VERSION}"],
+                        env=env, capture_output=True, text=True, check=False)
+    try:
+        module_dir = json.loads(dl.stdout)["Dir"]
+    except (ValueError, KeyError):
+        raise InstallError(f"cannot download kubo {KUBO_VERSION}: {dl.stdout}{dl.stderr}") from None
+    gobin.mkdir(parents=True, exist_ok=True)
+    build = subprocess.run([go, "build", "-o", str(gobin / "ipfs"), "./cmd/ipfs"], cwd=module_dir,
+                           env=env, capture_output=True, text=True, check=False)
+    if build.returncode != 0:
+        raise InstallError(f"building kubo {KUBO_VERSION} failed:\n{build.stderr[-3000:]}")
+    return gobin / "ipfs"
+
+
+def ensure_kubo() -> Path:
+    found = find_kubo()
+    if found is not None:
+        log.info("reusing kubo at %s", found)
+        return found
+    return build_kubo()
+
+
+def find_mosquitto() -> tuple[Path, Path] | None:
+    """(mosquitto, mosquitto_passwd), looking in sbin too: Debian puts the broker there."""
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin"
+    broker, passwd = shutil.which("mosquitto", path=path), shutil.which("mosquitto_passwd", path=path)
+    return (Path(broker), Path(passwd)) if broker and passwd else None
+
+
+def ensure_mosquitto() -> tuple[Path, Path]:
+    found = find_mosquitto()
+    if found is not None:
+        return found
+    if os.geteuid() != 0:
+        raise InstallError("mosquitto is missing: run `sudo apt-get install mosquitto`, then init again")
+    log.warning("installing mosquitto with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "mosquitto"]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise InstallError(f"`{' '.join(argv)}` failed:\n{done.stderr[-2000:]}")
+    found = find_mosquitto()
+    if found is None:
+        raise InstallError("apt-get installed mosquitto, but its binaries are not on PATH or in /usr/sbin")
+    return found

@@ -1,0 +1,202 @@
+"""A client for kubo's RPC API (``POST /api/v0/<cmd>``), over httpx.
+
+ipfshttpclient 0.7.0, the last release of the library the design card names,
+refuses every kubo since 0.8 with ``VersionMismatch``; this module replaces it.
+Every call has a timeout, and every failure becomes a :class:`KuboError` that
+names the command and the daemon's own message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from ipdc.ids import Cid
+from ipdc.errors import KuboError
+
+#: Import settings every node uses, so the same bytes give the same CID everywhere.
+ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of ``length`` bytes of a file from ``offset``: uploads a
+    chunk of the input without copying it."""
+
+    def __init__(self, path: Path, offset: int, length: int) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._file.seek(offset)
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self._left:
+            size = self._left
+        data = self._file.read(size)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class KuboClient:
+    """One kubo daemon's RPC API. Thread-safe; keep one per process."""
+
+    def __init__(self, api_url: str, *, timeout: float = 60.0) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=f"{self.api_url}/api/v0/",
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "KuboClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------
+    def _post(self, cmd: str, params: dict[str, Any] | list[tuple[str, str]] | None = None,
+              **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.post(cmd, params=params, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise KuboError(f"kubo {cmd} timed out at {self.api_url} ({exc})") from None
+        except httpx.TransportError as exc:
+            raise KuboError(
+                f"cannot reach kubo's RPC API at {self.api_url} ({exc}); is the daemon "
+                "running? Start the node with `python deploy.py start`"
+            ) from None
+        if response.status_code != 200:
+            raise KuboError(f"kubo {cmd} failed: {_daemon_message(response)}")
+        return response
+
+    def _json(self, cmd: str, params: dict[str, Any] | list[tuple[str, str]] | None = None) -> Any:
+        return self._post(cmd, params).json()
+
+    # -- node ------------------------------------------------------------------------
+    def id(self) -> dict[str, Any]:
+        return self._json("id")
+
+    def version(self) -> str:
+        return str(self._json("version")["Version"])
+
+    def swarm_peers(self) -> list[str]:
+        """Multiaddrs (with ``/p2p/<id>``) of the peers we are connected to."""
+        peers = self._json("swarm/peers").get("Peers") or []
+        return [f"{p['Addr']}/p2p/{p['Peer']}" for p in peers]
+
+    def swarm_connect(self, multiaddr: str) -> None:
+        self._post("swarm/connect", {"arg": multiaddr})
+
+    # -- content ---------------------------------------------------------------------
+    def add_bytes(self, data: bytes, name: str = "data") -> Cid:
+        return self.add_streams([(name, io.BytesIO(data))])[0]
+
+    def add_file(self, path: Path, offset: int = 0, length: int | None = None) -> Cid:
+        if length is None:
+            length = path.stat().st_size - offset
+        return self.add_ranges(path, [(offset, length)])[0]
+
+    def add_ranges(self, path: Path, ranges: Iterable[tuple[int, int]]) -> list[Cid]:
+        """Add several byte ranges of one file in one request, one CID per range."""
+        windows = [(f"chunk-{i:05d}", _Window(path, off, n)) for i, (off, n) in enumerate(ranges)]
+        try:
+            return self.add_streams(windows)
+        finally:
+            for _, window in windows:
+                window.close()
+
+    def add_streams(self, streams: list[tuple[str, IO[bytes]]]) -> list[Cid]:
+        if not streams:
+            return []
+        files = [("file", (name, stream, "application/octet-stream")) for name, stream in streams]
+        response = self._post("add", ADD_PARAMS, files=files)
+        cids = [Cid(json.loads(line)["Hash"]) for line in response.text.splitlines() if line]
+        if len(cids) != len(streams):
+            raise KuboError(f"kubo add answered {len(cids)} CIDs for {len(streams)} files")
+        return cids
+
+    def cat(self, cid: str, offset: int | None = None, length: int | None = None) -> bytes:
+        params: dict[str, Any] = {"arg": str(Cid(cid))}
+        if offset is not None:
+            params["offset"] = offset
+        if length is not None:
+            params["length"] = length
+        return self._post("cat", params).content
+
+    def cat_to(self, cid: str, path: Path) -> int:
+        """Stream one file's bytes to ``path``; returns the byte count."""
+        written = 0
+        request = self._http.build_request("POST", "cat", params={"arg": str(Cid(cid))})
+        try:
+            with self._http.stream(request.method, request.url) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise KuboError(f"kubo cat {cid} failed: {_daemon_message(response)}")
+                with open(path, "wb") as out:
+                    for block in response.iter_bytes(1 << 20):
+                        written += out.write(block)
+        except httpx.TransportError as exc:
+            raise KuboError(f"kubo cat {cid} at {self.api_url} failed: {exc}") from None
+        return written
+
+    def get(self, cid: str, dest: Path) -> Path:
+        """Fetch a file or directory by CID into ``dest``/<cid>; refuses unsafe tar paths."""
+        data = self._post("get", {"arg": str(Cid(cid))}).content
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            archive.extractall(dest, filter="data")
+        return dest / str(cid)
+
+    def pin_add(self, cid: str) -> None:
+        self._post("pin/add", {"arg": str(Cid(cid))})
+
+    def pin_rm(self, cid: str) -> None:
+        """Unpin; a CID that is not pinned is not an error (CleanUp may run twice)."""
+        try:
+            self._post("pin/rm", {"arg": str(Cid(cid))})
+        except KuboError as exc:
+            if "not pinned" not in str(exc):
+                raise
+
+    def make_directory(self, entries: dict[str, str]) -> Cid:
+        """A UnixFS directory CID holding existing CIDs under the given names.
+
+        Built in MFS with ``files/cp``, so no byte is uploaded twice.
+        """
+        root = f"/ipdc-tmp/{uuid.uuid4().hex}"
+        self._post("files/mkdir", {"arg": root, "parents": "true", "cid-version": "1"})
+        try:
+            for name, cid in entries.items():
+                self._post("files/cp", [("arg", f"/ipfs/{Cid(cid)}"), ("arg", f"{root}/{name}")])
+            return Cid(self._json("files/stat", {"arg": root, "hash": "true"})["Hash"])
+        finally:
+            self._post("files/rm", {"arg": root, "recursive": "true", "force": "true"})
+
+    def ls(self, cid: str) -> Iterator[tuple[str, Cid]]:
+        """(name, cid) of each entry of a directory."""
+        for obj in self._json("ls", {"arg": str(Cid(cid))}).get("Objects", []):
+            for link in obj.get("Links", []):
+                yield link["Name"], Cid(link["Hash"])
+
+
+def _daemon_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("Message") or response.text)
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
