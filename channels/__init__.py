@@ -9,6 +9,7 @@ Topics:
     ipdc/peer/<node>/domap        DoMap      run one map task
     ipdc/peer/<node>/buffer       Buffer     a map output partition for this reducer
     ipdc/peer/<node>/cleanup      CleanUp    drop a finished job's files and runners
+    ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
 """
 
@@ -24,9 +25,10 @@ from channels.download import DOWNLOAD
 from channels.getresult import GETRESULT
 from channels.heartbeat import HEARTBEAT
 from channels.presence import PRESENCE
+from channels.tf import TF
 
 #: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
-INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP)}
+INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF)}
 
 __all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
-           "PRESENCE", "Channel"]
+           "PRESENCE", "TF", "Channel"]

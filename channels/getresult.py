@@ -12,7 +12,7 @@ from channels.base import Channel
 from ipdc.errors import MessageError
 from ipdc.ids import Cid, JobId, NodeName
 
-KINDS = ("ready", "map", "reduce", "error")
+KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped")
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,16 @@ class GetResult:
     job_id: JobId
     peer: NodeName
     kind: str
-    """One of KINDS: ``ready`` after Download, ``map``/``reduce`` after a task, ``error``."""
+    """One of KINDS: ``ready`` after Download, ``map``/``reduce`` after a task, ``error``;
+    ``port``/``started``/``stopped`` answer the Tf channel's ops."""
     task: int = 0
     attempt: int = 0
     cids: list[Cid] = field(default_factory=list)
     """``map``: one partition CID per reducer; ``reduce``: the part's CID."""
     error: str = ""
     stats: dict[str, float] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
+    """``port``: the TCP ports the agent reserved for the cluster's tasks."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -42,6 +42,7 @@ from channels.download import Download
 from channels.getresult import GETRESULT, GetResult
 from channels.heartbeat import HEARTBEAT, Heartbeat
 from channels.presence import PRESENCE, Capabilities, Presence
+from channels.tf import Tf
 from ipdc import __version__
 from ipdc.bus import Bus, Inbound, Will
 from ipdc.errors import IPDCError, MessageError, TaskFailed
@@ -50,6 +51,7 @@ from ipdc.job import JobManifest
 from ipdc.kubo import KuboClient
 from ipdc.node import Node
 from ipdc.sandbox import RunnerPool
+from ipdc.tf import TfHost
 
 log = logging.getLogger("ipdc.agent")
 
@@ -109,11 +111,13 @@ class Agent:
         self.tasks = ThreadPoolExecutor(cfg.slots, thread_name_prefix="task")
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self.pool = RunnerPool(cfg.sandbox, node.home / "logs", cfg.agent.warm_runners)
+        self.tf = TfHost(self.name, cfg.node.host, node.home / "logs", self.report)
         self.handlers: dict[str, tuple[Channel[Any], Callable[[Any], None]]] = {
             "download": (INBOX_CHANNELS["download"], self.on_download),
             "domap": (INBOX_CHANNELS["domap"], self.on_domap),
             "buffer": (INBOX_CHANNELS["buffer"], self.on_buffer),
             "cleanup": (INBOX_CHANNELS["cleanup"], self.on_cleanup),
+            "tf": (INBOX_CHANNELS["tf"], self.on_tf),
         }
         self.presence_topic = PRESENCE.topic(node=self.name)
         self.bus = Bus(cfg.broker, f"{self.name}-agent", session_expiry=3600,
@@ -141,6 +145,7 @@ class Agent:
         self.bus.publish(self.presence_topic, b"", retain=True)
         self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.pool.close()
+        self.tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
         self.tasks.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.bus.close()
@@ -202,7 +207,7 @@ class Agent:
         if manifest.job_id in self.finished:
             log.warning("ignored download of finished job %s", manifest.job_id)
             return
-        if len(manifest.chunks) == 0 or manifest.partitions == 0:
+        if manifest.kind == "mapreduce" and (len(manifest.chunks) == 0 or manifest.partitions == 0):
             raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
         self.io.submit(self._download, manifest)
 
@@ -309,6 +314,11 @@ class Agent:
             with self._lock:
                 self.running -= 1
 
+    def on_tf(self, msg: Tf) -> None:
+        """Reserve ports, start or stop a TF cluster's servers (see ipdc.tf.TfHost)."""
+        job = self.jobs.get(msg.cluster_id)
+        self.io.submit(self.tf.handle, msg, job.dir if job is not None else None)
+
     def on_cleanup(self, msg: CleanUp) -> None:
         with self._lock:
             job = self.jobs.pop(msg.job_id, None)
@@ -337,6 +347,7 @@ def _load() -> float:
 def main() -> None:
     node = Node()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     Agent(node).run()
 
 

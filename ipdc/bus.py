@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class Bus:
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self._subscriptions: dict[str, int] = {}
+        self._pending: list[mqtt.MQTTMessageInfo] = []
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -103,8 +105,24 @@ class Bus:
             )
         return self
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every QoS 1 message we published is acknowledged by the broker."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for info in pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._client.is_connected():
+                return False
+            try:
+                info.wait_for_publish(left)
+            except RuntimeError:  # the connection dropped meanwhile
+                return False
+        return True
+
     def close(self) -> None:
-        """Disconnect cleanly: a clean DISCONNECT does not fire the last will."""
+        """Flush, then disconnect cleanly: a clean DISCONNECT does not fire the last will."""
+        self.flush()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -137,6 +155,9 @@ class Bus:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BusError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        with self._lock:
+            self._pending = [i for i in self._pending if not i.is_published()]
+            self._pending.append(info)
 
     # -- paho callbacks (network thread: never block here) ---------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,

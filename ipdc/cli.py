@@ -24,13 +24,16 @@ from ipdc import __version__
 from ipdc.client import SwarmClient
 from ipdc.cluster import LocalCluster
 from ipdc.config import Config
-from ipdc.errors import IPDCError
+from ipdc.errors import IPDCError, NodeError
 from ipdc.invite import Invite
 from ipdc.kubo import KuboClient
 from ipdc.mapreduce import JOBS_DIR, JobResult, MapReduceController, MapReduceJob, check_job_files
 from ipdc.node import Node
+from ipdc.tf import TfController, cluster_is_up, list_clusters, load_spec
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+#: Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns.
+out = Console() if Console().is_terminal else Console(width=1000)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -116,7 +119,7 @@ def _print_status(rows: list[Any]) -> None:
     for row in rows:
         style = "green" if row.pid else "red"
         table.add_row(row.name, f"[{style}]{row.state}[/]", str(row.pid or "-"), row.address)
-    Console().print(table)
+    out.print(table)
 
 
 @main.command()
@@ -161,7 +164,7 @@ def peers(as_json: bool) -> None:
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
                       "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
-    Console().print(table)
+    out.print(table)
     err.print(f"{len(rows)} live peer(s)")
 
 
@@ -244,6 +247,85 @@ def _print_result(result: JobResult, as_json: bool) -> None:
     click.echo(f"output:  {result.output}")
     click.echo(f"result:  {result.result_cid}")
     click.echo(f"workers: {', '.join(w['name'] for w in result.workers)}")
+
+
+# -- tensorflow ------------------------------------------------------------------------
+class TfGroup(IPDCGroup):
+    """``ipdc tf SPEC`` is ``ipdc tf up SPEC``: a first argument that names no subcommand is a spec."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["up", *args]
+        return super().parse_args(ctx, args)
+
+
+def _running_node() -> Node:
+    """A TF cluster outlives the command that starts it, so it needs this machine's node."""
+    node = Node()
+    if not (node.initialised and node.running()):
+        raise NodeError(f"no IPDC node is running for {node.home}; a TF cluster outlives this "
+                        "command, so start the node first: `python deploy.py start` "
+                        "(after `python deploy.py init --with-tf`)")
+    return node
+
+
+@main.group(cls=TfGroup)
+def tf() -> None:
+    """Distributed TensorFlow clusters on the swarm: `ipdc tf SPEC`, `ipdc tf down NAME`, `ipdc tf list`."""
+
+
+@tf.command("up")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--name", help="Cluster name (default tf-<random>); also the key that places tasks on peers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cluster as JSON for scripts.")
+def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
+    """Start a TF server per task of SPEC ({"chief": [0], "worker": [0, 1], "ps": [0]}, YAML or JSON).
+
+    Each task goes to a TF-capable peer near the cluster name by XOR distance; the
+    chief is your script, run with the TF_CONFIG this prints.
+    """
+    spec = load_spec(spec_file)
+    node = _running_node()
+    with SwarmClient(node.config).connect() as client, KuboClient(node.config.kubo_api_url) as kubo, \
+            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+        cluster = TfController(client, kubo, node.home).up(spec, name)
+    if as_json:
+        click.echo(json.dumps(cluster.to_dict(), indent=2))
+        return
+    table = Table("task", "address", "peer", "runs")
+    for t in cluster.tasks:
+        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer, "tf server" if t.server else "your script")
+    click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
+    out.print(table)
+    click.echo(f"run your script as the chief:\n  {cluster.command()}")
+    click.echo(f"stop it with: ipdc tf down {cluster.name}")
+
+
+@tf.command("down")
+@click.argument("name")
+def tf_down(name: str) -> None:
+    """Stop every server of cluster NAME on every peer and remove its files."""
+    node = _running_node()
+    with SwarmClient(node.config).connect() as client, KuboClient(node.config.kubo_api_url) as kubo:
+        cluster = TfController(client, kubo, node.home).down(name)
+    click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s) on "
+               f"{', '.join(cluster.peers)})")
+
+
+@tf.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def tf_list(as_json: bool) -> None:
+    """The TF clusters started from this node, and whether every server answers."""
+    rows = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(Node().home)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "state", "tasks", "peers")
+    for r in rows:
+        table.add_row(r["name"], "[green]up[/]" if r["up"] else "[red]down[/]",
+                      ", ".join(f"{t['job']}:{t['index']}" for t in r["tasks"]),
+                      ", ".join(sorted({t["peer"] for t in r["tasks"]})))
+    out.print(table)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ipdc.config import save_config
 from ipdc.invite import Invite
 from ipdc.node import Node
 from ipdc.service import free_port
@@ -26,12 +27,15 @@ PORT_KEYS = ("broker", "api", "gateway", "swarm")
 class LocalCluster:
     """``n`` real nodes under one temporary directory, on 127.0.0.1."""
 
-    def __init__(self, n: int, base: Path | None = None, slots: int = 0, keep: bool = False) -> None:
+    def __init__(self, n: int, base: Path | None = None, slots: int = 0, keep: bool = False,
+                 tf: dict[int, str] | None = None) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
         self.n = n
         self.slots = slots
         self.keep = keep
+        self.tf = tf or {}
+        """node.tf of some nodes by index, e.g. ``{3: "no"}`` for a node that never hosts TF."""
         self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
         self.nodes: list[Node] = []
 
@@ -49,19 +53,29 @@ class LocalCluster:
             first = Node(self.base / "node-0")
             self.nodes.append(first)
             first.init(host="127.0.0.1", slots=self.slots, ports=ports())
+            self._set_tf(0)
             first.start()
             others = [Node(self.base / f"node-{i}") for i in range(1, self.n)]
             self.nodes.extend(others)
             for node in others:
                 node.init(host="127.0.0.1", slots=self.slots, ports=ports(),
                           join=Invite.decode(first.invite()))
+            for i in range(1, self.n):
+                self._set_tf(i)
             if others:
                 with ThreadPoolExecutor(len(others)) as pool:
-                    list(pool.map(lambda node: node.start(), others))
+                    list(pool.map(lambda node: node.start(), self.nodes[1:]))
         except BaseException:
             self.close()
             raise
         return self
+
+    def _set_tf(self, i: int) -> None:
+        """Write node ``i``'s node.tf override before it starts (a fresh Node re-reads it)."""
+        if i in self.tf:
+            node = self.nodes[i]
+            save_config(node.config.replace(node={"tf": self.tf[i]}), node.conf_path)
+            self.nodes[i] = Node(node.home)
 
     def close(self) -> None:
         """Stop every node (agents first, the broker host last) and delete the files."""

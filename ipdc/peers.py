@@ -67,6 +67,29 @@ def select_nearest(
     return heapq.nsmallest(k, pool, key=lambda p: p.point ^ target)
 
 
+def assign_nearest(
+    peers: Iterable[Peer], key: str, tasks: int, capacity: Callable[[Peer], int],
+    eligible: Callable[[Peer], bool] | None = None,
+) -> list[Peer]:
+    """A peer for each of ``tasks`` tasks: one task per peer while peers last.
+
+    Task ``i`` goes to the ``i``-th nearest eligible peer to ``key``; when there are
+    fewer peers than tasks, the next round starts again from the nearest, skipping
+    peers that already hold ``capacity(peer)`` tasks. Returns fewer than ``tasks``
+    peers when capacity runs out; the caller decides whether that is an error.
+    """
+    pool = list(peers)
+    order = select_nearest(pool, key, len(pool), eligible)
+    room = {p.name: max(0, capacity(p)) for p in order}
+    chosen: list[Peer] = []
+    while len(chosen) < tasks and any(room.values()):
+        for peer in order:
+            if len(chosen) < tasks and room[peer.name] > 0:
+                room[peer.name] -= 1
+                chosen.append(peer)
+    return chosen
+
+
 class PeerTable:
     """The live set of peers, fed by presence and heartbeat messages.
 

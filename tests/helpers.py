@@ -1,0 +1,50 @@
+"""Helpers for tests: run the CLI as a user would, and an independent WordCount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would."""
+    env = {**os.environ, "IPDC_HOME": str(home)}
+    argv = ([sys.executable, str(REPO / "deploy.py"), *args[1:]] if args[0] == "deploy.py"
+            else [sys.executable, "-m", "ipdc.cli", *args])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or home.parent)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+    return done
+
+
+def reference_counts(data: bytes) -> Counter[bytes]:
+    """WordCount computed independently of IPDC: whitespace tokens of the raw bytes.
+
+    Splitting bytes on ASCII whitespace and Python's ``str.split()`` agree on the
+    test inputs, which hold no Unicode-only whitespace (U+00A0, U+3000, ...).
+    """
+    return Counter(data.split())
+
+
+def read_output(output: Path, k: int) -> tuple[Counter[bytes], list[list[bytes]]]:
+    """Parse part-00000..part-<k-1> back into byte keys; also return each part's keys."""
+    counts: Counter[bytes] = Counter()
+    keys_per_part = []
+    for p in range(k):
+        keys = []
+        for line in (output / f"part-{p:05d}").read_bytes().split(b"\n"):
+            if not line:
+                continue
+            key, _, value = line.rpartition(b"\t")
+            assert key not in counts, f"key {key!r} appears twice"
+            counts[key] = int(value)
+            keys.append(key)
+        keys_per_part.append(keys)
+    return counts, keys_per_part
