@@ -1,0 +1,87 @@
+"""Pure pieces of MapReduce: chunk planning, partitioning, map/combine/reduce."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+from ipdc.mapreduce import default_chunks, plan_chunks
+from ipdc.runner import format_field, map_text, partition_groups, reduce_partitions, split_lines, stable_partition
+
+
+def test_chunks_are_line_aligned_and_cover_the_file(tmp_path: Path) -> None:
+    data = b"".join(f"line {i} {'x' * (i % 17)}\n".encode() for i in range(1000)) + b"no newline at end"
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for n in (1, 2, 7, 64):
+        ranges = plan_chunks(path, n)
+        assert b"".join(data[o:o + n_] for o, n_ in ranges) == data
+        assert all(data[o + n_ - 1:o + n_] == b"\n" for o, n_ in ranges[:-1])
+        assert len(ranges) <= n
+
+
+def test_a_line_longer_than_a_chunk_makes_fewer_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10_000 + b"\nshort\n")
+    assert plan_chunks(path, 4) == [(0, 10_001), (10_001, 6)]
+    path.write_bytes(b"")
+    assert plan_chunks(path, 4) == [(0, 0)]
+
+
+def test_default_chunks() -> None:
+    assert default_chunks(0, 4) == 1
+    assert default_chunks(202 << 20, 2) == 4
+    assert default_chunks(10 << 30, 4) == 160
+
+
+def test_stable_partition_does_not_depend_on_hash_seed() -> None:
+    keys = ["the", "café", "日本", "\udcff", 42, ["a", 1]]
+    code = ("from ipdc.runner import stable_partition;"
+            f"print([stable_partition(k, 7) for k in {keys!r}])")
+    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": ""},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1
+    assert outs.pop().strip() == str([stable_partition(k, 7) for k in keys])
+
+
+def wordcount(with_combine: bool) -> types.ModuleType:
+    module = types.ModuleType("wc")
+    module.map = lambda line: ((w, 1) for w in line.split())  # type: ignore[attr-defined]
+    if with_combine:
+        module.combine = lambda k, vs: sum(vs)  # type: ignore[attr-defined]
+    module.reduce = lambda k, vs: sum(vs)  # type: ignore[attr-defined]
+    return module
+
+
+def test_map_partition_reduce_round_trip_with_surrogates() -> None:
+    raw = b"a b a\r\n\xff\xfe a \xc3\xa9t\xc3\xa9\n\n" + b"z " * 600
+    text = raw.decode("utf-8", "surrogateescape")
+    for combine in (True, False):
+        module = wordcount(combine)
+        groups = map_text(module, text)
+        docs = partition_groups(groups, 3)
+        parts = [reduce_partitions(module, [d]) for d in docs]
+        counts = Counter()
+        for part in parts:
+            for line in part.splitlines():
+                key, _, value = line.rpartition(b"\t")
+                counts[key] = int(value)
+        assert counts == Counter(raw.split())
+        if combine:
+            assert groups["z"][1] == [600]
+
+
+def test_split_lines_and_format() -> None:
+    assert split_lines("a\nb\n") == ["a", "b"] and split_lines("a\n\nb") == ["a", "", "b"]
+    assert format_field("x y") == "x y" and format_field(3) == "3" and format_field([1, "é"]) == '[1, "é"]'
+
+
+def test_unhashable_keys_group_by_value() -> None:
+    module = types.ModuleType("m")
+    module.map = lambda line: [([line, 1], 1), ([line, 1], 2)]  # type: ignore[attr-defined]
+    module.reduce = lambda k, vs: sorted(vs)  # type: ignore[attr-defined]
+    docs = partition_groups(map_text(module, "k\nk\n"), 1)
+    assert reduce_partitions(module, docs) == b'["k", 1]\t[1, 1, 2, 2]\n'
