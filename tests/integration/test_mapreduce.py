@@ -189,15 +189,16 @@ def test_cli_against_a_running_node_and_its_failure_exit(swarm: LocalCluster, tm
     assert done.returncode != 0 and "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_embedded_default_cluster(tmp_path: Path) -> None:
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_embedded_default_cluster(tmp_path: Path, k: int) -> None:
     """No node runs for this IPDC_HOME: `ipdc mr` brings up a temporary cluster."""
-    data = make_text(tmp_path / "in.txt", lines=800, seed=11)
+    data = make_text(tmp_path / "in.txt", lines=800, seed=11 + k)
     home = tmp_path / "no-node-here"
     before = set(Path(tempfile.gettempdir()).glob("ipdc-cluster-*"))
-    done = run_cli(["mr", "--k", "2", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out")], home)
+    done = run_cli(["mr", "--k", str(k), str(tmp_path / "in.txt"), "-o", str(tmp_path / "out")], home)
     assert "temporary local cluster" in done.stderr
     assert "output:" in done.stdout and str(tmp_path / "out") in done.stdout
-    assert read_output(tmp_path / "out", 2)[0] == reference_counts(data)
+    assert read_output(tmp_path / "out", k)[0] == reference_counts(data)
     assert set(Path(tempfile.gettempdir()).glob("ipdc-cluster-*")) <= before, "cluster left behind"
 
 
