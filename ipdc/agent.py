@@ -46,7 +46,7 @@ from channels.tf import Tf
 from ipdc import __version__
 from ipdc.bus import Bus, Inbound, Will
 from ipdc.errors import IPDCError, MessageError, TaskFailed
-from ipdc.ids import Cid, JobId
+from ipdc.ids import Cid
 from ipdc.job import JobManifest
 from ipdc.kubo import KuboClient
 from ipdc.node import Node

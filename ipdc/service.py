@@ -1,8 +1,10 @@
 """A background process of a node (kubo, mosquitto, the agent), tracked by pid file.
 
 Each service runs in its own session, so stopping it signals its whole process
-group: the agent's user-code runners and TF servers go down with it, and no
-orphan survives ``deploy.py stop``.
+group. The agent's user-code runners and TF servers run in sessions of their own
+(so a runaway task can be killed as a group); the agent stops them on SIGTERM, and
+each also exits by itself when its parent agent dies, so no orphan survives
+``deploy.py stop``.
 """
 
 from __future__ import annotations

@@ -216,9 +216,15 @@ def list_clusters(home: Path) -> list[TfCluster]:
     return [load_cluster(home, d.name) for d in sorted(root.iterdir()) if (d / STATE_FILE).exists()]
 
 
+def answers(address: str) -> bool:
+    """True when ``host:port`` accepts a TCP connection."""
+    host, port = address.rsplit(":", 1)
+    return port_open(host, int(port))
+
+
 def cluster_is_up(cluster: TfCluster) -> bool:
     """True when every server's port answers."""
-    return all(port_open(*t.address.rsplit(":", 1)) for t in cluster.servers)
+    return all(answers(t.address) for t in cluster.servers)
 
 
 # -- the controller ---------------------------------------------------------------------
@@ -331,7 +337,7 @@ class TfController:
         for peer_name, tasks in by_peer.items():
             self.client.send(TF, peer_name, Tf("start", JobId(cluster.cluster_id), tasks=tasks))
         self._await(results, set(by_peer), "started", "start its TF servers")
-        closed = [t.address for t in cluster.servers if not port_open(*t.address.rsplit(":", 1))]
+        closed = [t.address for t in cluster.servers if not answers(t.address)]
         if closed and not wait_for(lambda: cluster_is_up(cluster), 30, 0.2):
             raise JobError(f"TF cluster {cluster.name}: the agents started the servers, but "
                            f"{', '.join(closed)} do not answer from this node (a firewall?)")
@@ -456,7 +462,7 @@ class TfHost:
             hosted = self._clusters.get(cluster_id)
             if hosted is None:
                 raise JobError(f"no ports were reserved here for TF cluster {cluster_id}")
-            wanted = {}
+            wanted: dict[tuple[str, int], int] = {}
             for task in tasks:
                 port = int(spec[task.job][task.index].rsplit(":", 1)[1])
                 if port not in hosted.ports:
