@@ -188,6 +188,8 @@ class KuboClient:
 
         Built in MFS with ``files/cp``, so no byte is uploaded twice.
         """
+        if EMPTY_CID in entries.values():
+            self.add_bytes(b"")  # stores the empty block locally: kubo would wait for it forever
         root = f"/ipdc-tmp/{uuid.uuid4().hex}"
         self._post("files/mkdir", {"arg": root, "parents": "true", "cid-version": "1"})
         try:

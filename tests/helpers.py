@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+            cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would."""
-    env = {**os.environ, "IPDC_HOME": str(home)}
+    env = {**os.environ, "IPDC_HOME": str(home), **(env or {})}
     argv = ([sys.executable, str(REPO / "deploy.py"), *args[1:]] if args[0] == "deploy.py"
             else [sys.executable, "-m", "ipdc.cli", *args])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import tempfile
 import threading
 from pathlib import Path
 
@@ -194,12 +193,14 @@ def test_embedded_default_cluster(tmp_path: Path, k: int) -> None:
     """No node runs for this IPDC_HOME: `ipdc mr` brings up a temporary cluster."""
     data = make_text(tmp_path / "in.txt", lines=800, seed=11 + k)
     home = tmp_path / "no-node-here"
-    before = set(Path(tempfile.gettempdir()).glob("ipdc-cluster-*"))
-    done = run_cli(["mr", "--k", str(k), str(tmp_path / "in.txt"), "-o", str(tmp_path / "out")], home)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    done = run_cli(["mr", "--k", str(k), str(tmp_path / "in.txt"), "-o", str(tmp_path / "out")], home,
+                   env={"TMPDIR": str(private_tmp)})
     assert "temporary local cluster" in done.stderr
     assert "output:" in done.stdout and str(tmp_path / "out") in done.stdout
     assert read_output(tmp_path / "out", k)[0] == reference_counts(data)
-    assert set(Path(tempfile.gettempdir()).glob("ipdc-cluster-*")) <= before, "cluster left behind"
+    assert not list(private_tmp.iterdir()), "the temporary cluster was left behind"
 
 
 def test_shipped_example_with_four_workers(tmp_path: Path) -> None:
