@@ -1,0 +1,187 @@
+"""Helpers shared by the benchmark scripts: dependency checks, process-tree RSS
+sampling, a warm local IPDC cluster, canonical WordCount hashes and tables.
+
+Each script imports this module by path (``bench/`` is not a package), so the
+scripts run from a clean clone as ``python bench/<name>.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+INSTALL_HINT = f"pip install -e '{REPO}[bench]'"
+
+
+def require(*modules: str) -> None:
+    """Exit with one clear message when a bench-only dependency is missing.
+
+    The scripts must run from a clean clone; a bare ImportError deep inside a
+    variant would hide which extra to install.
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"missing benchmark dependencies: {', '.join(missing)}\ninstall them with: {INSTALL_HINT}")
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: with 100 samples p99 is the 99th smallest, not an interpolation."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5 - 1e-9)))
+    return ordered[rank - 1]
+
+
+# -- memory -------------------------------------------------------------------------
+class TreeRSS:
+    """Peak summed RSS of some processes and all their descendants, sampled in a thread.
+
+    Sampling (every ``interval`` seconds) can miss a short spike; at 20 ms it sees
+    every phase of the jobs measured here, which last seconds.
+    """
+
+    def __init__(self, roots: Iterable[int], interval: float = 0.02) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.roots = list(roots)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def add(self, pid: int) -> None:
+        self.roots.append(pid)
+
+    def sample(self) -> int:
+        ps = self._psutil
+        seen: dict[int, int] = {}
+        for pid in list(self.roots):
+            try:
+                root = ps.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    if proc.pid not in seen:
+                        seen[proc.pid] = proc.memory_info().rss
+            except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
+                continue
+        return sum(seen.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- IPDC ---------------------------------------------------------------------------
+@contextmanager
+def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
+    """A started LocalCluster of ``n`` nodes whose agents have all announced themselves.
+
+    Yields the cluster; its nodes' services are children of this process, so
+    :class:`TreeRSS` over our children sees them.
+    """
+    sys.path.insert(0, str(REPO))
+    from ipdc.client import SwarmClient
+    from ipdc.cluster import LocalCluster
+
+    with LocalCluster(n, **cluster_args) as cluster:
+        with SwarmClient(cluster.nodes[0].config).connect() as client:
+            deadline = time.monotonic() + 60
+            while len(client.peers.live()) < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(client.peers.live())} of {n} agents announced themselves")
+                time.sleep(0.05)
+        yield cluster
+
+
+def cluster_pids(cluster: Any) -> list[int]:
+    """The service pids (mosquitto, kubo, agent) of every node of a LocalCluster."""
+    return [pid for node in cluster.nodes for service in node.services.values()
+            if (pid := service.pid()) is not None]
+
+
+# -- WordCount output -----------------------------------------------------------------
+def canonical_sha256(counts: Mapping[str, int]) -> str:
+    """One hash for a word count, whatever produced it: ``word\\tcount\\n`` lines
+    sorted by word (code point order), UTF-8 with surrogate escapes."""
+    digest = hashlib.sha256()
+    for word in sorted(counts):
+        digest.update(f"{word}\t{counts[word]}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def read_ipdc_output(output: Path) -> dict[str, int]:
+    """Parse an ``ipdc mr`` output directory (part-NNNNN: ``word<TAB>count`` lines)."""
+    counts: dict[str, int] = {}
+    for part in sorted(output.glob("part-*")):
+        for line in part.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
+            if line:
+                word, _, value = line.rpartition("\t")
+                counts[word] = int(value)
+    return counts
+
+
+# -- reporting ------------------------------------------------------------------------
+def machine() -> str:
+    """One line naming the machine, for the README's results table."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{model or platform.processor()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A Markdown table on stdout: readable in a terminal and pasted as is into the README."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+def save(name: str, data: Any) -> Path:
+    """Raw figures as JSON under bench/results/ (gitignored), for later comparison."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=str) + "\n")
+    return path
+
+
+def mb(n_bytes: float) -> str:
+    """Decimal megabytes, as the corpus size (202 MB) and MB/s are quoted."""
+    return f"{n_bytes / 1e6:.0f} MB"

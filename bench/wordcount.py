@@ -1,0 +1,280 @@
+"""WordCount on one corpus: ``ipdc mr --k 2`` against the usual Python ways of doing it.
+
+Every variant counts ``str.split()`` tokens of the UTF-8 text (surrogate escapes
+for bad bytes), case-sensitively, as jobs/mapreduce/Map.py and Reduce.py do. The
+variants run alternately (run 1 of each, then run 2 of each, ...) so that noise
+from other users of the machine spreads over all of them, and each runs in its
+own process tree, so its peak RSS is its own:
+
+  ipdc-warm      ``ipdc mr --k 2`` on a warm 2-node local cluster (input upload counts)
+  ipdc-embedded  ``ipdc mr --k 2`` with no node running: starts and removes a cluster
+  counter        one process, collections.Counter over newline-aligned blocks
+  pool2          multiprocessing.Pool(2), one Counter per newline-aligned chunk
+  dask-counter   dask.distributed LocalCluster(2 workers), one Counter per chunk
+  dask-bag       the same cluster, idiomatic dask.bag read_text/flatten/frequencies
+  spark-rdd      PySpark local[2]: textFile/flatMap/reduceByKey
+
+Every variant's result must hash to the same canonical sha256, or the run fails.
+
+    python bench/wordcount.py                 # the whole corpus, 3 runs of each
+    python bench/wordcount.py --size 20MB --runs 1 --variants ipdc-warm,pool2
+
+A variant runs as ``python bench/wordcount.py --worker VARIANT INPUT``: it prints
+one JSON line with its setup and compute seconds and the result's hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/ is a directory of scripts, not a package)
+
+sys.path.insert(0, str(common.REPO))
+from ipdc.mapreduce import plan_chunks  # noqa: E402
+
+CORPUS = common.BENCH / "corpus" / "corpus.txt"
+#: Chunks for the chunked variants: ~12 MB each on the full corpus, so two workers
+#: stay balanced and no worker holds more than one chunk's token list at a time.
+CHUNKS = 16
+VARIANTS = ("ipdc-warm", "ipdc-embedded", "counter", "pool2", "dask-counter", "dask-bag", "spark-rdd")
+BASELINE = "ipdc-warm"
+DEPS = {"dask-counter": ("dask", "distributed"), "dask-bag": ("dask", "distributed"),
+        "spark-rdd": ("pyspark",)}
+
+
+# -- the variants (each runs in its own process) ------------------------------------------
+def count_range(path: str, offset: int, length: int) -> Counter[str]:
+    """WordCount of one newline-aligned byte range, exactly as Map.py's map_chunk."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        text = f.read(length).decode("utf-8", "surrogateescape")
+    return Counter(text.split())
+
+
+def merge(counters: Any) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for counter in counters:
+        total.update(counter)
+    return total
+
+
+def run_counter(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+    return 0.0, lambda: merge(count_range(path, off, n) for off, n in plan_chunks(Path(path), CHUNKS))
+
+
+def run_pool2(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+    from multiprocessing import Pool
+
+    def compute() -> dict[str, int]:
+        with Pool(2) as pool:
+            return merge(pool.starmap(count_range, [(path, off, n) for off, n in plan_chunks(Path(path), CHUNKS)],
+                                      chunksize=1))
+    return 0.0, compute
+
+
+def _dask_client() -> Any:
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster)
+
+
+def run_dask_counter(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+    t = time.perf_counter()
+    client = _dask_client()
+    setup = time.perf_counter() - t
+
+    def compute() -> dict[str, int]:
+        ranges = plan_chunks(Path(path), CHUNKS)
+        futures = client.map(count_range, [path] * len(ranges), *zip(*ranges), pure=False)
+        return client.submit(merge, futures).result()
+    return setup, compute
+
+
+def run_dask_bag(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+    import dask.bag as db
+
+    t = time.perf_counter()
+    client = _dask_client()
+    setup = time.perf_counter() - t
+    blocksize = max(1, math.ceil(os.path.getsize(path) / CHUNKS))
+
+    def compute() -> dict[str, int]:
+        bag = db.read_text(path, blocksize=blocksize, encoding="utf-8", errors="surrogateescape")
+        return dict(client.compute(bag.map(str.split).flatten().frequencies()).result())
+    return setup, compute
+
+
+def run_spark_rdd(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+    from operator import add
+
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    t = time.perf_counter()
+    spark = (SparkSession.builder.master("local[2]").appName("ipdc-bench-wordcount")
+             .config("spark.ui.enabled", "false").config("spark.driver.memory", "4g").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    setup = time.perf_counter() - t
+
+    def compute() -> dict[str, int]:
+        rdd = spark.sparkContext.textFile(path, minPartitions=CHUNKS)
+        return rdd.flatMap(str.split).map(lambda w: (w, 1)).reduceByKey(add).collectAsMap()
+    return setup, compute
+
+
+RUNNERS: dict[str, Callable[[str], tuple[float, Callable[[], dict[str, int]]]]] = {
+    "counter": run_counter, "pool2": run_pool2, "dask-counter": run_dask_counter,
+    "dask-bag": run_dask_bag, "spark-rdd": run_spark_rdd,
+}
+
+
+def worker(variant: str, path: str) -> None:
+    """Run one in-Python variant; print its timings and hash as one JSON line on stdout."""
+    setup, compute = RUNNERS[variant](path)
+    t = time.perf_counter()
+    counts = compute()
+    seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    digest = common.canonical_sha256(counts)
+    print(json.dumps({"setup": setup, "compute": seconds, "hash_s": time.perf_counter() - t,
+                      "sha256": digest, "words": len(counts)}), flush=True)
+    os._exit(0)  # dask and Spark teardown is not part of the job; a user's script would not wait for it either
+
+
+# -- the harness ----------------------------------------------------------------------------
+def run_variant(variant: str, corpus: Path, cluster: Any, scratch: Path, run: int) -> dict[str, Any]:
+    """Run one variant once in its own process tree; wall time, peak RSS, hash."""
+    env = dict(os.environ, PYTHONPATH=str(common.REPO))
+    roots: list[int] = []
+    output = scratch / f"{variant}-{run}"
+    if variant.startswith("ipdc"):
+        argv = [sys.executable, "-m", "ipdc.cli", "mr", str(corpus), "--k", "2", "-q", "-o", str(output)]
+        if variant == "ipdc-warm":
+            env["IPDC_HOME"] = str(cluster.nodes[0].home)
+            roots = common.cluster_pids(cluster)
+        else:
+            env["IPDC_HOME"] = str(scratch / f"home-{run}")  # no node there: ipdc mr starts its own
+    else:
+        argv = [sys.executable, __file__, "--worker", variant, str(corpus)]
+    t = time.perf_counter()
+    with common.TreeRSS(roots) as rss:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        rss.add(proc.pid)
+        out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed (exit {proc.returncode}):\n{err[-4000:]}")
+    if variant.startswith("ipdc"):
+        job = json.loads((output / "job.json").read_text())
+        counts = common.read_ipdc_output(output)
+        figures = {"setup": wall - job["timings"]["total"], "compute": job["timings"]["total"],
+                   "sha256": common.canonical_sha256(counts), "words": len(counts), "timings": job["timings"]}
+    else:
+        figures = json.loads(out.strip().splitlines()[-1])
+        wall -= figures.pop("hash_s")  # hashing the result is the benchmark's check, not the job
+    return {"variant": variant, "run": run, "wall": wall, "peak_rss": rss.peak, **figures}
+
+
+def slice_corpus(corpus: Path, size: int) -> Path:
+    """The first ``size`` bytes of the corpus, cut back to the last newline (cached)."""
+    if size >= corpus.stat().st_size:
+        return corpus
+    out = corpus.with_name(f"{corpus.stem}-{size}.txt")
+    if not out.exists() or out.stat().st_size > size:
+        with open(corpus, "rb") as f:
+            data = f.read(size)
+        out.write_bytes(data[: data.rfind(b"\n") + 1])
+    return out
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def report(results: list[dict[str, Any]], variants: list[str], size: int, runs: int) -> None:
+    """Check that every variant agrees, then print the tables (also from a saved raw file)."""
+    hashes = {r["sha256"] for r in results}
+    if len(hashes) != 1:
+        by = {r["variant"]: r["sha256"] for r in results}
+        sys.exit(f"FAIL: the variants disagree on the result: {json.dumps(by, indent=2)}")
+
+    med = {v: {key: common.median(r[key] for r in results if r["variant"] == v)
+               for key in ("wall", "compute", "setup", "peak_rss")} for v in variants}
+    base = med[BASELINE]["wall"] if BASELINE in med else None
+    rows = [[v, f"{m['wall']:.2f}", f"{size / 1e6 / m['wall']:.1f}", f"{m['setup']:.2f}", f"{m['compute']:.2f}",
+             common.mb(m["peak_rss"]), f"{m['wall'] / base:.2f}x" if base else "-"] for v, m in med.items()]
+    common.print_table(
+        f"WordCount, {common.mb(size)}, median of {runs} (result sha256 {hashes.pop()[:16]}...)",
+        ["variant", "wall s", "MB/s", "setup s", "compute s", "peak RSS (tree)", f"wall / {BASELINE}"], rows)
+    ipdc_timings = [r["timings"] for r in results if r["variant"] == BASELINE]
+    if ipdc_timings:
+        phases = ("upload", "download", "map", "reduce", "fetch", "total")
+        common.print_table(f"{BASELINE}: job.json phases, median of {len(ipdc_timings)} (s)", phases,
+                           [[f"{common.median(t.get(p, 0.0) for t in ipdc_timings):.2f}" for p in phases]])
+    if base and "pool2" in med:
+        ratio = base / med["pool2"]["wall"]
+        print(f"\ntarget: {BASELINE} <= 1.2x pool2 wall: {ratio:.2f}x -> {'MET' if ratio <= 1.2 else 'NOT MET'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--size", type=parse_size, help="use only the first SIZE bytes (e.g. 50MB)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--report", type=Path, metavar="RAW_JSON", help="reprint the tables of a saved run")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "INPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    if args.report:
+        raw = json.loads(args.report.read_text())
+        runs = raw["runs"]
+        report(runs, list(dict.fromkeys(r["variant"] for r in runs)), raw["bytes"], max(r["run"] for r in runs) + 1)
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}")
+    common.require("psutil", *{m for v in variants for m in DEPS.get(v, ())})
+    if not args.corpus.is_file():
+        sys.exit(f"no corpus at {args.corpus}: build it with\n"
+                 f"  bash /path/to/shared/corpus/build_corpus.sh {args.corpus.parent}\n"
+                 "(see bench/README.md), or pass --corpus FILE")
+    corpus = slice_corpus(args.corpus, args.size) if args.size else args.corpus
+    size = corpus.stat().st_size
+    print(f"WordCount over {corpus} ({common.mb(size)}), {args.runs} run(s) of {', '.join(variants)}")
+    print(f"machine: {common.machine()}")
+
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, common.warm_cluster(2) as cluster:
+        for run in range(args.runs):
+            for variant in variants:
+                r = run_variant(variant, corpus, cluster, Path(tmp), run)
+                results.append(r)
+                print(f"  run {run + 1} {variant:14} {r['wall']:7.2f}s  compute {r['compute']:6.2f}s  "
+                      f"peak RSS {common.mb(r['peak_rss']):>8}  {r['words']} words  {r['sha256'][:12]}", flush=True)
+    report(results, variants, size, args.runs)
+    print(f"raw results: {common.save('wordcount', {'corpus': str(corpus), 'bytes': size, 'runs': results})}")
+
+
+if __name__ == "__main__":
+    main()
