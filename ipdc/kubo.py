@@ -12,7 +12,7 @@ import io
 import json
 import tarfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,11 +199,6 @@ class KuboClient:
         finally:
             self._post("files/rm", {"arg": root, "recursive": "true", "force": "true"})
 
-    def ls(self, cid: str) -> Iterator[tuple[str, Cid]]:
-        """(name, cid) of each entry of a directory."""
-        for obj in self._json("ls", {"arg": str(Cid(cid))}).get("Objects", []):
-            for link in obj.get("Links", []):
-                yield link["Name"], Cid(link["Hash"])
 
 
 def _daemon_message(response: httpx.Response) -> str:

@@ -122,7 +122,3 @@ class PeerTable:
         now = time.monotonic()
         with self._lock:
             return [p for p in self._peers.values() if p.age(now) <= self.timeout]
-
-    def get(self, name: str) -> Peer | None:
-        with self._lock:
-            return self._peers.get(name)
