@@ -11,6 +11,8 @@ from ipdc.ids import JobId
 @dataclass(frozen=True)
 class CleanUp:
     job_id: JobId
+    submitter: str = ""
+    sig: str = ""
 
 
 CLEANUP: Channel[CleanUp] = Channel("cleanup", CleanUp, "ipdc/peer/{node}/cleanup")

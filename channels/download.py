@@ -16,6 +16,8 @@ from ipdc.job import JobManifest
 @dataclass(frozen=True)
 class Download:
     manifest: JobManifest
+    sig: str = ""
+    """Ed25519 signature by ``manifest.submitter`` over the whole message."""
 
 
 DOWNLOAD: Channel[Download] = Channel("download", Download, "ipdc/peer/{node}/download")

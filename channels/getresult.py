@@ -13,6 +13,7 @@ from ipdc.errors import MessageError
 from ipdc.ids import Cid, JobId, NodeName
 
 KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped")
+PHASES = ("", "download", "map", "reduce", "tf")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class GetResult:
     cids: list[Cid] = field(default_factory=list)
     """``map``: one partition CID per reducer; ``reduce``: the part's CID."""
     error: str = ""
+    phase: str = ""
+    """``error``: what failed ("download", "map" or "reduce")."""
     stats: dict[str, float] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
     """``port``: the TCP ports the agent reserved for the cluster's tasks."""
@@ -34,6 +37,8 @@ class GetResult:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise MessageError(f"getresult.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.phase not in PHASES:
+            raise MessageError(f"getresult.phase: {self.phase!r} is not one of {', '.join(PHASES)}")
 
 
 GETRESULT: Channel[GetResult] = Channel("getresult", GetResult, "ipdc/result/{node}/{job}")

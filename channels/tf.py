@@ -53,6 +53,8 @@ class Tf:
     """``port``: how many ports to reserve."""
     tasks: list[TfTask] = field(default_factory=list)
     """``start``: the tasks this agent serves, as named in ClusterSpec.json."""
+    submitter: str = ""
+    sig: str = ""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

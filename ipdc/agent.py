@@ -13,6 +13,15 @@ routes them; Download and CleanUp run on a small I/O pool, map and reduce tasks 
 a pool of ``node.slots`` threads that each drive one runner process. A malformed
 message is logged and dropped. Every handler is idempotent, because QoS 1 may
 deliver a message twice.
+
+Only signed jobs run (see ipdc.trust): a Download must be signed by a trusted
+submitter, fresh, and carry an unseen nonce; every later message of the job must
+be signed by the same key. Anything else is rejected with a log line that says
+why, before any file is written or process started.
+
+Tasks are keyed by attempt. The job's owner decides which attempt counts: the
+agent runs what it is sent and reports ``(task, attempt)``, answering a repeated
+request from what it already computed.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any
 
 from channels import INBOX_CHANNELS
 from channels.base import Channel
-from channels.buffer import BUFFER, Buffer
+from channels.buffer import Buffer
 from channels.cleanup import CleanUp
 from channels.domap import DoMap
 from channels.download import Download
@@ -52,6 +61,7 @@ from ipdc.kubo import KuboClient
 from ipdc.node import Node
 from ipdc.sandbox import RunnerPool
 from ipdc.tf import TfHost
+from ipdc.trust import signer_of, verify
 
 log = logging.getLogger("ipdc.agent")
 
@@ -68,8 +78,12 @@ class AgentJob:
     manifest: JobManifest
     dir: Path
     maps: dict[int, list[Cid]] = field(default_factory=dict)
-    buffers: dict[int, dict[int, Cid]] = field(default_factory=dict)
-    started: set[tuple[str, int]] = field(default_factory=set)
+    """Map task -> its partition CIDs, from whichever attempt ran here first."""
+    buffers: dict[tuple[int, int], dict[int, Cid]] = field(default_factory=dict)
+    """(partition, reduce attempt) -> map task -> CID."""
+    reduces: dict[tuple[int, int], list[Cid]] = field(default_factory=dict)
+    started: set[tuple[str, int, int]] = field(default_factory=set)
+    """("map" | "reduce", task, attempt) already started here."""
     created: list[Cid] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,6 +117,9 @@ class Agent:
         self.name = cfg.node.name
         self.kubo = KuboClient(cfg.kubo_api_url, timeout=600)
         self.jobs: dict[str, AgentJob] = {}
+        self.downloading: set[str] = set()
+        self.trust = node.trust
+        self.nonces = node.nonces()
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.running = 0
         self.peer_id = ""
@@ -195,52 +212,97 @@ class Agent:
         job = self.jobs.get(job_id)
         if job is None:
             state = "finished" if job_id in self.finished else "unknown"
-            log.warning("ignored %s for %s job %s", what, state, job_id)
+            log.warning("ignored %s: the job is %s here", what, state)
         return job
+
+    def _authentic(self, msg: Any, what: str, job: AgentJob | None) -> bool:
+        """Signed by a trusted submitter and, within a job, by the job's own submitter."""
+        key = signer_of(msg)
+        if not msg.sig:
+            reason = "it is unsigned"
+        elif key not in self.trust:
+            reason = (f"its submitter key {key[:24]}... is not trusted here (a node's owner can "
+                      "trust it with `ipdc trust add KEY`)")
+        elif not verify(msg):
+            reason = "its signature does not match its content (forged or tampered)"
+        elif job is not None and key != job.manifest.submitter:
+            reason = "it is signed by another key than the one that submitted the job"
+        else:
+            return True
+        log.warning("rejected %s: %s", what, reason)
+        return False
 
     # -- handlers --------------------------------------------------------------------
     def on_download(self, msg: Download) -> None:
         manifest = msg.manifest
+        job_id = manifest.job_id
+        what = f"download of job {job_id}"
+        if not self._authentic(msg, what, None):
+            return
         for name in manifest.code:
             if not SAFE_NAME.fullmatch(name):
-                raise MessageError(f"download: unsafe file name {name!r} in job {manifest.job_id}")
-        if manifest.job_id in self.finished:
-            log.warning("ignored download of finished job %s", manifest.job_id)
-            return
+                raise MessageError(f"download: unsafe file name {name!r} in job {job_id}")
         if manifest.kind == "mapreduce" and (len(manifest.chunks) == 0 or manifest.partitions == 0):
-            raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
+            raise MessageError(f"download: job {job_id} has no chunks or no reducers")
+        with self._lock:
+            if job_id in self.finished:
+                log.warning("ignored %s: the job is finished here", what)
+                return
+            job = self.jobs.get(job_id)
+            if job is None and job_id in self.downloading:
+                return  # a duplicate while the first copy is being fetched: that one answers
+        if job is not None:  # a duplicate, or the owner asking again after an outage
+            if manifest.submitter != job.manifest.submitter:
+                log.warning("rejected %s: another submitter already owns the job", what)
+                return
+            self.report(GetResult(job_id, self.name, "ready"))
+            return
+        refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
+        if refused:
+            log.warning("rejected %s: %s", what, refused)
+            return
+        with self._lock:
+            self.downloading.add(job_id)
         self.io.submit(self._download, manifest)
 
     def _download(self, manifest: JobManifest) -> None:
         job_id = manifest.job_id
-        with self._lock:
-            known = job_id in self.jobs
-        if not known:
-            job_dir = self.node.work_dir / job_id
-            try:
-                job_dir.mkdir(parents=True, exist_ok=True)
-                for name, cid in manifest.code.items():
-                    self.kubo.cat_to(cid, job_dir / name)
-            except IPDCError as exc:
-                self.report(GetResult(job_id, self.name, "error", error=f"download failed: {exc}"))
-                return
+        job_dir = self.node.work_dir / job_id
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            for name, cid in manifest.code.items():
+                self.kubo.cat_to(cid, job_dir / name)
+        except IPDCError as exc:
             with self._lock:
-                self.jobs.setdefault(job_id, AgentJob(manifest, job_dir))
+                self.downloading.discard(job_id)
+            self.report(GetResult(job_id, self.name, "error", phase="download",
+                                  error=f"download of the job's code failed on {self.name}: {exc}"))
+            return
+        with self._lock:
+            self.downloading.discard(job_id)
+            if job_id in self.finished:  # cleaned up while we fetched
+                shutil.rmtree(job_dir, ignore_errors=True)
+                return
+            self.jobs[job_id] = AgentJob(manifest, job_dir)
         self.report(GetResult(job_id, self.name, "ready"))
 
     def on_domap(self, msg: DoMap) -> None:
-        job = self._job(msg.job_id, f"domap {msg.task}")
-        if job is None:
+        what = f"domap {msg.task} (attempt {msg.attempt}) of job {msg.job_id}"
+        job = self._job(msg.job_id, what)
+        if job is None or not self._authentic(msg, what, job):
             return
         if not 0 <= msg.task < len(job.manifest.chunks):
             raise MessageError(f"domap: task {msg.task} out of range for job {msg.job_id}")
         with job.lock:
-            if msg.task in job.maps:  # a duplicate: answer again, do not recompute
-                self._send_map_output(job, msg.task, msg.attempt, job.maps[msg.task])
-                return
-            if ("map", msg.task) in job.started:
-                return
-            job.started.add(("map", msg.task))
+            cids = job.maps.get(msg.task)
+            if cids is None:
+                key = ("map", msg.task, msg.attempt)
+                if key in job.started:
+                    return
+                job.started.add(key)
+        if cids is not None:  # computed here already: answer under this attempt, do not recompute
+            self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids))
+            return
         self.tasks.submit(self._run_map, job, msg)
 
     def _run_map(self, job: AgentJob, msg: DoMap) -> None:
@@ -250,45 +312,43 @@ class Agent:
             return
         cids = [Cid(c) for c in reply["cids"]]
         with job.lock:
-            job.maps[msg.task] = cids
+            job.maps.setdefault(msg.task, cids)
             job.created.extend(cids)
-        self._send_map_output(job, msg.task, msg.attempt, cids, reply.get("stats", {}))
-
-    def _send_map_output(self, job: AgentJob, task: int, attempt: int, cids: list[Cid],
-                         stats: dict[str, float] | None = None) -> None:
-        for partition, cid in enumerate(cids):
-            reducer = job.manifest.reducers[partition]
-            self.bus.publish(BUFFER.topic(node=reducer),
-                             BUFFER.encode(Buffer(job.manifest.job_id, partition, task, cid)))
-        self.report(GetResult(job.manifest.job_id, self.name, "map", task, attempt, cids,
-                              stats=stats or {}))
+        self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids,
+                              stats=reply.get("stats", {})))
 
     def on_buffer(self, msg: Buffer) -> None:
-        job = self._job(msg.job_id, f"buffer {msg.task}->{msg.partition}")
-        if job is None:
+        what = f"buffer {msg.task}->{msg.partition} (attempt {msg.attempt}) of job {msg.job_id}"
+        job = self._job(msg.job_id, what)
+        if job is None or not self._authentic(msg, what, job):
             return
         manifest = job.manifest
         if not 0 <= msg.partition < manifest.partitions or not 0 <= msg.task < len(manifest.chunks):
             raise MessageError(f"buffer: partition {msg.partition} or task {msg.task} out of range")
-        if manifest.reducers[msg.partition] != self.name:
-            raise MessageError(f"buffer: partition {msg.partition} of {msg.job_id} is not ours")
+        slot = (msg.partition, msg.attempt)
+        cids: list[Cid] = []
         with job.lock:
-            got = job.buffers.setdefault(msg.partition, {})
+            done = job.reduces.get(slot)
+            got = job.buffers.setdefault(slot, {})
             got.setdefault(msg.task, msg.cid)
-            if len(got) < len(manifest.chunks) or ("reduce", msg.partition) in job.started:
-                return
-            job.started.add(("reduce", msg.partition))
-            cids = [got[t] for t in range(len(manifest.chunks))]
-        self.tasks.submit(self._run_reduce, job, msg.partition, cids)
+            start = done is None and len(got) == len(manifest.chunks) and ("reduce", *slot) not in job.started
+            if start:
+                job.started.add(("reduce", *slot))
+                cids = [got[t] for t in range(len(manifest.chunks))]
+        if done is not None:  # the owner sent the set again: it may have missed our answer
+            self.report(GetResult(msg.job_id, self.name, "reduce", msg.partition, msg.attempt, done))
+        elif start:
+            self.tasks.submit(self._run_reduce, job, msg.partition, msg.attempt, cids)
 
-    def _run_reduce(self, job: AgentJob, partition: int, cids: list[Cid]) -> None:
-        reply = self._run_task(job, "reduce", partition, 0, {"op": "reduce", "cids": cids})
+    def _run_reduce(self, job: AgentJob, partition: int, attempt: int, cids: list[Cid]) -> None:
+        reply = self._run_task(job, "reduce", partition, attempt, {"op": "reduce", "cids": cids})
         if reply is None:
             return
         part = [Cid(c) for c in reply["cids"]]
         with job.lock:
+            job.reduces[(partition, attempt)] = part
             job.created.extend(part)
-        self.report(GetResult(job.manifest.job_id, self.name, "reduce", partition, 0, part,
+        self.report(GetResult(job.manifest.job_id, self.name, "reduce", partition, attempt, part,
                               stats=reply.get("stats", {})))
 
     def _run_task(self, job: AgentJob, kind: str, task: int, attempt: int,
@@ -306,7 +366,7 @@ class Agent:
             return reply
         except TaskFailed as exc:
             log.warning("%s task %d of job %s failed: %s", kind, task, job_id, exc)
-            self.report(GetResult(job_id, self.name, "error", task, attempt,
+            self.report(GetResult(job_id, self.name, "error", task, attempt, phase=kind,
                                   error=f"{kind} task {task} failed on {self.name}: {exc}\n"
                                         f"{exc.remote_traceback}"))
             return None
@@ -317,9 +377,13 @@ class Agent:
     def on_tf(self, msg: Tf) -> None:
         """Reserve ports, start or stop a TF cluster's servers (see ipdc.tf.TfHost)."""
         job = self.jobs.get(msg.cluster_id)
+        if not self._authentic(msg, f"tf {msg.op} of cluster {msg.cluster_id}", job):
+            return
         self.io.submit(self.tf.handle, msg, job.dir if job is not None else None)
 
     def on_cleanup(self, msg: CleanUp) -> None:
+        if not self._authentic(msg, f"cleanup of job {msg.job_id}", self.jobs.get(msg.job_id)):
+            return
         with self._lock:
             job = self.jobs.pop(msg.job_id, None)
             self.finished[msg.job_id] = None

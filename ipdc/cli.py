@@ -23,7 +23,6 @@ from rich.table import Table
 from ipdc import __version__
 from ipdc.client import SwarmClient
 from ipdc.cluster import LocalCluster
-from ipdc.config import Config
 from ipdc.errors import IPDCError, NodeError
 from ipdc.invite import Invite
 from ipdc.kubo import KuboClient
@@ -86,7 +85,12 @@ def node_init(host: str, token: str | None, join_file: Path | None, slots: int) 
     if join_file is not None:
         token = join_file.read_text()
     invite = Invite.decode(token) if token else None
-    click.echo(Node().init(host=host, join=invite, slots=slots))
+    node = Node()
+    click.echo(node.init(host=host, join=invite, slots=slots))
+    if invite is not None:
+        err.print(f"this node runs jobs signed by {len(invite.trusted)} key(s) from the invite. For other "
+                  "nodes to run jobs submitted here, run on each of them:\n"
+                  f"  ipdc trust add {node.signer.public_key}", highlight=False)
 
 
 @node.command("start")
@@ -168,20 +172,60 @@ def peers(as_json: bool) -> None:
     err.print(f"{len(rows)} live peer(s)")
 
 
+# -- trust -----------------------------------------------------------------------------
+@main.group()
+def trust() -> None:
+    """Whose jobs this node runs: Ed25519 submitter keys.
+
+    An agent runs a job only if its manifest is signed by a key in this node's
+    trusted list. A node trusts its own key, and a node that joined with an invite
+    also trusts the keys the invite carried (the inviting node's and those it trusts).
+    """
+
+
+@trust.command("key")
+def trust_key() -> None:
+    """Print this node's own submitter key, for `ipdc trust add` on other nodes."""
+    click.echo(Node().signer.public_key)
+
+
+@trust.command("add")
+@click.argument("key")
+@click.option("--note", default="", help="Whose key this is, kept beside it.")
+def trust_add(key: str, note: str) -> None:
+    """Run jobs signed by KEY (as printed by `ipdc trust key` on the submitting node)."""
+    added = Node().trust.add(key.strip(), note)
+    click.echo("trusted" if added else "already trusted")
+
+
+@trust.command("remove")
+@click.argument("key")
+def trust_remove(key: str) -> None:
+    """Stop running jobs signed by KEY."""
+    click.echo("removed" if Node().trust.remove(key.strip()) else "was not trusted")
+
+
+@trust.command("list")
+def trust_list() -> None:
+    """The trusted submitter keys and their notes."""
+    for key, note in Node().trust.keys().items():
+        click.echo(f"{key} {note}".rstrip())
+
+
 # -- mapreduce -------------------------------------------------------------------------
 @contextmanager
-def swarm_for(k: int | None, quiet: bool) -> Iterator[Config]:
+def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
     """This node's swarm if it runs; else a temporary local cluster of K nodes."""
     node = Node()
     if node.initialised and node.running():
-        yield node.config
+        yield node
         return
     n = k or 2
     if not quiet:
         err.print(f"[yellow]no IPDC node is running for {node.home}: starting a temporary local "
                   f"cluster of {n} nodes (mosquitto, kubo and an agent each) for this job[/]")
     with LocalCluster(n) as cluster:
-        yield cluster.nodes[0].config
+        yield cluster.nodes[0]
     if not quiet:
         err.print("[yellow]the temporary cluster was stopped and removed[/]")
 
@@ -197,10 +241,12 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Config]:
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output directory (default ./ipdc-out/<job-id>); must not hold files.")
 @click.option("--chunks", type=int, default=None, help="Map tasks (default: from input size and K).")
+@click.option("--max-attempts", type=int, default=3, show_default=True,
+              help="Tries per task, counting failures and lost workers, before the job fails.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
 def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
-       chunks: int | None, quiet: bool, as_json: bool) -> None:
+       chunks: int | None, max_attempts: int, quiet: bool, as_json: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
 
     The job is your Map.py and Reduce.py (WordCount by default). Input is UTF-8;
@@ -208,15 +254,18 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     back out as the same bytes. The result is OUTPUT/part-00000 ... part-<K-1>,
     "key<TAB>value" lines sorted by key, plus job.json and _SUCCESS.
 
+    A worker lost mid-job (crash, sleep, network) has its tasks rerun on the next
+    XOR-nearest live peer; a task is tried --max-attempts times in all.
+
     With no running node for $IPDC_HOME, a temporary local cluster is started for
     the job and removed afterwards.
     """
     job = MapReduceJob(input=input_file, k=k, map_file=map_file, reduce_file=reduce_file,
-                       output=output, chunks=chunks)
+                       output=output, chunks=chunks, max_attempts=max_attempts)
     check_job_files(job)
     show = not quiet and not as_json and err.is_terminal
-    with swarm_for(k, quiet or as_json) as config, SwarmClient(config).connect() as client, \
-            KuboClient(config.kubo_api_url) as kubo, _progress(show) as progress:
+    with swarm_for(k, quiet or as_json) as node, SwarmClient(node.config, node.signer).connect() as client, \
+            KuboClient(node.config.kubo_api_url) as kubo, _progress(show) as progress:
         result = MapReduceController(client, kubo, job, progress).run()
     _print_result(result, as_json)
 
@@ -286,8 +335,8 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     """
     spec = load_spec(spec_file)
     node = _running_node()
-    with SwarmClient(node.config).connect() as client, KuboClient(node.config.kubo_api_url) as kubo, \
-            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+    with SwarmClient(node.config, node.signer).connect() as client, \
+            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
         cluster = TfController(client, kubo, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
@@ -306,7 +355,8 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
 def tf_down(name: str) -> None:
     """Stop every server of cluster NAME on every peer and remove its files."""
     node = _running_node()
-    with SwarmClient(node.config).connect() as client, KuboClient(node.config.kubo_api_url) as kubo:
+    with SwarmClient(node.config, node.signer).connect() as client, \
+            KuboClient(node.config.kubo_api_url) as kubo:
         cluster = TfController(client, kubo, node.home).down(name)
     click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s) on "
                f"{', '.join(cluster.peers)})")

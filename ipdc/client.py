@@ -1,7 +1,8 @@
 """The submitter's connection to the swarm, used by job controllers and ``ipdc peers``.
 
-It keeps the live peer table (retained presence plus heartbeats) and routes each
-job's GetResult reports to that job's queue. ``connect`` returns only after every
+It keeps the live peer table (retained presence plus heartbeats), routes each
+job's GetResult reports to that job's queue, and signs what it sends with the
+node's submitter key, so agents can tell the job's owner from any other member. ``connect`` returns only after every
 retained presence message has arrived: it publishes a marker on its own result
 topic and waits for it to loop back, and the broker delivers that marker after
 the retained messages of the earlier subscription.
@@ -14,6 +15,7 @@ import queue
 import secrets
 import threading
 import time
+from dataclasses import fields
 from typing import Any
 
 from channels.base import Channel
@@ -24,6 +26,7 @@ from ipdc.bus import Bus, Inbound
 from ipdc.config import Config
 from ipdc.errors import BusError, MessageError
 from ipdc.peers import PeerTable
+from ipdc.trust import Signer
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,16 @@ log = logging.getLogger(__name__)
 class SwarmClient:
     """A connection to the swarm's broker, with the node's own credentials."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, signer: Signer | None = None) -> None:
         self.config = config
         self.name = config.node.name
+        self.signer = signer
         self.client_id = f"{self.name}-client-{secrets.token_hex(4)}"
         self.peers = PeerTable(config.agent.peer_timeout)
-        self.bus = Bus(config.broker, self.client_id, session_expiry=600)
+        self.connections = 0
+        """How many times the broker connection was made: a controller that sees it grow
+        knows it was cut off, and sends again what may have been lost meanwhile."""
+        self.bus = Bus(config.broker, self.client_id, session_expiry=600, on_connected=self._on_connected)
         self._jobs: dict[str, queue.Queue[GetResult]] = {}
         self._synced = threading.Event()
         self._sync_topic = f"ipdc/result/{self.name}/sync-{secrets.token_hex(6)}"
@@ -75,8 +82,25 @@ class SwarmClient:
         self._jobs.pop(job_id, None)
         self.bus.unsubscribe(GETRESULT.subscription(job=job_id))
 
+    @property
+    def submitter(self) -> str:
+        """The key this client signs with: a job's manifest names it."""
+        if self.signer is None:
+            raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
+        return self.signer.public_key
+
     def send(self, channel: Channel[Any], node: str, message: Any) -> None:
+        """Publish to a peer's inbox; messages with a ``sig`` field are signed first."""
+        if any(f.name == "sig" for f in fields(message)):
+            if self.signer is None:
+                raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
+            message = self.signer.sign(message)
         self.bus.publish(channel.topic(node=node), channel.encode(message))
+
+    def _on_connected(self) -> None:
+        """Runs on paho's thread: peers were silent to us while we were cut off, not dead."""
+        self.connections += 1
+        self.peers.refresh_all()
 
     # -- the pump --------------------------------------------------------------------
     def _run(self) -> None:

@@ -63,6 +63,12 @@ class TaskFailed(JobError):
         self.remote_traceback = remote_traceback
 
 
+class TrustError(IPDCError):
+    """A submitter key or signature is malformed, or a key file cannot be read."""
+
+    exit_code = 2
+
+
 class SpecError(IPDCError):
     """A TensorFlow cluster spec is malformed."""
 

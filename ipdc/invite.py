@@ -12,9 +12,10 @@ import binascii
 import json
 from dataclasses import asdict, dataclass, field
 
-from ipdc.errors import IPDCError, TokenError
+from ipdc.errors import IPDCError, TokenError, TrustError
 from ipdc.ids import NodeName
 from ipdc.schema import build
+from ipdc.trust import parse_public_key
 
 PREFIX = "ipdc1-"
 
@@ -31,7 +32,7 @@ class Invite:
     bootstrap: list[str]
     """kubo multiaddrs (``/ip4/.../tcp/.../p2p/<id>``) of existing members."""
     trusted: list[str] = field(default_factory=list)
-    """Public keys of submitters whose jobs the new node will run."""
+    """Submitter keys the new node will trust: the inviting node's own, and the keys it trusts."""
 
     def encode(self) -> str:
         raw = json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -54,4 +55,9 @@ class Invite:
             raise TokenError(f"the invite token is invalid: {exc}") from None
         if len(invite.swarm_key) != 64 or any(c not in "0123456789abcdef" for c in invite.swarm_key):
             raise TokenError("the invite token's swarm key is not 64 hex characters")
+        for key in invite.trusted:
+            try:
+                parse_public_key(key)
+            except TrustError as exc:
+                raise TokenError(f"the invite token carries a bad submitter key: {exc}") from None
         return invite

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ipdc.ids import Cid, JobId, NodeName
@@ -26,10 +26,19 @@ class JobManifest:
     """Input chunks: map task ``i`` reads ``chunks[i]``."""
     reducers: list[NodeName]
     """Partition ``p`` of every map output goes to ``reducers[p]``."""
+    submitter: str = ""
+    """The Ed25519 key (``ed25519:...``) that signs this job's messages; agents run the job
+    only if it is in their trusted-submitters list."""
     kind: str = "mapreduce"
     params: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
+    """With ``nonce``, what makes a captured manifest useless later: agents take a nonce
+    once, and only within ``agent.manifest_ttl`` of this time."""
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    def reissued(self) -> "JobManifest":
+        """The same job with a fresh time and nonce, for a peer that joins it late."""
+        return replace(self, submitted_at=time.time(), nonce=secrets.token_hex(16))
 
     @property
     def partitions(self) -> int:

@@ -6,7 +6,9 @@ Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``
     kubo/              the kubo repo (IPFS_PATH), with swarm.key
     broker/            mosquitto.conf, passwd, acl, data/   (broker host only)
     logs/              agent.log, ipfs.log, mosquitto.log
-    run/               agent.pid, ipfs.pid, mosquitto.pid
+    run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
+    keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
+    trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
     work/<job-id>/     one directory per job, removed by CleanUp
 
 so several nodes can share one machine, each with its own home.
@@ -34,6 +36,7 @@ from ipdc.install import ensure_kubo, ensure_mosquitto, find_mosquitto
 from ipdc.invite import Invite
 from ipdc.kubo import KuboClient
 from ipdc.service import Service, free_port, port_in_use, port_open, wait_for
+from ipdc.trust import NonceLog, Signer, TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,17 @@ class Node:
     def running(self) -> bool:
         return self.services["agent"].pid() is not None
 
+    @property
+    def signer(self) -> Signer:
+        return Signer.load_or_create(self.home / "keys" / "submitter.key")
+
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore(self.home / "trusted_keys")
+
+    def nonces(self) -> NonceLog:
+        return NonceLog(self.home / "run" / "nonces", self.config.agent.manifest_ttl)
+
     # -- init ------------------------------------------------------------------------
     def init(self, host: str = "127.0.0.1", join: Invite | None = None, slots: int = 0,
              ports: dict[str, int] | None = None) -> str:
@@ -139,6 +153,9 @@ class Node:
         )
         save_config(cfg, self.conf_path)
         self._config = cfg
+        self.trust.add(self.signer.public_key, f"{cfg.node.name} (this node)")
+        for key in join.trusted if join else []:
+            self.trust.add(key, "from the invite")
         role = "joined the swarm" if join else "founded a new private swarm (this node hosts the broker)"
         return f"initialised {self.home}: node {cfg.node.name}, peer {self.peer_id()}, {role}"
 
@@ -201,6 +218,7 @@ class Node:
             broker_host=cfg.broker.host, broker_port=cfg.broker.port,
             username=name, password=password,
             bootstrap=[self.swarm_multiaddr()],
+            trusted=list(self.trust.keys()),
         ).encode()
 
     # -- start / stop / status -------------------------------------------------------

@@ -324,7 +324,7 @@ class TfController:
         manifest = JobManifest(
             job_id=JobId(cluster.cluster_id), owner=NodeName(self.client.name),
             code={n: Cid(c) for n, c in cluster.cids.items()}, chunks=[], reducers=[],
-            kind="tf", params={"name": cluster.name},
+            submitter=self.client.submitter, kind="tf", params={"name": cluster.name},
         )
         for peer_name in peers:
             self.client.send(DOWNLOAD, peer_name, Download(manifest))

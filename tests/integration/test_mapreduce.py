@@ -47,7 +47,8 @@ def make_text(path: Path, lines: int = 3000, seed: int = 7) -> bytes:
 
 def run_job(cluster: LocalCluster, job: MapReduceJob, node: int = 0) -> JobResult:
     config = cluster.nodes[node].config
-    with SwarmClient(config).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, cluster.nodes[node].signer).connect() as client, \
+            KuboClient(config.kubo_api_url) as kubo:
         return MapReduceController(client, kubo, job).run()
 
 
