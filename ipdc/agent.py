@@ -390,6 +390,7 @@ class Agent:
             while len(self.finished) > REMEMBERED_JOBS:
                 self.finished.popitem(last=False)
         if job is None:
+            log.info("ignored cleanup of job %s: the job is unknown here", msg.job_id)
             return
         self.io.submit(self._cleanup, job)
 

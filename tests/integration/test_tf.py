@@ -30,7 +30,8 @@ NO_TF = 3
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(4, base=tmp_path_factory.mktemp("tf"), tf={NO_TF: "no"}) as cluster:
+    # two slots each, so three TF peers can host the four tasks of the spec
+    with LocalCluster(4, base=tmp_path_factory.mktemp("tf"), slots=2, tf={NO_TF: "no"}) as cluster:
         yield cluster
 
 

@@ -1,0 +1,274 @@
+"""Only trusted, signed, fresh jobs run; every other message is logged and dropped.
+
+A real two-node swarm: node 0 is the trusted submitter, node 1 the agent under
+test. Each case publishes raw payloads with node 0's broker credentials (what any
+member of the swarm can do) and then reads node 1's agent.log for the line that
+names the reason. "No user code ran" is checked on the file system (no work dir
+for the job) and in the process table (no new runner process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from channels import INBOX_CHANNELS
+from channels.buffer import BUFFER, Buffer
+from channels.cleanup import CLEANUP, CleanUp
+from channels.domap import DOMAP, DoMap
+from channels.download import DOWNLOAD, Download
+from channels.tf import TF, Tf
+from ipdc.bus import Bus
+from ipdc.client import SwarmClient
+from ipdc.cluster import LocalCluster
+from ipdc.ids import Cid, JobId, NodeName
+from ipdc.job import JobManifest
+from ipdc.kubo import KuboClient
+from ipdc.mapreduce import MapReduceController, MapReduceJob
+from ipdc.node import Node
+from ipdc.service import wait_for
+from ipdc.trust import Signer
+from tests.helpers import read_output, reference_counts
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(2, base=tmp_path_factory.mktemp("security")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def code(pair: LocalCluster) -> dict[str, Cid]:
+    with KuboClient(pair.nodes[0].config.kubo_api_url) as kubo:
+        return {
+            "Map.py": kubo.add_bytes(b"def map(line):\n    return [(w, 1) for w in line.split()]\n"),
+            "Reduce.py": kubo.add_bytes(b"def reduce(key, values):\n    return sum(values)\n"),
+        }
+
+
+class Agent:
+    """Node 1's agent as the tests see it: its inbox, its log, its work dir, its runners."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.node = cluster.nodes[1]
+        self.sender = cluster.nodes[0].config
+        self.log = self.node.home / "logs" / "agent.log"
+        self.mark = 0
+
+    def publish(self, channel: str, payload: bytes) -> None:
+        """Send one raw payload; later expect_log calls look only at lines logged after this."""
+        self.mark = len(self.log.read_text().splitlines())
+        topic = f"ipdc/peer/{self.node.config.node.name}/{channel}"
+        with Bus(self.sender.broker, f"{self.sender.node.name}-test-{secrets.token_hex(3)}") as bus:
+            bus.connect()
+            bus.publish(topic, payload)
+
+    def expect_log(self, *needles: str, timeout: float = 20) -> str:
+        """Wait for a log line holding every needle; return it."""
+        found: list[str] = []
+
+        def seen() -> bool:
+            lines = self.log.read_text().splitlines()[self.mark:]
+            found[:] = [line for line in lines if all(n in line for n in needles)]
+            return bool(found)
+        assert wait_for(seen, timeout, 0.1), f"no log line with {needles}:\n{self.log.read_text()[-3000:]}"
+        return found[-1]
+
+    def runners(self) -> int:
+        """Runner processes anywhere on the machine under this node's home."""
+        count = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "cwd").resolve()
+            except OSError:
+                continue
+            if b"ipdc.runner" in cmdline and str(environ).startswith(str(self.node.home)):
+                count += 1
+        return count
+
+    def alive(self) -> bool:
+        return self.node.running()
+
+
+@pytest.fixture()
+def agent(pair: LocalCluster) -> Agent:
+    return Agent(pair)
+
+
+def manifest_for(code: dict[str, Cid], owner: str, reducer: str, submitter: str,
+                 submitted_at: float | None = None) -> JobManifest:
+    return JobManifest(
+        job_id=JobId.new(), owner=NodeName(owner), code=dict(code),
+        chunks=[code["Map.py"]], reducers=[NodeName(reducer)], submitter=submitter,
+        **({"submitted_at": submitted_at} if submitted_at is not None else {}),
+    )
+
+
+def encode(message: Any) -> bytes:
+    return json.dumps(dataclasses.asdict(message)).encode()
+
+
+ATTACKER = Signer(Ed25519PrivateKey.generate())
+
+
+def _forgeries(trusted: Signer, manifest: JobManifest, ttl: float) -> dict[str, tuple[Download, str]]:
+    """name -> (message, the reason the agent must log)."""
+    honest = trusted.sign(Download(manifest))
+    tampered_manifest = dataclasses.replace(manifest, code={**manifest.code, "Map.py": manifest.code["Reduce.py"]})
+    stale = dataclasses.replace(manifest, job_id=JobId.new(), submitted_at=time.time() - 2 * ttl)
+    return {
+        "unsigned": (Download(manifest), "unsigned"),
+        "untrusted key": (ATTACKER.sign(Download(dataclasses.replace(manifest, submitter=ATTACKER.public_key))),
+                          "not trusted"),
+        # signed by the attacker while claiming the trusted submitter's key
+        "forged": (ATTACKER.sign(Download(manifest)), "does not match its content"),
+        "tampered": (dataclasses.replace(honest, manifest=tampered_manifest), "does not match its content"),
+        "stale": (trusted.sign(Download(stale)), "stale"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unsigned", "untrusted key", "forged", "tampered", "stale"])
+def test_forged_manifests_are_rejected_and_run_nothing(pair: LocalCluster, code: dict[str, Cid],
+                                                       agent: Agent, case: str) -> None:
+    trusted = pair.nodes[0].signer
+    manifest = manifest_for(code, pair.nodes[0].config.node.name, agent.node.config.node.name,
+                            trusted.public_key)
+    message, reason = _forgeries(trusted, manifest, agent.node.config.agent.manifest_ttl)[case]
+    runners = agent.runners()
+    agent.publish("download", encode(message))
+    line = agent.expect_log("rejected download of job", message.manifest.job_id)
+    assert reason in line
+    # the job is unknown, so a DoMap for it runs nothing either
+    agent.publish("domap", encode(trusted.sign(DoMap(message.manifest.job_id, 0))))
+    agent.expect_log("ignored domap 0", message.manifest.job_id, "unknown")
+    assert not (agent.node.work_dir / message.manifest.job_id).exists()
+    assert agent.runners() == runners
+    assert agent.alive()
+
+
+def test_replayed_manifest_is_rejected_even_after_an_agent_restart(pair: LocalCluster, code: dict[str, Cid],
+                                                                   agent: Agent) -> None:
+    trusted = pair.nodes[0].signer
+    manifest = manifest_for(code, pair.nodes[0].config.node.name, agent.node.config.node.name,
+                            trusted.public_key)
+    honest = encode(trusted.sign(Download(manifest)))
+    agent.publish("download", honest)
+    job_dir = agent.node.work_dir / manifest.job_id
+    assert wait_for(lambda: (job_dir / "Map.py").exists(), 20), "the honest job was not downloaded"
+    agent.publish("cleanup", encode(trusted.sign(CleanUp(manifest.job_id))))
+    assert wait_for(lambda: not job_dir.exists(), 20)
+    agent.publish("download", honest)  # the same bytes again: the agent remembers the job
+    agent.expect_log("ignored download of job", manifest.job_id, "finished")
+
+    node = Node(agent.node.home)
+    node.stop()
+    node.start()
+    agent.publish("download", honest)  # a fresh agent remembers the nonce
+    line = agent.expect_log("rejected download of job", manifest.job_id)
+    assert "replayed" in line
+    assert not job_dir.exists()
+
+
+def test_job_messages_must_be_signed_by_the_jobs_own_submitter(pair: LocalCluster, code: dict[str, Cid],
+                                                               agent: Agent) -> None:
+    """Another trusted member cannot steer someone else's job, nor can an outsider."""
+    trusted = pair.nodes[0].signer
+    manifest = manifest_for(code, pair.nodes[0].config.node.name, agent.node.config.node.name,
+                            trusted.public_key)
+    agent.publish("download", encode(trusted.sign(Download(manifest))))
+    job_dir = agent.node.work_dir / manifest.job_id
+    assert wait_for(lambda: (job_dir / "Map.py").exists(), 20)
+    other = pair.nodes[1].signer  # trusted by node 1 (it is its own key), but not this job's submitter
+    cases = [
+        ("domap", encode(other.sign(DoMap(manifest.job_id, 0))), "domap 0", "another key"),
+        ("domap", encode(DoMap(manifest.job_id, 0)), "domap 0", "unsigned"),
+        ("buffer", encode(ATTACKER.sign(Buffer(manifest.job_id, 0, 0, code["Map.py"]))), "buffer 0->0", "not trusted"),
+        ("cleanup", encode(other.sign(CleanUp(manifest.job_id))), "cleanup of job", "another key"),
+        ("tf", encode(dataclasses.replace(trusted.sign(Tf("stop", manifest.job_id)), op="port")),
+         "tf port", "does not match"),
+    ]
+    runners = agent.runners()
+    for channel, payload, what, reason in cases:
+        agent.publish(channel, payload)
+        assert reason in agent.expect_log("rejected", what, manifest.job_id)
+    assert job_dir.exists() and agent.runners() == runners
+    agent.publish("cleanup", encode(trusted.sign(CleanUp(manifest.job_id))))
+    assert wait_for(lambda: not job_dir.exists(), 20)
+
+
+def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> list[tuple[str, str, bytes, str]]:
+    """(case, channel, payload, what the log line says) for every inbox channel."""
+    unknown = JobId.new()
+    cases: list[tuple[str, str, bytes, str]] = []
+    for name in INBOX_CHANNELS:
+        cases += [
+            ("malformed JSON", name, b'{"job_id": "', "dropped"),
+            ("not UTF-8", name, b"\xff\xfe\xfd", "dropped"),
+            ("wrong types", name, b'{"job_id": 5, "task": "x", "manifest": [], "op": 1}', "dropped"),
+            ("huge", name, b'{"job_id": "' + b"a" * (2 << 20) + b'"}', "dropped"),
+            ("a list", name, b"[1, 2, 3]", "dropped"),
+        ]
+    manifest = manifest_for(code, owner, me, signer.public_key)
+    traversal = dataclasses.replace(manifest, code={"../../evil.py": code["Map.py"]})
+    absolute = dataclasses.replace(manifest, job_id=JobId.new(), code={"/etc/evil.py": code["Map.py"]})
+    bad_cid = json.loads(encode(signer.sign(Download(manifest))))
+    bad_cid["manifest"]["code"]["Map.py"] = "not-a-cid;rm -rf /"
+    bad_job = json.loads(encode(signer.sign(DoMap(unknown, 0))))
+    bad_job["job_id"] = "../../../etc"
+    cases += [
+        ("../ file name", "download", encode(signer.sign(Download(traversal))), "unsafe file name"),
+        ("absolute file name", "download", encode(signer.sign(Download(absolute))), "unsafe file name"),
+        ("invalid CID", "download", json.dumps(bad_cid).encode(), "dropped"),
+        ("../ job id", "domap", json.dumps(bad_job).encode(), "dropped"),
+        ("unknown job", "domap", encode(signer.sign(DoMap(unknown, 0))), "unknown"),
+        ("unknown job", "buffer", encode(signer.sign(Buffer(unknown, 0, 0, code["Map.py"]))), "unknown"),
+        ("unknown job", "cleanup", encode(signer.sign(CleanUp(unknown))), "cleanup"),
+        ("negative count", "tf", b'{"op": "port", "cluster_id": "' + unknown.encode() + b'", "count": -1}',
+         "dropped"),
+        ("unknown channel", "no-such-channel", b"{}", "unknown topic"),
+    ]
+    return cases
+
+
+def test_bad_messages_on_every_channel_are_logged_and_survived(pair: LocalCluster, code: dict[str, Cid],
+                                                               agent: Agent, tmp_path: Path) -> None:
+    signer = pair.nodes[0].signer
+    cases = _bad_messages(signer, code, pair.nodes[0].config.node.name, agent.node.config.node.name)
+    before = agent.log.read_text().splitlines()
+    runners = agent.runners()
+    for _, channel, payload, _ in cases:
+        agent.publish(channel, payload)
+
+    def logged() -> bool:
+        return len(agent.log.read_text().splitlines()) >= len(before) + len(cases)
+    assert wait_for(logged, 30, 0.1), agent.log.read_text()[-3000:]
+    new = "\n".join(agent.log.read_text().splitlines()[len(before):])
+    for case, channel, _, expected in cases:
+        assert expected in new, f"{case} on {channel}: no log line with {expected!r}"
+    assert new.count("dropped") >= 5 * len(INBOX_CHANNELS)
+    assert not any(p.name.startswith("..") for p in agent.node.home.iterdir())
+    assert not Path("/etc/evil.py").exists()
+    assert agent.runners() == runners and agent.alive()
+    assert "Traceback" not in new
+    # and the agent still serves: a real job runs on both nodes with exact counts
+    data = b"to be or not to be\nthat is the question\n" * 50
+    (tmp_path / "in.txt").write_bytes(data)
+    job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
+    config = pair.nodes[0].config
+    with SwarmClient(config, signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+        result = MapReduceController(client, kubo, job).run()
+    assert agent.node.config.node.name in {w["name"] for w in result.workers}
+    assert read_output(result.output, 2)[0] == reference_counts(data)
