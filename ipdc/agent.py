@@ -182,7 +182,10 @@ class Agent:
         beats = 0
         while not self._stop.wait(self.config.agent.heartbeat_interval):
             beat = Heartbeat(name=self.name, ts=time.time(), load=_load(), running=self.running)
-            self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
+            try:
+                self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
+            except Exception:  # noqa: BLE001 - a node that stops beating is taken for dead
+                log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
             beats += 1
             if beats % 5 == 0:
                 try:

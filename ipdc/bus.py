@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,10 @@ class Bus:
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self._subscriptions: dict[str, int] = {}
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._unacked: set[int] = set()
+        """Message ids of our QoS 1 publishes the broker has not acknowledged yet."""
+        self._acked_early: set[int] = set()
+        self._acks = threading.Condition()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -82,6 +84,7 @@ class Bus:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
 
     # -- lifecycle -------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "Bus":
@@ -106,19 +109,14 @@ class Bus:
         return self
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every QoS 1 message we published is acknowledged by the broker."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for info in pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._client.is_connected():
-                return False
-            try:
-                info.wait_for_publish(left)
-            except RuntimeError:  # the connection dropped meanwhile
-                return False
-        return True
+        """Wait until every QoS 1 message we published is acknowledged by the broker.
+
+        Acknowledgements are counted from paho's on_publish, not from MQTTMessageInfo:
+        a message published while the broker was away has an info that raises forever,
+        although paho sends the message after the reconnect.
+        """
+        with self._acks:
+            return self._acks.wait_for(lambda: not self._unacked, timeout)
 
     def close(self) -> None:
         """Flush, then disconnect cleanly: a clean DISCONNECT does not fire the last will."""
@@ -155,9 +153,11 @@ class Bus:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BusError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        with self._lock:
-            self._pending = [i for i in self._pending if not i.is_published()]
-            self._pending.append(info)
+        with self._acks:  # not held across publish(): paho calls on_publish with its own locks held
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
 
     # -- paho callbacks (network thread: never block here) ---------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
@@ -180,6 +180,15 @@ class Bus:
                        reason_code: ReasonCode, properties: Any) -> None:
         if reason_code.is_failure:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Any) -> None:
+        with self._acks:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self._acks.notify_all()
+            else:
+                self._acked_early.add(mid)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.inbox.put(Inbound(message.topic, message.payload, bool(message.retain)))

@@ -120,6 +120,8 @@ class SwarmClient:
             self._synced.set()
         elif parts[1] == "presence":
             presence = PRESENCE.decode(message.payload) if message.payload else None
+            log.debug("presence of %s: %s%s", parts[2], "announced" if presence else "gone",
+                      " (retained)" if message.retain else "")
             self.peers.update_presence(parts[2], presence, _age(message, presence.ts if presence else 0))
         elif parts[1] == "heartbeat" and message.payload:
             beat = HEARTBEAT.decode(message.payload)

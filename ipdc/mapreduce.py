@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "mapreduce"
 MiB = 1 << 20
 MAX_CHUNK = 64 * MiB
+#: A worker is dropped only once it has been gone this long with our own connection up:
+#: a broker that shuts down publishes every client's last will, and then drops us too.
+WILL_GRACE = 0.5
 
 #: ``progress(phase, done, total)``: phases are "upload" (bytes), "map" and "reduce" (tasks).
 ProgressFn = Callable[[str, float, float], None]
@@ -292,7 +295,9 @@ class MapReduceController:
         self.progress("map", 0, len(self.maps))
         self.progress("reduce", 0, len(self.reduces))
         connections = self.client.connections
-        next_check = 0.0
+        next_check = reconnected_at = 0.0
+        missing: dict[str, float] = {}
+        """Worker -> when we first found it not live."""
         while not all(r.fetched for r in self.reduces):
             try:
                 result = results.get(timeout=0.05)
@@ -304,11 +309,16 @@ class MapReduceController:
             if now >= next_check:
                 next_check = now + 0.2
                 if self.client.connections != connections:
-                    connections = self.client.connections
+                    connections, reconnected_at = self.client.connections, now
+                    missing.clear()
                     self.resend()
-                if self.client.bus.connected:  # cut off ourselves, we cannot tell who is alive
-                    for name in [n for n in self.workers if not self.client.peers.is_live(n)]:
-                        self.drop_worker(name, "it stopped answering (no heartbeat, or its last will)")
+                for name in list(self.workers):
+                    if self.client.peers.is_live(name):
+                        missing.pop(name, None)
+                    elif now - missing.setdefault(name, now) >= WILL_GRACE and self.client.bus.connected \
+                            and now - reconnected_at > self.client.config.agent.peer_timeout:
+                        self.drop_worker(name, "it stopped answering (its last will, or no heartbeat "
+                                               f"for {self.client.config.agent.peer_timeout:g} s)")
             self.check_fetches()
             if "download" not in self.timings and len(self.ready) == len(self.workers):
                 self.timings["download"] = time.monotonic() - t
