@@ -182,6 +182,8 @@ class Task:
     cids: list[Cid] | None = None
     """The accepted output."""
     done_by: str = ""
+    reserved_for: str = ""
+    """Map only: the replacement of the lost worker that ran it; no other worker takes it."""
     sent: dict[int, str] = field(default_factory=dict)
     """Reduce only: map task -> mapper, for the Buffers sent under the current attempt."""
     fetched: bool = False
@@ -394,9 +396,12 @@ class MapReduceController:
     def dispatch(self) -> None:
         """Fill free slots of ready workers with pending map tasks, nearest worker first."""
         for name, peer in self.workers.items():
-            while name in self.ready and self.pending and self.inflight.get(name, 0) < max(1, peer.presence.slots):
-                fresh = [i for i in self.pending if name not in self.maps[i].tried]
-                index = fresh[0] if fresh else self.pending[0]
+            while name in self.ready and self.inflight.get(name, 0) < max(1, peer.presence.slots):
+                mine = [i for i in self.pending if self.maps[i].reserved_for in ("", name)]
+                fresh = [i for i in mine if name not in self.maps[i].tried]
+                if not mine:
+                    break
+                index = (fresh or mine)[0]
                 self.pending.remove(index)
                 task = self.maps[index]
                 task.attempt += 1
@@ -456,7 +461,7 @@ class MapReduceController:
         if task.kind == "map":
             if peer in self.inflight:
                 self.inflight[peer] -= 1
-            task.peer = ""
+            task.peer = task.reserved_for = ""
             self.pending.appendleft(task.index)
             self.dispatch()
         else:
@@ -470,15 +475,20 @@ class MapReduceController:
         self.inflight.pop(name, None)
         self.lost.add(name)
         replacement = self.recruit()
+        for task in self.maps:
+            if task.reserved_for == name:  # the replacement itself was lost: pass the task on
+                task.reserved_for = replacement.name if replacement else ""
         if not self.workers:
             raise JobError(f"job {self.job_id} failed: every worker was lost (the last, {name}: {reason}); "
                            "check the nodes with `ipdc peers` and submit again")
         needed = not all(r.fetched for r in self.reduces)
         for task in self.maps:
             if task.peer == name and task.cids is None and task.index not in self.pending:
+                self.count_failure(task, name, f"its worker {name} was lost while running it ({reason}); "
+                                               "like Dask's KilledWorker, the task may be what kills workers")
                 self.reassign(task, name, replacement)
-                self.fail(task, name, f"its worker {name} was lost while running it ({reason}), like "
-                                      "Dask's KilledWorker: if this repeats, the task may be what kills workers")
+                task.peer = ""
+                self.pending.appendleft(task.index)
             elif task.done_by == name and needed:
                 # its output lives in the lost node's kubo, which may be gone too: compute it again
                 self.reassign(task, name, replacement)
@@ -499,6 +509,8 @@ class MapReduceController:
         self.dispatch()
 
     def reassign(self, task: Task, lost: str, replacement: Peer | None) -> None:
+        if task.kind == "map":
+            task.reserved_for = replacement.name if replacement else ""
         self.reassigned.append({"kind": task.kind, "task": task.index, "from": lost,
                                 "to": replacement.name if replacement else "", "attempt": task.attempt + 1})
 

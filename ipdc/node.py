@@ -223,25 +223,26 @@ class Node:
 
     # -- start / stop / status -------------------------------------------------------
     def start(self, timeout: float = 60.0) -> list[ServiceStatus]:
+        """Start the node's services that are not running: after a crash of one (say the
+        agent), ``start`` brings back just that one."""
         cfg = self.config
-        running = [n for n, s in self.services.items() if s.pid() is not None]
-        if running:
-            raise NodeError(f"node {self.home} is already running ({', '.join(running)}); "
+        wanted = [n for n in SERVICES if n != "mosquitto" or cfg.broker.hosted]
+        down = [n for n in wanted if self.services[n].pid() is None]
+        if not down:
+            raise NodeError(f"node {self.home} is already running ({', '.join(wanted)}); "
                             "stop it first with `python deploy.py stop`")
-        self._check_ports(cfg)
-        if cfg.broker.hosted:
-            self._start_broker(cfg, timeout)
-        self._start_kubo(cfg, timeout)
-        self._start_agent(cfg, timeout)
+        self._check_ports(cfg, down)
+        starters = {"mosquitto": self._start_broker, "ipfs": self._start_kubo, "agent": self._start_agent}
+        for name in down:
+            starters[name](cfg, timeout)
         return self.status()
 
-    def _check_ports(self, cfg: Config) -> None:
-        checks = [("127.0.0.1", cfg.kubo.api_port, "kubo.api_port"),
-                  ("127.0.0.1", cfg.kubo.gateway_port, "kubo.gateway_port"),
-                  (cfg.node.host, cfg.kubo.swarm_port, "kubo.swarm_port")]
-        if cfg.broker.hosted:
-            checks.append((cfg.node.host, cfg.broker.port, "broker.port"))
-        for host, port, key in checks:
+    def _check_ports(self, cfg: Config, services: list[str]) -> None:
+        checks = {"ipfs": [("127.0.0.1", cfg.kubo.api_port, "kubo.api_port"),
+                           ("127.0.0.1", cfg.kubo.gateway_port, "kubo.gateway_port"),
+                           (cfg.node.host, cfg.kubo.swarm_port, "kubo.swarm_port")],
+                  "mosquitto": [(cfg.node.host, cfg.broker.port, "broker.port")]}
+        for host, port, key in [c for name in services for c in checks.get(name, [])]:
             if port_in_use(host, port):
                 raise NodeError(f"port {host}:{port} ({key} in {self.conf_path}) is taken by another "
                                 "process: stop that process or change the port, then start again")

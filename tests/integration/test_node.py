@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -140,6 +141,18 @@ def test_start_refuses_when_running_or_port_taken(homes: list[Path], tmp_path: P
     assert done.returncode != 0
     assert f"127.0.0.1:{api_port}" in done.stderr and "kubo.api_port" in done.stderr
     assert Node(fresh).status() and not any(s.pid for s in Node(fresh).status())
+
+
+def test_start_after_an_agent_crash_restarts_only_the_agent(homes: list[Path]) -> None:
+    node = Node(homes[2])
+    agent, kubo = node.services["agent"].pid(), node.services["ipfs"].pid()
+    assert agent and kubo
+    os.kill(agent, signal.SIGKILL)
+    assert wait_for(lambda: node.services["agent"].pid() is None, 10)
+    run_cli(["deploy.py", "start"], homes[2])
+    assert node.services["ipfs"].pid() == kubo
+    assert node.services["agent"].pid() not in (None, agent)
+    assert wait_for(lambda: load_config(homes[2] / "ipdc.conf").node.name in peer_names(homes[0]), 20)
 
 
 def test_garbage_on_every_channel_leaves_the_agent_running(homes: list[Path]) -> None:
