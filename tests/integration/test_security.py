@@ -272,3 +272,35 @@ def test_bad_messages_on_every_channel_are_logged_and_survived(pair: LocalCluste
         result = MapReduceController(client, kubo, job).run()
     assert agent.node.config.node.name in {w["name"] for w in result.workers}
     assert read_output(result.output, 2)[0] == reference_counts(data)
+
+
+def test_broker_acl_keeps_a_node_from_speaking_or_reading_for_another(pair: LocalCluster) -> None:
+    """Node 1's credentials cannot fake node 0's presence or results, nor read node 0's inbox.
+
+    Messages from one publisher arrive in order, so once a control message sent after
+    the forgeries has arrived, any forgery the broker let through would have too.
+    """
+    me, other = pair.nodes[1].config, pair.nodes[0].config
+    job = JobId.new()
+    with Bus(other.broker, f"{other.node.name}-watch-{secrets.token_hex(3)}") as watcher, \
+            Bus(me.broker, f"{me.node.name}-spy-{secrets.token_hex(3)}") as spy:
+        watcher.subscribe(f"ipdc/presence/{other.node.name}", f"ipdc/result/+/{job}")
+        watcher.connect()
+        spy.subscribe(f"ipdc/peer/{other.node.name}/#", f"ipdc/peer/{me.node.name}/probe")
+        spy.connect()
+        spy.publish(f"ipdc/presence/{other.node.name}", b"forged presence")
+        spy.publish(f"ipdc/result/{other.node.name}/{job}", b"forged result")
+        spy.publish(f"ipdc/result/{me.node.name}/{job}", b"control")
+        watcher.publish(f"ipdc/peer/{other.node.name}/probe", b"secret")
+        watcher.publish(f"ipdc/peer/{me.node.name}/probe", b"control")
+        seen: dict[str, list[tuple[str, bytes]]] = {"watcher": [], "spy": []}
+
+        def got_controls() -> bool:
+            for name, bus in (("watcher", watcher), ("spy", spy)):
+                while not bus.inbox.empty():
+                    message = bus.inbox.get()
+                    seen[name].append((message.topic, message.payload))
+            return all(any(p == b"control" for _, p in seen[n]) for n in seen)
+        assert wait_for(got_controls, 20), seen
+    assert [p for _, p in seen["watcher"] if p.startswith(b"forged")] == []
+    assert [t for t, _ in seen["spy"] if t.startswith(f"ipdc/peer/{other.node.name}/")] == []
