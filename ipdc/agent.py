@@ -400,11 +400,10 @@ class Agent:
     def _cleanup(self, job: AgentJob) -> None:
         self.pool.drop(job.manifest.job_id)
         shutil.rmtree(job.dir, ignore_errors=True)
-        for cid in job.created:
-            try:
-                self.kubo.pin_rm(cid)
-            except IPDCError as exc:
-                log.warning("could not unpin %s of job %s: %s", cid, job.manifest.job_id, exc)
+        try:
+            self.kubo.pin_rm(*job.created)
+        except IPDCError as exc:
+            log.warning("could not unpin the files of job %s: %s", job.manifest.job_id, exc)
         log.info("cleaned up job %s", job.manifest.job_id)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +169,9 @@ class Bus:
             client.disconnect()
             self._connected.set()
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # small messages: no Nagle delay on every hop
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             if self._subscriptions:
                 client.subscribe([(t, q) for t, q in self._subscriptions.items()])

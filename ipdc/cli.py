@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,7 +44,7 @@ class IPDCGroup(click.Group):
         try:
             return super().invoke(ctx)
         except IPDCError as exc:
-            err.print("[bold red]error:[/]", str(exc), highlight=False)
+            err.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
             sys.exit(exc.exit_code)
 
 

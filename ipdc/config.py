@@ -66,15 +66,30 @@ class AgentSection:
     """A peer silent for this long is taken as dead."""
     warm_runners: int = 1
     """Idle user-code processes kept started, so a task need not wait for an interpreter."""
+    manifest_ttl: float = 600.0
+    """A job manifest older than this (seconds) is refused as a possible replay."""
 
 
 @dataclass(frozen=True)
 class SandboxSection:
+    """Limits of the runner processes that run user code (see ipdc/sandbox.py)."""
+
     cpu_seconds: int = 3600
+    """RLIMIT_CPU of one runner, over all the tasks of its job it serves."""
     memory_mb: int = 4096
+    """RLIMIT_AS (address space) of one runner."""
     file_mb: int = 4096
+    """RLIMIT_FSIZE: the largest file user code may write."""
     task_timeout: float = 3600.0
+    """Wall-clock seconds per task before its runner is killed."""
     nice: int = 19
+    """Added to the runner's CPU niceness, so a volunteer's machine stays usable."""
+    max_pids: int = 64
+    """pids.max of each runner's cgroup: processes and threads one job's code may have at
+    once. RLIMIT_NPROC does not bind root, so this is what contains a fork bomb."""
+    fetch_stall: float = 30.0
+    """A runner's read of a CID fails when no byte arrives for this long: the peer
+    holding the data may have left, and the task can be retried elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +133,20 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
+    if cfg.agent.manifest_ttl <= 0:
+        raise ConfigError("agent.manifest_ttl: must be a positive number of seconds")
     if cfg.node.tf not in ("auto", "yes", "no"):
         raise ConfigError(f"node.tf: {cfg.node.tf!r} is not one of auto, yes, no")
     if cfg.node.slots < 0:
         raise ConfigError("node.slots: must be 0 (one per core) or a positive number")
+    box = cfg.sandbox
+    for where, value in (("sandbox.cpu_seconds", box.cpu_seconds), ("sandbox.memory_mb", box.memory_mb),
+                         ("sandbox.file_mb", box.file_mb), ("sandbox.task_timeout", box.task_timeout),
+                         ("sandbox.max_pids", box.max_pids), ("sandbox.fetch_stall", box.fetch_stall)):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be positive, got {value}")
+    if not 0 <= box.nice <= 19:
+        raise ConfigError(f"sandbox.nice: must be 0 to 19 (added to the runners' niceness), got {box.nice}")
     return cfg
 
 

@@ -222,13 +222,16 @@ class MapReduceController:
         self.fetches: dict[int, tuple[str, Future[None]]] = {}
         self.manifest: JobManifest | None = None
         self.staging = Path()
+        self.wake: "queue.Queue[GetResult | None]" = queue.Queue()
+        """The job's reports, plus a None from each finished part fetch, so the loop never
+        sleeps on news that has come."""
 
     def run(self) -> JobResult:
         check_job_files(self.job)
         started = time.monotonic()
         for peer in self.choose_workers():
             self.workers[peer.name] = peer
-        results = self.client.watch(self.job_id)
+        self.wake = self.client.watch(self.job_id)  # type: ignore[assignment]
         output = self.job.output or Path("ipdc-out") / self.job_id
         self.staging = output.with_name(f".{output.name}.partial")
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -238,7 +241,7 @@ class MapReduceController:
             t = time.monotonic()
             ranges = self.upload()
             self.timings["upload"] = time.monotonic() - t
-            self.execute(results, fetcher)
+            self.execute(fetcher)
             result = self.describe(output, ranges)
             self.timings["total"] = time.monotonic() - started
             result.timings = self.timings
@@ -251,8 +254,7 @@ class MapReduceController:
             for name in [*self.workers, *self.lost]:
                 self.client.send(CLEANUP, name, CleanUp(self.job_id))
             if self.manifest is not None:
-                for cid in [*self.manifest.chunks, *self.manifest.code.values()]:
-                    self.kubo.pin_rm(cid)
+                self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
 
     # -- planning --------------------------------------------------------------------
     def choose_workers(self) -> list[Peer]:
@@ -285,7 +287,7 @@ class MapReduceController:
         return ranges
 
     # -- the event loop --------------------------------------------------------------
-    def execute(self, results: "queue.Queue[GetResult]", fetcher: ThreadPoolExecutor) -> None:
+    def execute(self, fetcher: ThreadPoolExecutor) -> None:
         """Run every task to an accepted, fetched result, whatever peers are lost meanwhile."""
         assert self.manifest is not None
         t = time.monotonic()
@@ -302,7 +304,7 @@ class MapReduceController:
         """Worker -> when we first found it not live."""
         while not all(r.fetched for r in self.reduces):
             try:
-                result = results.get(timeout=0.05)
+                result = self.wake.get(timeout=0.1)
             except queue.Empty:
                 result = None
             if result is not None:
@@ -364,7 +366,9 @@ class MapReduceController:
         else:
             task.cids, task.done_by = list(result.cids), peer
             part = self.staging / f"part-{task.index:05d}"
-            self.fetches[task.index] = (peer, fetcher.submit(self.kubo.cat_to, result.cids[0], part))
+            future = fetcher.submit(self.kubo.cat_to, result.cids[0], part)
+            future.add_done_callback(lambda _: self.wake.put(None))
+            self.fetches[task.index] = (peer, future)
             self.progress("reduce", sum(r.cids is not None for r in self.reduces), len(self.reduces))
 
     def accept_map(self, task: Task, cids: list[Cid]) -> None:

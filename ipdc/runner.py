@@ -1,41 +1,81 @@
-"""The process that runs user code: ``python -m ipdc.runner``.
+"""The processes that run user code: a fork server (zygote) and the runners it forks.
 
-User code never runs inside the agent. The agent keeps warm runners (interpreter
-started, IPDC imported, no user code loaded), binds one to a job, and sends it
-tasks as JSON lines on stdin; answers come back on a private copy of stdout, so
-``print`` in user code goes to the runner's log instead of corrupting the protocol.
+User code never runs inside the agent. Each agent's :class:`ipdc.sandbox.RunnerPool`
+starts one zygote, ``python -m ipdc.runner FD``: it imports everything a runner
+needs once, then forks a fresh runner per request in a few milliseconds, instead of
+the ~130 ms an interpreter start costs. The zygote never runs user code, and a
+runner serves one job only, so no import of a job's Map.py or Reduce.py outlives
+the job and two jobs never share a process.
 
-A runner serves one job only and exits with it, so no import of a job's Map.py or
-Reduce.py outlives the job.
+A runner applies its limits right after the fork, before any user code loads: it
+joins its own pids cgroup (made by the pool, ``sandbox.max_pids``), starts its own
+session, asks to be SIGKILLed if the zygote dies, lowers its priority and sets
+rlimits on CPU time, address space and file size. It then speaks JSON lines with the
+agent over a socket the agent made and the zygote passed on: ``bind`` (load the
+job's code), then ``map``/``reduce`` tasks. ``print`` in user code goes to
+runners.log and cannot corrupt the protocol.
 
-Data format between map and reduce: each map task writes one JSON file per
-partition, ``[[key, [value, ...]], ...]``. ``json`` escapes lone surrogates, so
-input bytes that are not UTF-8 (decoded with ``surrogateescape``) survive intact.
+The zygote talks to the pool over a SOCK_SEQPACKET socket, one JSON object a packet:
+``{"op": "fork", "id": N, "cgroup": PATH}`` with the runner's socket attached
+(SCM_RIGHTS) is answered ``{"forked": N, "pid": P}``, and every runner's end is
+reported ``{"exited": P, "status": S, "cpu": SECONDS}``. The zygote reaps all its
+descendants (it is their subreaper). When the pool's end closes (the agent exited
+or died), it kills its runners and exits.
+
+Data between map and reduce crosses peers, so it is parsed, never unpickled. One
+partition is (see :func:`write_partitions`)::
+
+    IPDC-KV1 <n> <keys bytes> <values bytes> <json bytes>\\n
+    <n keys joined by \\n, UTF-8 with surrogatepass><n ints joined by \\n><JSON pairs>
+
+The common case, string keys with int values, is two columns that are joined,
+split and converted at C speed; any other pair goes to a JSON array of
+``[key, value]``. Both keep lone surrogates (input bytes that are not UTF-8, decoded
+with ``surrogateescape``), so the output gives back the same bytes. A key may come
+more than once; reduce gets all its values. An empty partition is zero bytes: the
+empty CID, which is never added to kubo.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import gc
 import importlib.util
 import io
 import json
 import os
 import resource
+import selectors
+import signal
+import socket
 import sys
-import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, ItemsView, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from types import FrameType, ModuleType
+from typing import Any, NoReturn
 
-from ipdc.kubo import KuboClient
+from ipdc.config import SandboxSection
+from ipdc.errors import IPDCError, JobError
+from ipdc.kubo import EMPTY_CID, KuboClient
 
 #: Values of one key are combined whenever this many have piled up (see ``combine``).
 COMBINE_EVERY = 256
+#: First word of every partition document: its format and version.
+MAGIC = b"IPDC-KV1"
+#: Map outputs a reduce task fetches at once (threads count against ``sandbox.max_pids``).
+FETCH_THREADS = 8
+#: Seconds past ``sandbox.cpu_seconds`` (SIGXCPU, reported) before the kernel's SIGKILL.
+CPU_GRACE = 5
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
+# -- map, partition, reduce (pure) --------------------------------------------------------
 def stable_partition(key: Any, partitions: int) -> int:
     """The partition of ``key``: crc32 of its canonical bytes, the same in every
     process (unlike the salted built-in ``hash``)."""
@@ -61,17 +101,30 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
-def map_text(module: ModuleType, text: str) -> dict[Any, tuple[Any, list[Any]]]:
-    """Run the user's map (and combine) over one chunk: group key -> (key, values)."""
-    combine: Callable[[Any, list[Any]], Any] | None = getattr(module, "combine", None)
-    groups: dict[Any, tuple[Any, list[Any]]] = {}
+def map_pairs(module: ModuleType, text: str) -> Iterable[tuple[Any, Any]]:
+    """The (key, value) pairs of one chunk, after the user's map and combine.
+
+    A ``map_chunk`` that returns a dict's items (WordCount's ``Counter(...).items()``)
+    already holds each key once with its values combined, so its pairs are used as
+    they are: a regroup would only copy them. Anything else is grouped by key and
+    combined (``combine`` may run zero or more times, so either is correct).
+    """
     bulk = getattr(module, "map_chunk", None)
     pairs: Iterable[tuple[Any, Any]]
     if bulk is not None:
         pairs = bulk(text)
+        if isinstance(pairs, ItemsView):
+            return pairs
     else:
         mapper = module.map
         pairs = (pair for line in split_lines(text) for pair in mapper(line))
+    return _grouped(pairs, getattr(module, "combine", None))
+
+
+def _grouped(pairs: Iterable[tuple[Any, Any]],
+             combine: Callable[[Any, list[Any]], Any] | None) -> list[tuple[Any, Any]]:
+    """Group pairs by key and combine each key's values (when ``combine`` exists)."""
+    groups: dict[Any, tuple[Any, list[Any]]] = {}
     for key, value in pairs:
         try:
             entry = groups.get(key)
@@ -86,40 +139,148 @@ def map_text(module: ModuleType, text: str) -> dict[Any, tuple[Any, list[Any]]]:
         values.append(value)
         if combine is not None and len(values) >= COMBINE_EVERY:
             groups[gk] = (key, [combine(key, values)])
-    if combine is not None:
-        for gk, (key, values) in groups.items():
-            if len(values) > 1:
-                groups[gk] = (key, [combine(key, values)])
-    return groups
-
-
-def partition_groups(groups: dict[Any, tuple[Any, list[Any]]], partitions: int) -> list[bytes]:
-    """Serialise grouped map output into one JSON document per partition, in one pass."""
-    buckets: list[list[Any]] = [[] for _ in range(partitions)]
+    out: list[tuple[Any, Any]] = []
     for key, values in groups.values():
-        buckets[stable_partition(key, partitions)].append([key, values])
-    return [json.dumps(bucket, separators=(",", ":")).encode() for bucket in buckets]
+        if combine is not None and len(values) > 1:
+            values = [combine(key, values)]
+        out.extend((key, value) for value in values)
+    return out
+
+
+def write_partitions(pairs: Iterable[tuple[Any, Any]], partitions: int) -> list[bytes]:
+    """One document per partition (format in the module docstring), in one pass over the pairs."""
+    keys: list[list[str]] = [[] for _ in range(partitions)]
+    values: list[list[int]] = [[] for _ in range(partitions)]
+    other: list[list[list[Any]]] = [[] for _ in range(partitions)]
+    crc32 = zlib.crc32
+    for key, value in pairs:
+        if type(key) is str and type(value) is int:
+            p = crc32(key.encode("utf-8", "surrogatepass")) % partitions
+            keys[p].append(key)
+            values[p].append(value)
+        else:
+            other[stable_partition(key, partitions)].append([key, value])
+    return [_document(*columns) for columns in zip(keys, values, other)]
+
+
+def _document(keys: list[str], values: list[int], other: list[list[Any]]) -> bytes:
+    if not keys and not other:  # zero bytes: the empty CID, which needs no kubo add at all
+        return b""
+    text = "\n".join(keys)
+    if text.count("\n") != max(len(keys) - 1, 0):  # some key holds a newline: it goes to JSON
+        columns = [(k, v) for k, v in zip(keys, values) if "\n" not in k]
+        other = other + [[k, v] for k, v in zip(keys, values) if "\n" in k]
+        keys = [k for k, _ in columns]
+        values = [v for _, v in columns]
+        text = "\n".join(keys)
+    key_bytes = text.encode("utf-8", "surrogatepass")
+    value_bytes = "\n".join(map(str, values)).encode()
+    json_bytes = json.dumps(other, separators=(",", ":")).encode() if other else b""
+    header = b"%s %d %d %d %d\n" % (MAGIC, len(keys), len(key_bytes), len(value_bytes), len(json_bytes))
+    return b"".join((header, key_bytes, value_bytes, json_bytes))
+
+
+class PartitionError(ValueError):
+    """A map output that is not a well-formed partition document."""
+
+
+def read_partition(document: bytes) -> tuple[list[str], list[int], list[Any]]:
+    """Parse one partition: (string keys, their int values, other [key, value] pairs).
+
+    It comes from another peer, so every length and count is checked; a malformed
+    document raises PartitionError and nothing in it is executed.
+    """
+    if not document:
+        return [], [], []
+    try:
+        return _parse_partition(document)
+    except PartitionError:
+        raise
+    except ValueError as exc:  # a number or the JSON did not parse
+        raise PartitionError(f"unreadable partition: {exc}") from None
+
+
+def _parse_partition(document: bytes) -> tuple[list[str], list[int], list[Any]]:
+    header, _, body = document.partition(b"\n")
+    fields = header.split(b" ")
+    if len(fields) != 5 or fields[0] != MAGIC:
+        raise PartitionError(f"not an IPDC partition (starts with {document[:20]!r})")
+    n, key_len, value_len, json_len = (int(f) for f in fields[1:])
+    if min(n, key_len, value_len, json_len) < 0 or key_len + value_len + json_len != len(body):
+        raise PartitionError("partition sections do not add up to its length")
+    keys: list[str] = []
+    values: list[int] = []
+    if n:
+        keys = body[:key_len].decode("utf-8", "surrogatepass").split("\n")
+        values = list(map(int, body[key_len:key_len + value_len].split(b"\n")))
+        if len(keys) != n or len(values) != n:
+            raise PartitionError(f"partition announces {n} keys but holds {len(keys)} keys, {len(values)} values")
+    elif key_len or value_len:
+        raise PartitionError("partition announces no keys but has key or value bytes")
+    other: list[Any] = json.loads(body[key_len + value_len:]) if json_len else []
+    if not isinstance(other, list) or not all(isinstance(p, list) and len(p) == 2 for p in other):
+        raise PartitionError("partition's JSON section is not a list of [key, value] pairs")
+    return keys, values, other
 
 
 def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
     """Merge one partition's map outputs, reduce each key, and format the sorted part."""
-    merged: dict[Any, tuple[Any, list[Any]]] = {}
+    merged: dict[Any, list[Any]] = {}
+    originals: dict[Any, Any] = {}  # group key -> key, for keys that are not hashable
     for document in documents:
-        for key, values in json.loads(document):
+        keys, values, other = read_partition(document)
+        if not merged:
+            merged = {key: [value] for key, value in zip(keys, values)}
+            if len(merged) != len(keys):  # a key repeats: merge them one by one
+                merged = {}
+                _merge(merged, keys, values)
+        else:
+            _merge(merged, keys, values)
+        for key, value in other:
             gk = _group_key(key)
-            entry = merged.get(gk)
-            if entry is None:
-                merged[gk] = (key, values)
+            if gk is not key:
+                originals[gk] = key
+            found = merged.get(gk)
+            if found is None:
+                merged[gk] = [value]
             else:
-                entry[1].extend(values)
-    results = [(key, module.reduce(key, values)) for key, values in merged.values()]
+                found.append(value)
+    reduce = module.reduce
+    order = _sorted_keys(merged, originals)
+    lines = []
+    for gk in order:
+        key = originals.get(gk, gk) if originals else gk
+        value = reduce(key, merged[gk])
+        if type(key) is str and type(value) is int:
+            lines.append(f"{key}\t{value}\n")
+        else:
+            lines.append(f"{format_field(key)}\t{format_field(value)}\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _merge(merged: dict[Any, list[Any]], keys: list[str], values: list[int]) -> None:
+    get = merged.get
+    for key, value in zip(keys, values):
+        found = get(key)
+        if found is None:
+            merged[key] = [value]
+        else:
+            found.append(value)
+
+
+def _sorted_keys(merged: dict[Any, list[Any]], originals: dict[Any, Any]) -> list[Any]:
+    """Group keys in the order of their keys; keys of mixed types by type, then canonical JSON."""
+    if not originals:
+        try:
+            return sorted(merged)
+        except TypeError:
+            pass
+    real = originals.get
     try:
-        results.sort(key=lambda kv: kv[0])
-    except TypeError:  # keys of mixed types: order by type, then canonical JSON
-        results.sort(key=lambda kv: (type(kv[0]).__name__, json.dumps(kv[0], sort_keys=True)))
-    return "".join(f"{format_field(k)}\t{format_field(v)}\n" for k, v in results).encode(
-        "utf-8", "surrogateescape"
-    )
+        return sorted(merged, key=lambda gk: real(gk, gk))
+    except TypeError:
+        return sorted(merged, key=lambda gk: (type(real(gk, gk)).__name__,
+                                              json.dumps(real(gk, gk), sort_keys=True)))
 
 
 def format_field(value: Any) -> str:
@@ -137,14 +298,73 @@ def load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
+# -- the runner ---------------------------------------------------------------------------
+class CpuTimeExceeded(BaseException):
+    """SIGXCPU: the runner used up ``sandbox.cpu_seconds``. A BaseException, so that user
+    code's ``except Exception`` does not swallow it."""
+
+
+def _on_sigxcpu(signum: int, frame: FrameType | None) -> NoReturn:
+    raise CpuTimeExceeded
+
+
 class Runner:
     """The runner's side of the protocol: one bound job, tasks in sequence."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: SandboxSection, channel: socket.socket) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.pid = os.getpid()
         self.kubo: KuboClient | None = None
         self.mapper: ModuleType | None = None
         self.reducer: ModuleType | None = None
         self.partitions = 0
+
+    def serve(self) -> None:
+        ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "bind": self.bind, "map": self.map, "reduce": self.reduce}
+        self._send({"ok": True, "ready": True})
+        for line in self.channel.makefile("rb"):
+            req = json.loads(line)
+            op = str(req.get("op"))
+            fatal = False
+            try:
+                reply = {"ok": True, **ops[op](req)}
+            except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+                reply, fatal = self._failure(op, exc)
+            self._only_the_runner()
+            if fatal:  # the process hit a limit: it may be in no state to serve another task
+                reply["fatal"] = True
+            self._send(reply)
+            if fatal:
+                os._exit(1)
+
+    def _send(self, reply: dict[str, Any]) -> None:
+        self.channel.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _only_the_runner(self) -> None:
+        """A process that user code forked and that came back into the runner's code
+        must not touch the protocol or kubo: only the runner itself answers."""
+        if os.getpid() != self.pid:
+            os._exit(0)
+
+    def _failure(self, op: str, exc: BaseException) -> tuple[dict[str, Any], bool]:
+        """The reply for a failed request, and whether the runner must exit after it."""
+        box = self.settings
+        what = "loading the job's code" if op == "bind" else f"the {op} task"
+        tb = traceback.format_exc()
+        if isinstance(exc, CpuTimeExceeded):
+            return {"ok": False, "error": f"{what} exceeded the CPU-time limit of {box.cpu_seconds} s "
+                                          "(sandbox.cpu_seconds)", "traceback": tb}, True
+        if isinstance(exc, MemoryError):
+            return {"ok": False, "error": f"{what} exceeded the memory limit of {box.memory_mb} MB "
+                                          "(sandbox.memory_mb)", "traceback": tb}, True
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            return {"ok": False, "error": f"{what} tried to write a file larger than {box.file_mb} MB "
+                                          "(sandbox.file_mb)", "traceback": tb}, False
+        if isinstance(exc, IPDCError):  # IPDC's own error (kubo, the data): no user traceback
+            return {"ok": False, "error": str(exc)}, False
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": tb}, False
 
     def bind(self, req: dict[str, Any]) -> dict[str, Any]:
         os.chdir(req["dir"])
@@ -156,72 +376,229 @@ class Runner:
             self.mapper = load_module(Path(req["map"]), f"ipdc_job_{tag}_map")
         if req.get("reduce"):
             self.reducer = load_module(Path(req["reduce"]), f"ipdc_job_{tag}_reduce")
+        self._only_the_runner()
         return {}
 
     def map(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.kubo is not None and self.mapper is not None
         t0 = time.perf_counter()
-        data = self.kubo.cat(req["cid"])
+        data = self.kubo.fetch(req["cid"], stall=self.settings.fetch_stall)
         t1 = time.perf_counter()
-        groups = map_text(self.mapper, data.decode("utf-8", "surrogateescape"))
+        documents = write_partitions(map_pairs(self.mapper, data.decode("utf-8", "surrogateescape")),
+                                     self.partitions)
+        self._only_the_runner()
         t2 = time.perf_counter()
-        documents = partition_groups(groups, self.partitions)
-        cids = self.kubo.add_streams([(f"part-{i}", io.BytesIO(d)) for i, d in enumerate(documents)])
+        cids = self._store({f"part-{i}": d for i, d in enumerate(documents)})
         t3 = time.perf_counter()
         return {"cids": cids, "stats": {"fetch": t1 - t0, "map": t2 - t1, "store": t3 - t2,
                                         "bytes": float(len(data))}}
 
+    def _fetch_all(self, cids: list[str]) -> list[bytes]:
+        """Every map output of a partition, fetched side by side: each one from another
+        peer is a bitswap round trip, and a job may have hundreds of map tasks."""
+        assert self.kubo is not None
+        kubo, stall = self.kubo, self.settings.fetch_stall
+        if len(cids) == 1:
+            return [kubo.fetch(cids[0], stall=stall)]
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(cids))) as pool:
+            return list(pool.map(lambda cid: kubo.fetch(cid, stall=stall), cids))
+
+    def _store(self, files: dict[str, bytes]) -> list[str]:
+        """Add files to kubo in one request; an empty one is the empty CID without a request
+        (each added file costs kubo a few ms of pinning)."""
+        assert self.kubo is not None
+        full = [(name, data) for name, data in files.items() if data]
+        added = iter(self.kubo.add_streams([(name, io.BytesIO(data)) for name, data in full]))
+        return [next(added) if data else EMPTY_CID for data in files.values()]
+
     def reduce(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.kubo is not None and self.reducer is not None
         t0 = time.perf_counter()
-        documents = [self.kubo.cat(cid) for cid in req["cids"]]
+        documents = self._fetch_all(req["cids"])
         t1 = time.perf_counter()
-        part = reduce_partitions(self.reducer, documents)
+        try:
+            part = reduce_partitions(self.reducer, documents)
+        except PartitionError as exc:
+            raise JobError(f"a map output of this reduce task is malformed: {exc}") from None
+        self._only_the_runner()
         t2 = time.perf_counter()
-        cid = self.kubo.add_bytes(part, "part")
+        (cid,) = self._store({"part": part})
         t3 = time.perf_counter()
         return {"cids": [cid], "stats": {"fetch": t1 - t0, "reduce": t2 - t1, "store": t3 - t2}}
 
 
-def _exit_with_parent() -> None:
-    """Die when the agent dies, even by SIGKILL: no orphaned user code."""
-    parent = os.getppid()
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(3)
+# -- the zygote and the start of a runner -------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def apply_limits() -> None:
-    """Lower our priority and cap CPU, memory and file size before any user code loads."""
-    limits = json.loads(os.environ.pop("IPDC_LIMITS", "{}"))
-    if not limits:
-        return
-    os.nice(limits["nice"])
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def _kill_cgroup(cgroup: str) -> None:
+    """SIGKILL every process in ``cgroup`` until it is empty (best effort, on the way out)."""
+    procs = Path(cgroup, "cgroup.procs")
+    for _ in range(100):
+        try:
+            pids = [int(p) for p in procs.read_text().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Zygote:
+    """The fork server: one per RunnerPool, imports done once, a runner per request."""
+
+    def __init__(self, control: socket.socket, settings: SandboxSection) -> None:
+        self.control = control
+        self.settings = settings
+        self.pid = os.getpid()
+        self.runners: dict[int, str] = {}  # pid -> its cgroup ("" when there is none)
+        self._wake_r, self._wake_w = os.pipe()
+
+    def serve(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the selector
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool, not a terminal's ^C, ends us
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.control, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            self._selector = selector
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is self.control:
+                        if not self._command():
+                            self._shutdown()
+                            return
+                    else:
+                        while True:
+                            try:
+                                if not os.read(self._wake_r, 4096):
+                                    break
+                            except BlockingIOError:
+                                break
+                        self._reap()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.control.send(json.dumps(message).encode())
+        except OSError:  # the pool is gone; the next read of the control socket ends us
+            pass
+
+    def _command(self) -> bool:
+        """Serve one request from the pool; False when the pool has gone."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, 65536, 1)
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        request = json.loads(data)
+        if request.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self._send({"failed": request.get("id"), "error": "bad request to the runner zygote"})
+            return True
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            self._send({"failed": request["id"], "error": f"fork failed: {exc}"})
+            return True
+        if pid == 0:
+            self._become_runner(fds[0], str(request.get("cgroup") or ""))
+        os.close(fds[0])
+        self.runners[pid] = str(request.get("cgroup") or "")
+        self._send({"forked": request["id"], "pid": pid})
+        return True
+
+    def _become_runner(self, channel_fd: int, cgroup: str) -> NoReturn:
+        """In the child: drop the zygote's state, apply the limits, serve one job."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self._selector.close()
+            self.control.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            start_runner(self.settings, channel_fd, cgroup, zygote=self.pid)
+            code = 0
+        except BaseException:  # noqa: BLE001 - whatever happens, the child must not return into the zygote
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _reap(self) -> None:
+        """Wait for every ended descendant (we are their subreaper); report the runners."""
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.runners.pop(pid, None) is not None:
+                self._send({"exited": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+
+    def _shutdown(self) -> None:
+        """The pool is gone (the agent stopped or died): no runner outlives it."""
+        for pid, cgroup in self.runners.items():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if cgroup:
+                _kill_cgroup(cgroup)
+
+
+def start_runner(settings: SandboxSection, channel_fd: int, cgroup: str, zygote: int) -> None:
+    """Apply the job's limits to this fresh child of the zygote, then serve the job."""
+    if cgroup:  # first: every process user code ever starts then counts against pids.max
+        Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+    os.setsid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:  # the zygote died before the line above took effect
+        os._exit(3)
+    os.nice(settings.nice)
     mb = 1 << 20
-    for which, value in ((resource.RLIMIT_CPU, limits["cpu_seconds"]),
-                         (resource.RLIMIT_AS, limits["memory_mb"] * mb),
-                         (resource.RLIMIT_FSIZE, limits["file_mb"] * mb)):
-        resource.setrlimit(which, (value, value))
+    for which, soft, hard in ((resource.RLIMIT_CPU, settings.cpu_seconds, settings.cpu_seconds + CPU_GRACE),
+                              (resource.RLIMIT_AS, settings.memory_mb * mb, settings.memory_mb * mb),
+                              (resource.RLIMIT_FSIZE, settings.file_mb * mb, settings.file_mb * mb),
+                              (resource.RLIMIT_CORE, 0, 0)):
+        _, ceiling = resource.getrlimit(which)  # without privilege a hard limit cannot rise
+        if ceiling != resource.RLIM_INFINITY:
+            hard = min(hard, ceiling)
+        resource.setrlimit(which, (min(soft, hard), hard))
+    signal.signal(signal.SIGXCPU, _on_sigxcpu)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises EFBIG instead
+    Runner(settings, socket.socket(fileno=channel_fd)).serve()
 
 
 def main() -> None:
-    apply_limits()
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
-    runner = Runner()
-    ops = {"bind": runner.bind, "map": runner.map, "reduce": runner.reduce}
-    protocol.write('{"ok":true,"ready":true}\n')
-    for line in sys.stdin:
-        req = json.loads(line)
-        try:
-            reply = {"ok": True, **ops[req["op"]](req)}
-        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                     "traceback": traceback.format_exc()}
-        protocol.write(json.dumps(reply) + "\n")
+    """``python -m ipdc.runner CONTROL_FD``: the zygote of one RunnerPool."""
+    settings = SandboxSection(**json.loads(os.environ.pop("IPDC_LIMITS")))
+    control = socket.socket(fileno=int(sys.argv[1]))
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # httpx imports its transport (httpcore, ...) when the first client is made, and the
+    # resolver imports the idna codec on first use: once here, not in every runner.
+    KuboClient("http://127.0.0.1:1").close()
+    "localhost".encode("idna")
+    gc.freeze()  # the imported modules stay shared with the runners instead of being copied
+    Zygote(control, settings).serve()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from ipdc.mapreduce import default_chunks, plan_chunks
-from ipdc.runner import format_field, map_text, partition_groups, reduce_partitions, split_lines, stable_partition
+from ipdc.runner import (format_field, map_pairs, read_partition, reduce_partitions, split_lines,
+                         stable_partition, write_partitions)
 
 
 def test_chunks_are_line_aligned_and_cover_the_file(tmp_path: Path) -> None:
@@ -61,17 +62,17 @@ def test_map_partition_reduce_round_trip_with_surrogates() -> None:
     text = raw.decode("utf-8", "surrogateescape")
     for combine in (True, False):
         module = wordcount(combine)
-        groups = map_text(module, text)
-        docs = partition_groups(groups, 3)
+        pairs = list(map_pairs(module, text))
+        docs = write_partitions(pairs, 3)
         parts = [reduce_partitions(module, [d]) for d in docs]
         counts = Counter()
-        for part in parts:
+        for p, part in enumerate(parts):
             for line in part.splitlines():
                 key, _, value = line.rpartition(b"\t")
                 counts[key] = int(value)
+                assert stable_partition(key.decode("utf-8", "surrogateescape"), 3) == p
         assert counts == Counter(raw.split())
-        if combine:
-            assert groups["z"][1] == [600]
+        assert [v for k, v in pairs if k == "z"] == ([600] if combine else [1] * 600)
 
 
 def test_split_lines_and_format() -> None:
@@ -83,5 +84,6 @@ def test_unhashable_keys_group_by_value() -> None:
     module = types.ModuleType("m")
     module.map = lambda line: [([line, 1], 1), ([line, 1], 2)]  # type: ignore[attr-defined]
     module.reduce = lambda k, vs: sorted(vs)  # type: ignore[attr-defined]
-    docs = partition_groups(map_text(module, "k\nk\n"), 1)
+    docs = write_partitions(map_pairs(module, "k\nk\n"), 1)
+    assert read_partition(docs[0])[:2] == ([], [])  # list keys travel in the JSON section
     assert reduce_partitions(module, docs) == b'["k", 1]\t[1, 1, 2, 2]\n'

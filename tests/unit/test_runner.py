@@ -1,0 +1,122 @@
+"""The map-output format that crosses peers, and the map/reduce steps around it."""
+
+from __future__ import annotations
+
+import json
+import types
+from collections import Counter
+
+import pytest
+
+from ipdc.config import config_from_dict
+from ipdc.errors import ConfigError
+from ipdc.runner import (MAGIC, PartitionError, map_pairs, read_partition, reduce_partitions, stable_partition,
+                         write_partitions)
+
+
+def module(**functions: object) -> types.ModuleType:
+    mod = types.ModuleType("user")
+    for name, fn in functions.items():
+        setattr(mod, name, fn)
+    return mod
+
+
+def collect(module_: types.ModuleType, docs: list[bytes]) -> list[tuple[str, str]]:
+    out = reduce_partitions(module_, docs).decode("utf-8", "surrogateescape")
+    return [tuple(line.rsplit("\t", 1)) for line in out.splitlines()]  # type: ignore[misc]
+
+
+# Keys and values of every kind a user's map may emit: the common str/int case, keys
+# with the format's separators, lone surrogates (bytes that were not UTF-8, and one that
+# only surrogatepass can carry), the empty key, and values and keys that are not str/int.
+PAIRS: list[tuple[object, object]] = [
+    ("word", 3), ("word", 4), ("", 1), ("tab\there", 2), ("new\nline", 5), ("new\nline", 1),
+    ("bad\udcff\udcfe", 7), ("lone\ud800", 1), ("é日本🚀", -2), ("big", 10**30),
+    ("flag", True), ("ratio", 0.5), ("list", [1, "x"]), (42, 1), (("t", 1), 2), (["t", 1], 3),
+]
+
+
+def test_every_pair_survives_the_format_and_lands_in_its_partition() -> None:
+    docs = write_partitions(PAIRS, 3)
+    got: list[tuple[object, object]] = []
+    for p, doc in enumerate(docs):
+        keys, values, other = read_partition(doc)
+        for key, value in [*zip(keys, values), *other]:
+            assert stable_partition(key, 3) == p
+            got.append((key, value))
+    expected = [(list(k) if isinstance(k, tuple) else k, v) for k, v in PAIRS]  # JSON: tuples become lists
+    assert sorted(map(repr, got)) == sorted(map(repr, expected))
+    flag = [v for k, v in got if k == "flag"]
+    assert flag == [True] and type(flag[0]) is bool  # not folded into the int column
+
+
+def test_reduce_merges_values_of_a_key_across_documents_and_repeats() -> None:
+    mapper_a = write_partitions([("a", 1), ("b", 2), ("a", 3), (["k"], 1)], 1)
+    mapper_b = write_partitions([("b", 5), ("c", 1), (["k"], 2)], 1)
+    seen: dict[str, list[object]] = {}
+
+    def reduce(key: object, values: list[object]) -> object:
+        seen[json.dumps(key)] = sorted(values)  # type: ignore[type-var]
+        return sum(values)  # type: ignore[arg-type]
+
+    # keys of mixed types sort by type name, then canonical JSON: the list before the strings
+    assert reduce_partitions(module(reduce=reduce), mapper_a + mapper_b) == b'["k"]\t3\na\t4\nb\t7\nc\t1\n'
+    assert seen == {'"a"': [1, 3], '"b"': [2, 5], '"c"': [1], '["k"]': [1, 2]}
+
+
+def test_output_is_sorted_and_gives_back_the_input_bytes() -> None:
+    raw = b"z y \xff\xfe x \xc3\xa9 y\n"
+    text = raw.decode("utf-8", "surrogateescape")
+    mod = module(map_chunk=lambda t: Counter(t.split()).items(), reduce=lambda k, vs: sum(vs))
+    docs = write_partitions(map_pairs(mod, text), 1)
+    lines = reduce_partitions(mod, docs).splitlines()
+    assert lines == sorted(lines, key=lambda b: b.decode("utf-8", "surrogateescape"))
+    assert Counter({k: int(v) for k, v in (line.split(b"\t") for line in lines)}) == Counter(raw.split())
+
+
+def test_empty_input_makes_empty_partitions_and_an_empty_part() -> None:
+    docs = write_partitions([], 4)
+    assert docs == [b""] * 4  # the empty CID: nothing to add to kubo
+    assert all(read_partition(d) == ([], [], []) for d in docs)
+    assert reduce_partitions(module(reduce=lambda k, vs: sum(vs)), docs) == b""
+
+
+def test_map_chunk_items_are_used_as_they_are_and_other_pairs_are_combined() -> None:
+    counted = Counter("a b a".split()).items()
+    assert map_pairs(module(map_chunk=lambda t: counted), "ignored") is counted
+    raw = module(map_chunk=lambda t: ((w, 1) for w in t.split()), combine=lambda k, vs: sum(vs))
+    assert sorted(map_pairs(raw, "a b a a")) == [("a", 3), ("b", 1)]
+    uncombined = module(map=lambda line: ((w, 1) for w in line.split()))
+    assert sorted(map_pairs(uncombined, "a b\na")) == [("a", 1), ("a", 1), ("b", 1)]
+
+
+@pytest.mark.parametrize("doc", [
+    b"garbage",
+    b"\x80\x04\x95pickle",
+    MAGIC + b" 1 1 1\n" + b"a1",                      # a field missing
+    MAGIC + b" 1 1 1 0\n" + b"a1extra",               # sections do not add up
+    MAGIC + b" 2 1 1 0\n" + b"a1",                    # fewer keys than announced
+    MAGIC + b" 1 1 3 0\n" + b"a1\n2",                 # more values than keys
+    MAGIC + b" 1 1 1 0\n" + b"ax",                    # a value that is not an int
+    MAGIC + b" 0 1 0 0\n" + b"a",                     # key bytes but no keys
+    MAGIC + b" 0 0 0 4\n" + b"[[1]",                  # JSON that does not parse
+    MAGIC + b" 0 0 0 9\n" + b'{"a": 1} ',            # JSON that is not a list of pairs
+    MAGIC + b" 0 0 0 7\n" + b"[[1,2]]".replace(b"2]]", b"]]]"),
+    MAGIC + b" -1 0 0 0\n",
+])
+def test_malformed_partitions_are_refused(doc: bytes) -> None:
+    with pytest.raises(PartitionError):
+        read_partition(doc)
+
+
+@pytest.mark.parametrize(("sandbox", "error"), [
+    ({"max_pids": 0}, "sandbox.max_pids: must be positive"),
+    ({"fetch_stall": -1.0}, "sandbox.fetch_stall: must be positive"),
+    ({"task_timeout": 0}, "sandbox.task_timeout: must be positive"),
+    ({"nice": 20}, "sandbox.nice: must be 0 to 19"),
+    ({"max_pids": "64"}, "sandbox.max_pids"),
+])
+def test_sandbox_settings_are_checked(sandbox: dict[str, object], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        config_from_dict({"sandbox": sandbox})
+    assert config_from_dict({"sandbox": {"max_pids": 8, "fetch_stall": 2.5}}).sandbox.max_pids == 8
