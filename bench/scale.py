@@ -7,13 +7,16 @@
      Download on MQTT -> each agent cats Map.py and Reduce.py from IPFS, over
      bitswap from the submitter's kubo -> GetResult ``ready`` on MQTT), median of
      --rounds, each round a fresh job id and freshly added code;
-   - idle cost, over --idle seconds with no job: each agent's RSS and CPU, its
-     warm spare runner's RSS (the agent keeps one started, see agent.warm_runners),
-     and each kubo daemon's RSS and CPU for comparison.
+   - idle cost, over --idle seconds with no job: each agent's RSS, USS and CPU, its
+     runner zygote's and warm spare runner's RSS and USS (the agent keeps one forked,
+     see agent.warm_runners), and each kubo daemon's RSS and CPU for comparison.
 2. Choosing K peers by XOR distance among 100k synthetic peers: ``select_nearest``
-   alone, and ``PeerTable.live()`` + ``select_nearest`` as a job does it.
+   alone, and ``PeerTable.live()`` + ``select_nearest`` as a job does it, also
+   right after the live set changed and when the table's periodic silence check
+   is due (see ``xor_choice``); a plain list scanned, for reference.
 
     python bench/scale.py [--agents 8,16,32,64] [--rounds 5] [--idle 20]
+    python bench/scale.py --xor-only [--peers 100000] [--choices 50]
 """
 
 from __future__ import annotations
@@ -22,96 +25,176 @@ import argparse
 import secrets
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+#: Repeats (per K) of the slow-to-set-up "silence check due" case: each beats every peer once.
+SILENCE_CHECKS = 5
+
 sys.path.insert(0, str(common.REPO))
 from channels.cleanup import CLEANUP, CleanUp  # noqa: E402
+from channels.download import DOWNLOAD, Download  # noqa: E402
+from channels.heartbeat import Heartbeat  # noqa: E402
 from channels.presence import Capabilities, Presence  # noqa: E402
 from ipdc.client import SwarmClient  # noqa: E402
 from ipdc.ids import JobId, NodeName  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
 from ipdc.mapreduce import MapReduceController, MapReduceJob  # noqa: E402
-from ipdc.peers import PeerTable, select_nearest  # noqa: E402
+from ipdc.peers import Peer, PeerTable, select_nearest  # noqa: E402
 
 
 def fan_out(cluster: Any, rounds: int, input_file: Path) -> list[float]:
-    """Seconds from the first Download sent to the last ``ready`` received, per round."""
+    """Seconds from the first Download sent to the last ``ready`` received, per round.
+
+    The controller chooses every node and uploads the code as a job does; then the
+    Download step runs as the controller's event loop runs it (a signed Download to
+    every worker, then wait for every ``ready``), timed alone.
+    """
     config = cluster.nodes[0].config
     samples = []
-    with SwarmClient(config).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, cluster.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
         for _ in range(rounds + 1):  # the first round warms the agents' kubo connections
             controller = MapReduceController(client, kubo, MapReduceJob(input=input_file, k=cluster.n))
-            workers = controller.choose_workers()
+            controller.workers = {p.name: p for p in controller.choose_workers()}
             results = client.watch(controller.job_id)
             try:
-                manifest, _ = controller.upload(workers)
+                controller.upload()
+                assert controller.manifest is not None
                 t = time.perf_counter()
-                controller.download(manifest, workers, results)
+                for name in controller.workers:
+                    client.send(DOWNLOAD, name, Download(controller.manifest))
+                waiting = set(controller.workers)
+                while waiting:
+                    result = results.get(timeout=60)
+                    if result.kind == "error":
+                        raise RuntimeError(f"{result.peer} failed the download: {result.error}")
+                    waiting.discard(result.peer)
                 samples.append(time.perf_counter() - t)
             finally:
                 client.unwatch(controller.job_id)
-                for peer in workers:
-                    client.send(CLEANUP, peer.name, CleanUp(controller.job_id))
+                for name in controller.workers:
+                    client.send(CLEANUP, name, CleanUp(controller.job_id))
+                if controller.manifest is not None:
+                    for cid in [*controller.manifest.chunks, *controller.manifest.code.values()]:
+                        kubo.pin_rm(cid)
     return samples[1:]
 
 
-def idle_cost(cluster: Any, seconds: float) -> dict[str, list[tuple[int, float]]]:
-    """(RSS bytes, CPU %) of each agent, spare runner and kubo over ``seconds`` of idling."""
+def idle_cost(cluster: Any, seconds: float) -> dict[str, list[tuple[int, int, float]]]:
+    """(RSS bytes, USS bytes, CPU %) of each agent, runner zygote, spare runner and kubo
+    over ``seconds`` of idling. USS (memory no other process shares) is what a forked
+    runner really adds: most of its RSS is the zygote's pages, shared copy-on-write."""
     import psutil
 
-    procs: dict[str, list[psutil.Process]] = {"agent": [], "spare runner": [], "kubo": []}
+    procs: dict[str, list[psutil.Process]] = {"agent": [], "zygote": [], "spare runner": [], "kubo": []}
     for node in cluster.nodes:
         agent = psutil.Process(node.services["agent"].pid())
         procs["agent"].append(agent)
-        procs["spare runner"].extend(agent.children())
+        for zygote in agent.children():
+            procs["zygote"].append(zygote)
+            procs["spare runner"].extend(zygote.children())
         procs["kubo"].append(psutil.Process(node.services["ipfs"].pid()))
     start = {p.pid: p.cpu_times() for ps in procs.values() for p in ps}
     time.sleep(seconds)
-    out: dict[str, list[tuple[int, float]]] = {}
+    out: dict[str, list[tuple[int, int, float]]] = {}
     for kind, ps in procs.items():
         out[kind] = []
         for p in ps:
             now, before = p.cpu_times(), start[p.pid]
             cpu = (now.user + now.system - before.user - before.system) / seconds * 100
-            out[kind].append((p.memory_info().rss, cpu))
+            mem = p.memory_full_info()
+            out[kind].append((mem.rss, mem.uss, cpu))
     return out
 
 
-def synthetic_table(n: int) -> PeerTable:
-    """``n`` live peers with random peer IDs, as the submitter's table would hold them."""
-    table = PeerTable(timeout=3600)
-    caps = Capabilities(cores=2, mem_free_mb=1024, tf=False)
+class FakeClock:
+    """Monotonic seconds that move only when told: lets the benchmark make the table's
+    periodic silence check fall due without waiting ``peer_timeout`` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def synthetic_presence(i: int) -> Presence:
+    """A peer with a random peer ID, as a real presence message would carry it."""
+    name = NodeName(f"n-{i:08x}")
+    return Presence(name=name, peer_id="12D3KooW" + secrets.token_hex(22), host="10.0.0.1", addrs=[],
+                    caps=Capabilities(cores=2, mem_free_mb=1024, tf=False), slots=2, load=0.0, ts=time.time())
+
+
+def synthetic_table(n: int, clock: FakeClock) -> PeerTable:
+    """``n`` live peers, as the submitter's table holds them after connecting."""
+    table = PeerTable(timeout=10.0, clock=clock)
     for i in range(n):
-        name = NodeName(f"n-{i:08x}")
-        table.update_presence(name, Presence(name=name, peer_id="12D3KooW" + secrets.token_hex(22),
-                                             host="10.0.0.1", addrs=[], caps=caps, slots=2, load=0.0,
-                                             ts=time.time()))
+        p = synthetic_presence(i)
+        table.update_presence(p.name, p)
     return table
 
 
-def xor_choice(n: int, ks: list[int], repeats: int) -> list[list[str]]:
-    table = synthetic_table(n)
+def timed(samples: list[float], choose: Callable[[], object]) -> None:
+    t = time.perf_counter()
+    choose()
+    samples.append(time.perf_counter() - t)
+
+
+def choose_live(table: PeerTable, key: str, k: int) -> list[Peer]:
+    """What ``MapReduceController.choose_workers`` does."""
+    return select_nearest(table.live(), key, k)
+
+
+def xor_choice(n: int, ks: list[int], repeats: int) -> tuple[list[list[str]], dict[str, float]]:
+    """Per-choice times (ms) of the ways a job can meet the table, and one-off costs (s).
+
+    - ``select_nearest``: on a snapshot already taken (the sorted-index search alone);
+    - ``live() + select_nearest``: as ``choose_workers`` calls them, nothing changed;
+    - ``... after a join``: one new peer joined since the last read (the index
+      takes it in, the snapshot is copied);
+    - ``... silence check due``: ``peer_timeout`` passed since the last check, so the
+      read looks at every peer's clock (every peer beat meanwhile: nobody drops);
+    - ``plain list``: a list that is not a snapshot, scanned (e.g. ``list(live())``).
+    """
+    clock = FakeClock()
+    t = time.perf_counter()
+    table = synthetic_table(n, clock)
+    once = {"fill table": time.perf_counter() - t}
+    t = time.perf_counter()
+    table.live()
+    once["first live() (full sort)"] = time.perf_counter() - t
+    beats = [Heartbeat(name=NodeName(p.name), ts=0.0, load=0.0, running=0) for p in table.live()]
+    joins = iter(range(n, n + len(ks) * repeats))
     rows = []
     for k in ks:
-        alone, with_live = [], []
-        peers = table.live()
-        for _ in range(repeats):
+        samples: dict[str, list[float]] = defaultdict(list)
+        for r in range(repeats):
             key = JobId.new()
-            t = time.perf_counter()
-            select_nearest(peers, key, k)
-            alone.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            select_nearest(table.live(), key, k)
-            with_live.append(time.perf_counter() - t)
-        for what, samples in (("select_nearest", alone), ("live() + select_nearest", with_live)):
-            ms = [s * 1000 for s in samples]
-            rows.append([f"{n // 1000}k", str(k), what, f"{common.percentile(ms, 50):.2f}",
+            peers = table.live()
+            timed(samples["select_nearest"], partial(select_nearest, peers, key, k))
+            timed(samples["live() + select_nearest"], partial(choose_live, table, key, k))
+            joiner = synthetic_presence(next(joins))
+            table.update_presence(joiner.name, joiner)
+            beats.append(Heartbeat(name=joiner.name, ts=0.0, load=0.0, running=0))
+            timed(samples["live() + select_nearest after a join"], partial(choose_live, table, key, k))
+            if r < SILENCE_CHECKS:
+                clock.now += table.timeout / 2
+                for beat in beats:
+                    table.update_heartbeat(beat)
+                clock.now += table.timeout / 2 + 1
+                timed(samples["live() + select_nearest, silence check due"], partial(choose_live, table, key, k))
+            timed(samples["plain list (scan)"], partial(select_nearest, list(peers), key, k))
+        for what, taken in samples.items():
+            ms = [s * 1000 for s in taken]
+            rows.append([f"{n // 1000}k", str(k), what, str(len(ms)), f"{common.percentile(ms, 50):.2f}",
                          f"{common.percentile(ms, 95):.2f}", f"{max(ms):.2f}"])
-    return rows
+    return rows, once
 
 
 def main() -> None:
@@ -120,13 +203,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idling measured")
     parser.add_argument("--peers", type=int, default=100_000)
+    parser.add_argument("--choices", type=int, default=50, help="XOR choices timed per K")
+    parser.add_argument("--xor-only", action="store_true", help="only the XOR choice, no cluster")
     args = parser.parse_args()
     common.require("psutil")
     print(f"machine: {common.machine()}")
 
-    xor_rows = xor_choice(args.peers, [2, 4, 16], 50)
-    common.print_table(f"XOR choice among {args.peers} synthetic peers (ms, 50 choices)",
-                       ["peers", "K", "what", "p50", "p95", "max"], xor_rows)
+    xor_rows, xor_once = xor_choice(args.peers, [2, 4, 16], args.choices)
+    common.print_table(f"XOR choice among {args.peers} synthetic peers (ms)",
+                       ["peers", "K", "what", "n", "p50", "p95", "max"], xor_rows)
+    print("\n" + "; ".join(f"{what}: {s * 1000:.0f} ms" for what, s in xor_once.items()))
+    if args.xor_only:
+        print(f"raw results: {common.save('scale', {'xor': xor_rows, 'xor_once': xor_once})}")
+        return
 
     rows, raw = [], {}
     input_file = Path(__file__).resolve()  # any small file: only the code download is measured
@@ -138,24 +227,26 @@ def main() -> None:
             idle = idle_cost(cluster, args.idle)
         raw[n] = {"start": started, "fan_out": fan, "idle": idle}
 
-        def worst(kind: str, i: int) -> float:
-            return max(v[i] for v in idle[kind])
+        def worst(kind: str, i: int, idle: dict[str, list[tuple[int, int, float]]] = idle) -> float:
+            return max((v[i] for v in idle[kind]), default=0.0)
 
-        def mid(kind: str, i: int) -> float:
-            return common.median(v[i] for v in idle[kind])
+        def mid(kind: str, i: int, idle: dict[str, list[tuple[int, int, float]]] = idle) -> float:
+            return common.median(v[i] for v in idle[kind]) if idle[kind] else 0.0
 
         rows.append([str(n), f"{started:.1f}", f"{common.median(fan) * 1000:.0f}", f"{max(fan) * 1000:.0f}",
                      f"{common.mb(mid('agent', 0))} / {common.mb(worst('agent', 0))}",
-                     f"{mid('agent', 1) + 0.0:.2f} / {worst('agent', 1) + 0.0:.2f}",
-                     common.mb(mid("spare runner", 0)),
-                     f"{common.mb(mid('kubo', 0))} / {mid('kubo', 1):.2f}"])
+                     common.mb(mid("agent", 1)),
+                     f"{mid('agent', 2) + 0.0:.2f} / {worst('agent', 2) + 0.0:.2f}",
+                     f"{common.mb(mid('zygote', 0))} / {common.mb(mid('zygote', 1))}",
+                     f"{common.mb(mid('spare runner', 0))} / {common.mb(mid('spare runner', 1))}",
+                     f"{common.mb(mid('kubo', 0))} / {mid('kubo', 2):.2f}"])
         print(f"  {n} agents: {rows[-1]}", flush=True)
     common.print_table(
         f"N agents on one machine: fan-out (Download -> all ready, median/max of {args.rounds}), "
         f"idle cost over {args.idle:.0f}s (median / worst agent)",
-        ["agents", "cluster start s", "fan-out ms", "max ms", "agent RSS", "agent CPU %",
-         "spare runner RSS", "kubo RSS / CPU %"], rows)
-    print(f"raw results: {common.save('scale', {'xor': xor_rows, 'clusters': raw})}")
+        ["agents", "cluster start s", "fan-out ms", "max ms", "agent RSS", "agent USS", "agent CPU %",
+         "zygote RSS / USS", "spare runner RSS / USS", "kubo RSS / CPU %"], rows)
+    print(f"raw results: {common.save('scale', {'xor': xor_rows, 'xor_once': xor_once, 'clusters': raw})}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Every variant's result must hash to the same canonical sha256, or the run fails.
 
     python bench/wordcount.py                 # the whole corpus, 3 runs of each
     python bench/wordcount.py --size 20MB --runs 1 --variants ipdc-warm,pool2
+    python bench/wordcount.py --size 20MB --variants ipdc-warm --slots 2   # the old 2 slots per node
 
 A variant runs as ``python bench/wordcount.py --worker VARIANT INPUT``: it prints
 one JSON line with its setup and compute seconds and the result's hash.
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, help="use only the first SIZE bytes (e.g. 50MB)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="slots per node of ipdc-warm's cluster (default 0: LocalCluster's, cores / nodes)")
     parser.add_argument("--report", type=Path, metavar="RAW_JSON", help="reprint the tables of a saved run")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "INPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,7 +268,8 @@ def main() -> None:
     print(f"machine: {common.machine()}")
 
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, common.warm_cluster(2) as cluster:
+    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, common.warm_cluster(2, slots=args.slots) as cluster:
+        print(f"ipdc-warm cluster: 2 nodes, {cluster.slots} slot(s) each")
         for run in range(args.runs):
             for variant in variants:
                 r = run_variant(variant, corpus, cluster, Path(tmp), run)

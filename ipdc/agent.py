@@ -26,7 +26,13 @@ request from what it already computed.
 
 from __future__ import annotations
 
-import importlib.util
+import sys
+
+# The agent never uses trio, but httpcore imports it whenever it is installed: 3 MB in
+# every agent. (Not done in the runner: user code may want trio.)
+sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
+
+import importlib.util  # noqa: E402
 import logging
 import os
 import queue
@@ -40,7 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from channels import INBOX_CHANNELS
 from channels.base import Channel
@@ -60,8 +66,10 @@ from ipdc.job import JobManifest
 from ipdc.kubo import KuboClient
 from ipdc.node import Node
 from ipdc.sandbox import RunnerPool
-from ipdc.tf import TfHost
 from ipdc.trust import signer_of, verify
+
+if TYPE_CHECKING:
+    from ipdc.tf import TfHost
 
 log = logging.getLogger("ipdc.agent")
 
@@ -128,7 +136,7 @@ class Agent:
         self.tasks = ThreadPoolExecutor(cfg.slots, thread_name_prefix="task")
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self.pool = RunnerPool(cfg.sandbox, node.home / "logs", cfg.agent.warm_runners)
-        self.tf = TfHost(self.name, cfg.node.host, node.home / "logs", self.report)
+        self._tf: TfHost | None = None
         self.handlers: dict[str, tuple[Channel[Any], Callable[[Any], None]]] = {
             "download": (INBOX_CHANNELS["download"], self.on_download),
             "domap": (INBOX_CHANNELS["domap"], self.on_domap),
@@ -162,7 +170,8 @@ class Agent:
         self.bus.publish(self.presence_topic, b"", retain=True)
         self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.pool.close()
-        self.tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
+        if self._tf is not None:
+            self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
         self.tasks.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.bus.close()
@@ -382,7 +391,14 @@ class Agent:
         job = self.jobs.get(msg.cluster_id)
         if not self._authentic(msg, f"tf {msg.op} of cluster {msg.cluster_id}", job):
             return
-        self.io.submit(self.tf.handle, msg, job.dir if job is not None else None)
+        self.io.submit(self.tf_host().handle, msg, job.dir if job is not None else None)
+
+    def tf_host(self) -> TfHost:
+        """Made on the first TF request: most agents never host TF, and it costs memory."""
+        if self._tf is None:
+            from ipdc.tf import TfHost
+            self._tf = TfHost(self.name, self.config.node.host, self.node.home / "logs", self.report)
+        return self._tf
 
     def on_cleanup(self, msg: CleanUp) -> None:
         if not self._authentic(msg, f"cleanup of job {msg.job_id}", self.jobs.get(msg.job_id)):

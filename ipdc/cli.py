@@ -7,9 +7,14 @@ stderr through rich, results to stdout, so ``--json`` output pipes cleanly.
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
+
+# The CLI never uses trio, but httpcore imports it whenever it is installed (70-100 ms on
+# every command). The runner does not do this: user code may want trio.
+sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
+
+import json  # noqa: E402
+import logging  # noqa: E402
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +28,11 @@ from rich.table import Table
 
 from ipdc import __version__
 from ipdc.client import SwarmClient
-from ipdc.cluster import LocalCluster
 from ipdc.errors import IPDCError, NodeError
 from ipdc.invite import Invite
 from ipdc.kubo import KuboClient
 from ipdc.mapreduce import JOBS_DIR, JobResult, MapReduceController, MapReduceJob, check_job_files
 from ipdc.node import Node
-from ipdc.tf import TfController, cluster_is_up, list_clusters, load_spec
 
 err = Console(stderr=True, soft_wrap=True)
 #: Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns.
@@ -225,6 +228,8 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
     if not quiet:
         err.print(f"[yellow]no IPDC node is running for {node.home}: starting a temporary local "
                   f"cluster of {n} nodes (mosquitto, kubo and an agent each) for this job[/]")
+    from ipdc.cluster import LocalCluster  # only for the embedded default: 50 ms of imports
+
     with LocalCluster(n) as cluster:
         yield cluster.nodes[0]
     if not quiet:
@@ -334,6 +339,8 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     Each task goes to a TF-capable peer near the cluster name by XOR distance; the
     chief is your script, run with the TF_CONFIG this prints.
     """
+    from ipdc.tf import TfController, load_spec
+
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
@@ -356,6 +363,8 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
 def tf_down(name: str) -> None:
     """Stop every server of cluster NAME on every peer and remove its files."""
     node = _running_node()
+    from ipdc.tf import TfController
+
     with SwarmClient(node.config, node.signer).connect() as client, \
             KuboClient(node.config.kubo_api_url) as kubo:
         cluster = TfController(client, kubo, node.home).down(name)
@@ -367,6 +376,8 @@ def tf_down(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def tf_list(as_json: bool) -> None:
     """The TF clusters started from this node, and whether every server answers."""
+    from ipdc.tf import cluster_is_up, list_clusters
+
     rows = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(Node().home)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -11,13 +11,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import tarfile
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
+# httpx imports its command-line client (rich, pygments, click) unless that import fails:
+# about 6 MB in every agent, for a CLI IPDC never runs.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+import httpx  # noqa: E402
 
 from ipdc.ids import Cid
 from ipdc.errors import KuboError
@@ -243,7 +247,11 @@ class KuboClient:
             for name, cid in entries.items():
                 self._post("files/cp", [("arg", f"/ipfs/{Cid(cid)}"), ("arg", f"{root}/{name}"),
                                         ("flush", "false")])
-            return Cid(self._json("files/stat", {"arg": root, "hash": "true"})["Hash"])
+            cid = Cid(self._json("files/stat", {"arg": root, "hash": "true"})["Hash"])
+            # kubo refuses MFS commands after 256 unflushed ones (Internal.MFSNoFlushLimit),
+            # so a long-lived submitter must flush: once per directory, on its own subtree.
+            self._post("files/flush", {"arg": root})
+            return cid
         finally:
             self._post("files/rm", {"arg": root, "recursive": "true", "force": "true"})
 

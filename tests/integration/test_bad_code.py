@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from ipdc.cluster import LocalCluster
-from ipdc.config import save_config
-from ipdc.node import Node
 from ipdc.sandbox import POOL_GROUP, pids_hierarchy
 from ipdc.service import wait_for
 from tests.helpers import read_output, reference_counts, run_cli
@@ -37,19 +35,9 @@ def map(line):
 """
 
 
-class LimitedCluster(LocalCluster):
-    """A LocalCluster whose nodes' ipdc.conf hold LIMITS before each node starts."""
-
-    def _set_tf(self, i: int) -> None:
-        super()._set_tf(i)
-        node = self.nodes[i]
-        save_config(node.config.replace(sandbox=LIMITS), node.conf_path)
-        self.nodes[i] = Node(node.home)
-
-
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LimitedCluster(2, base=tmp_path_factory.mktemp("limited")) as cluster:
+    with LocalCluster(2, base=tmp_path_factory.mktemp("limited"), settings={"sandbox": LIMITS}) as cluster:
         assert all(node.config.sandbox.task_timeout == LIMITS["task_timeout"] for node in cluster.nodes)
         yield cluster
 

@@ -211,3 +211,15 @@ def test_shipped_example_with_four_workers(tmp_path: Path) -> None:
     out_dir = Path(done.stdout.split("output:")[1].split()[0])
     assert out_dir.parent == tmp_path / "ipdc-out"
     assert read_output(out_dir, 4)[0] == reference_counts(example.read_bytes())
+
+
+def test_a_long_lived_submitter_keeps_building_result_directories(swarm: LocalCluster,
+                                                                  tmp_path: Path) -> None:
+    """kubo refuses MFS commands after 256 unflushed ones: a node that submits many jobs
+    must still get its result directory (this failed at the 52nd job before the flush)."""
+    with KuboClient(swarm.nodes[2].config.kubo_api_url) as kubo:
+        parts = {f"part-{i:05d}": kubo.add_bytes(f"{i}\n".encode()) for i in range(4)}
+        made = {kubo.make_directory(parts) for _ in range(70)}
+        assert len(made) == 1
+        root = kubo.get(made.pop(), tmp_path)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == {n: f"{i}\n".encode() for i, n in enumerate(parts)}

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from channels import INBOX_CHANNELS
 from channels.buffer import BUFFER, Buffer
@@ -117,7 +116,7 @@ def encode(message: Any) -> bytes:
     return json.dumps(dataclasses.asdict(message)).encode()
 
 
-ATTACKER = Signer(Ed25519PrivateKey.generate())
+ATTACKER = Signer.generate()
 
 
 def _forgeries(trusted: Signer, manifest: JobManifest, ttl: float) -> dict[str, tuple[Download, str]]:
