@@ -135,6 +135,8 @@ class Agent:
         self._stop = threading.Event()
         self.tasks = ThreadPoolExecutor(cfg.slots, thread_name_prefix="task")
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
+        self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="fetch")
+        """A job's code files are fetched at once, each from wherever the swarm has it."""
         self.pool = RunnerPool(cfg.sandbox, node.home / "logs", cfg.agent.warm_runners)
         self._tf: TfHost | None = None
         self.handlers: dict[str, tuple[Channel[Any], Callable[[Any], None]]] = {
@@ -174,6 +176,7 @@ class Agent:
             self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
         self.tasks.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
         self.bus.close()
 
     def announce(self) -> None:
@@ -282,8 +285,8 @@ class Agent:
         job_dir = self.node.work_dir / job_id
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            for name, cid in manifest.code.items():
-                self.kubo.cat_to(cid, job_dir / name)
+            list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
+                                   manifest.code.items()))
         except IPDCError as exc:
             with self._lock:
                 self.downloading.discard(job_id)

@@ -51,7 +51,7 @@ from ipdc.client import SwarmClient
 from ipdc.errors import IPDCError, JobError, NotEnoughPeers, TaskFailed
 from ipdc.ids import Cid, JobId, NodeName
 from ipdc.job import JobManifest
-from ipdc.kubo import KuboClient
+from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,12 @@ class MapReduceController:
             fetcher.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.client.unwatch(self.job_id)
-            for name in [*self.workers, *self.lost]:
-                self.client.send(CLEANUP, name, CleanUp(self.job_id))
-            if self.manifest is not None:
-                self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+            try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
+                if self.manifest is not None:
+                    self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+            finally:
+                for name in [*self.workers, *self.lost]:
+                    self.client.send(CLEANUP, name, CleanUp(self.job_id))
 
     # -- planning --------------------------------------------------------------------
     def choose_workers(self) -> list[Peer]:
@@ -548,8 +550,9 @@ class MapReduceController:
     def describe(self, output: Path, ranges: list[tuple[int, int]]) -> JobResult:
         assert self.manifest is not None
         names = {f"part-{r.index:05d}": r.cids[0] for r in self.reduces if r.cids}
-        result_cid = self.kubo.make_directory(names)
-        self.kubo.pin_add(result_cid)
+        sizes = {name: (self.staging / name).stat().st_size if single_block(cid) else self.kubo.cumulative_size(cid)
+                 for name, cid in names.items()}
+        result_cid = self.kubo.make_directory(names, sizes)
         return JobResult(
             job_id=self.job_id, output=output.absolute(), result_cid=result_cid,
             workers=[{"name": p.name, "peer_id": p.peer_id} for p in self.workers.values()],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -213,13 +214,20 @@ def test_shipped_example_with_four_workers(tmp_path: Path) -> None:
     assert read_output(out_dir, 4)[0] == reference_counts(example.read_bytes())
 
 
-def test_a_long_lived_submitter_keeps_building_result_directories(swarm: LocalCluster,
-                                                                  tmp_path: Path) -> None:
-    """kubo refuses MFS commands after 256 unflushed ones: a node that submits many jobs
-    must still get its result directory (this failed at the 52nd job before the flush)."""
+def test_result_directory_is_the_one_ipfs_add_makes_and_is_pinned(swarm: LocalCluster, tmp_path: Path) -> None:
+    """The result directory is built from CIDs alone (dag/put); it must be byte for byte the
+    directory `ipfs add -r` makes of the same files, so a user can check it either way."""
+    files = {"part-00000": b"a\t1\n", "part-00001": b"", "part-00002": os.urandom(600_000)}
+    for name, data in files.items():
+        (tmp_path / "dir" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "dir" / name).write_bytes(data)
     with KuboClient(swarm.nodes[2].config.kubo_api_url) as kubo:
-        parts = {f"part-{i:05d}": kubo.add_bytes(f"{i}\n".encode()) for i in range(4)}
-        made = {kubo.make_directory(parts) for _ in range(70)}
-        assert len(made) == 1
-        root = kubo.get(made.pop(), tmp_path)
-    assert {p.name: p.read_bytes() for p in root.iterdir()} == {n: f"{i}\n".encode() for i, n in enumerate(parts)}
+        parts = {name: kubo.add_bytes(data) for name, data in files.items()}
+        sizes = {name: kubo.cumulative_size(cid) for name, cid in parts.items()}
+        made = kubo.make_directory(parts, sizes)
+        added = kubo._post("add", {"recursive": "true", "cid-version": "1", "raw-leaves": "true", "pin": "false"},
+                           files=[("file", (f"dir/{n}", d, "application/octet-stream")) for n, d in files.items()])
+        assert made == json.loads(added.text.splitlines()[-1])["Hash"]
+        assert made in kubo._json("pin/ls", {"arg": made, "type": "recursive"})["Keys"]
+        root = kubo.get(made, tmp_path / "got")
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == files
