@@ -298,8 +298,18 @@ class Agent:
             if job_id in self.finished:  # cleaned up while we fetched
                 shutil.rmtree(job_dir, ignore_errors=True)
                 return
-            self.jobs[job_id] = AgentJob(manifest, job_dir)
+            job = self.jobs[job_id] = AgentJob(manifest, job_dir)
         self.report(GetResult(job_id, self.name, "ready"))
+        if manifest.kind == "mapreduce":
+            self._prepare_runner(job)
+
+    def _prepare_runner(self, job: AgentJob) -> None:
+        """Bind a runner to the job now, while its first task is on its way: every worker
+        reduces, so every worker will need one. A failure here is left for the task to meet."""
+        try:
+            self.pool.release(self.pool.acquire(job.manifest.job_id, job.bind_request(self.kubo.api_url)))
+        except TaskFailed as exc:
+            log.info("could not prepare a runner for job %s yet: %s", job.manifest.job_id, exc)
 
     def on_domap(self, msg: DoMap) -> None:
         what = f"domap {msg.task} (attempt {msg.attempt}) of job {msg.job_id}"

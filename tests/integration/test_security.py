@@ -50,7 +50,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 def code(pair: LocalCluster) -> dict[str, Cid]:
     with KuboClient(pair.nodes[0].config.kubo_api_url) as kubo:
         return {
-            "Map.py": kubo.add_bytes(b"def map(line):\n    return [(w, 1) for w in line.split()]\n"),
+            # map() leaves a mark in the job's work dir, where user code runs: proof that it ran
+            "Map.py": kubo.add_bytes(b"def map(line):\n    open('map-ran', 'w').close()\n"
+                                     b"    return [(w, 1) for w in line.split()]\n"),
             "Reduce.py": kubo.add_bytes(b"def reduce(key, values):\n    return sum(values)\n"),
         }
 
@@ -197,7 +199,9 @@ def test_job_messages_must_be_signed_by_the_jobs_own_submitter(pair: LocalCluste
     for channel, payload, what, reason in cases:
         agent.publish(channel, payload)
         assert reason in agent.expect_log("rejected", what, manifest.job_id)
-    assert job_dir.exists() and agent.processes_in(job_dir) == []
+    assert job_dir.exists() and not (job_dir / "map-ran").exists()
+    agent.publish("domap", encode(trusted.sign(DoMap(manifest.job_id, 0))))  # the submitter's own: it runs
+    assert wait_for(lambda: (job_dir / "map-ran").exists(), 20)
     agent.publish("cleanup", encode(trusted.sign(CleanUp(manifest.job_id))))
     assert wait_for(lambda: not job_dir.exists(), 20)
 
