@@ -13,7 +13,7 @@ from ipdc.errors import MessageError
 from ipdc.ids import Cid, JobId, NodeName
 
 KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped")
-PHASES = ("", "download", "map", "reduce", "tf")
+PHASES = ("", "download", "map", "reduce")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ class AgentJob:
     reduces: dict[tuple[int, int], list[Cid]] = field(default_factory=dict)
     started: set[tuple[str, int, int]] = field(default_factory=set)
     """("map" | "reduce", task, attempt) already started here."""
+    failed: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    """The same keys -> the error reported, for a request that comes again."""
     created: list[Cid] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,7 +127,8 @@ class Agent:
         self.name = cfg.node.name
         self.kubo = KuboClient(cfg.kubo_api_url, timeout=600)
         self.jobs: dict[str, AgentJob] = {}
-        self.downloading: set[str] = set()
+        self.downloading: dict[str, str] = {}
+        """Jobs whose code is being fetched -> their submitter's key."""
         self.trust = node.trust
         self.nonces = node.nonces()
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -230,29 +233,39 @@ class Agent:
             log.warning("ignored %s: the job is %s here", what, state)
         return job
 
-    def _authentic(self, msg: Any, what: str, job: AgentJob | None) -> bool:
-        """Signed by a trusted submitter and, within a job, by the job's own submitter."""
+    def _authentic(self, msg: Any, what: str, submitter: str | None) -> str:
+        """Why ``msg`` is refused ("" when it is not): it must be signed by a trusted key and,
+        within a job, by the job's own ``submitter``. A refusal is logged here."""
         key = signer_of(msg)
         if not msg.sig:
             reason = "it is unsigned"
         elif key not in self.trust:
-            reason = (f"its submitter key {key[:24]}... is not trusted here (a node's owner can "
-                      "trust it with `ipdc trust add KEY`)")
+            reason = (f"its submitter key is not trusted here: to run its jobs on {self.name}, run "
+                      f"`ipdc trust add {key}` there")
         elif not verify(msg):
             reason = "its signature does not match its content (forged or tampered)"
-        elif job is not None and key != job.manifest.submitter:
+        elif submitter is not None and key != submitter:
             reason = "it is signed by another key than the one that submitted the job"
         else:
-            return True
+            return ""
         log.warning("rejected %s: %s", what, reason)
-        return False
+        return reason
+
+    def _submitter(self, job_id: str) -> str | None:
+        """The key that owns ``job_id`` here, while the job is held or being fetched."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            return job.manifest.submitter if job is not None else self.downloading.get(job_id)
 
     # -- handlers --------------------------------------------------------------------
     def on_download(self, msg: Download) -> None:
         manifest = msg.manifest
         job_id = manifest.job_id
         what = f"download of job {job_id}"
-        if not self._authentic(msg, what, None):
+        refused = self._authentic(msg, what, None)
+        if refused:  # tell the submitter why, so it replaces this worker instead of waiting
+            self.report(GetResult(job_id, self.name, "error", phase="download",
+                                  error=f"{self.name} refused the job: {refused}"))
             return
         for name in manifest.code:
             if not SAFE_NAME.fullmatch(name):
@@ -264,20 +277,21 @@ class Agent:
                 log.warning("ignored %s: the job is finished here", what)
                 return
             job = self.jobs.get(job_id)
-            if job is None and job_id in self.downloading:
-                return  # a duplicate while the first copy is being fetched: that one answers
-        if job is not None:  # a duplicate, or the owner asking again after an outage
-            if manifest.submitter != job.manifest.submitter:
+            owner = job.manifest.submitter if job is not None else self.downloading.get(job_id)
+        if owner is not None:  # a duplicate, or the owner asking again after an outage
+            if manifest.submitter != owner:
                 log.warning("rejected %s: another submitter already owns the job", what)
-                return
-            self.report(GetResult(job_id, self.name, "ready"))
-            return
+            elif job is not None:
+                self.report(GetResult(job_id, self.name, "ready"))
+            return  # (while the first copy is fetched, that one answers)
         refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
         if refused:
             log.warning("rejected %s: %s", what, refused)
+            self.report(GetResult(job_id, self.name, "error", phase="download",
+                                  error=f"{self.name} refused the job: {refused}"))
             return
         with self._lock:
-            self.downloading.add(job_id)
+            self.downloading[job_id] = manifest.submitter
         self.io.submit(self._download, manifest)
 
     def _download(self, manifest: JobManifest) -> None:
@@ -287,14 +301,16 @@ class Agent:
             job_dir.mkdir(parents=True, exist_ok=True)
             list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
                                    manifest.code.items()))
-        except IPDCError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
             with self._lock:
-                self.downloading.discard(job_id)
+                self.downloading.pop(job_id, None)
+            if not isinstance(exc, (IPDCError, OSError)):
+                log.exception("download of job %s failed", job_id)
             self.report(GetResult(job_id, self.name, "error", phase="download",
                                   error=f"download of the job's code failed on {self.name}: {exc}"))
             return
         with self._lock:
-            self.downloading.discard(job_id)
+            self.downloading.pop(job_id, None)
             if job_id in self.finished:  # cleaned up while we fetched
                 shutil.rmtree(job_dir, ignore_errors=True)
                 return
@@ -304,8 +320,8 @@ class Agent:
             self._prepare_runner(job)
 
     def _prepare_runner(self, job: AgentJob) -> None:
-        """Bind a runner to the job now, while its first task is on its way: every worker
-        reduces, so every worker will need one. A failure here is left for the task to meet."""
+        """Bind a runner to the job now, while its first task is on its way: most workers
+        will run one of its tasks. A failure here is left for the task to meet."""
         try:
             self.pool.release(self.pool.acquire(job.manifest.job_id, job.bind_request(self.kubo.api_url)))
         except TaskFailed as exc:
@@ -314,71 +330,75 @@ class Agent:
     def on_domap(self, msg: DoMap) -> None:
         what = f"domap {msg.task} (attempt {msg.attempt}) of job {msg.job_id}"
         job = self._job(msg.job_id, what)
-        if job is None or not self._authentic(msg, what, job):
+        if job is None or self._authentic(msg, what, job.manifest.submitter):
             return
         if not 0 <= msg.task < len(job.manifest.chunks):
             raise MessageError(f"domap: task {msg.task} out of range for job {msg.job_id}")
+        key = ("map", msg.task, msg.attempt)
         with job.lock:
             cids = job.maps.get(msg.task)
-            if cids is None:
-                key = ("map", msg.task, msg.attempt)
-                if key in job.started:
-                    return
+            error = job.failed.get(key)
+            start = cids is None and key not in job.started
+            if start:
                 job.started.add(key)
         if cids is not None:  # computed here already: answer under this attempt, do not recompute
             self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids))
-            return
-        self.tasks.submit(self._run_map, job, msg)
+        elif error is not None:  # failed here: say so again, the first report may have been lost
+            self.report(GetResult(msg.job_id, self.name, "error", msg.task, msg.attempt, phase="map", error=error))
+        elif start:
+            self.tasks.submit(self._run_map, job, msg)
 
     def _run_map(self, job: AgentJob, msg: DoMap) -> None:
-        reply = self._run_task(job, "map", msg.task, msg.attempt,
-                               {"op": "map", "cid": job.manifest.chunks[msg.task]})
-        if reply is None:
+        done = self._run_task(job, "map", msg.task, msg.attempt,
+                              {"op": "map", "cid": job.manifest.chunks[msg.task]}, job.manifest.partitions)
+        if done is None:
             return
-        cids = [Cid(c) for c in reply["cids"]]
+        cids, stats = done
         with job.lock:
             job.maps.setdefault(msg.task, cids)
-            job.created.extend(cids)
-        self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids,
-                              stats=reply.get("stats", {})))
+        self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids, stats=stats))
 
     def on_buffer(self, msg: Buffer) -> None:
         what = f"buffer {msg.task}->{msg.partition} (attempt {msg.attempt}) of job {msg.job_id}"
         job = self._job(msg.job_id, what)
-        if job is None or not self._authentic(msg, what, job):
+        if job is None or self._authentic(msg, what, job.manifest.submitter):
             return
         manifest = job.manifest
         if not 0 <= msg.partition < manifest.partitions or not 0 <= msg.task < len(manifest.chunks):
             raise MessageError(f"buffer: partition {msg.partition} or task {msg.task} out of range")
         slot = (msg.partition, msg.attempt)
+        key = ("reduce", *slot)
         cids: list[Cid] = []
         with job.lock:
             done = job.reduces.get(slot)
+            error = job.failed.get(key)
             got = job.buffers.setdefault(slot, {})
             got.setdefault(msg.task, msg.cid)
-            start = done is None and len(got) == len(manifest.chunks) and ("reduce", *slot) not in job.started
+            start = done is None and len(got) == len(manifest.chunks) and key not in job.started
             if start:
-                job.started.add(("reduce", *slot))
+                job.started.add(key)
                 cids = [got[t] for t in range(len(manifest.chunks))]
         if done is not None:  # the owner sent the set again: it may have missed our answer
             self.report(GetResult(msg.job_id, self.name, "reduce", msg.partition, msg.attempt, done))
+        elif error is not None:
+            self.report(GetResult(msg.job_id, self.name, "error", msg.partition, msg.attempt, phase="reduce",
+                                  error=error))
         elif start:
             self.tasks.submit(self._run_reduce, job, msg.partition, msg.attempt, cids)
 
     def _run_reduce(self, job: AgentJob, partition: int, attempt: int, cids: list[Cid]) -> None:
-        reply = self._run_task(job, "reduce", partition, attempt, {"op": "reduce", "cids": cids})
-        if reply is None:
+        done = self._run_task(job, "reduce", partition, attempt, {"op": "reduce", "cids": cids}, 1)
+        if done is None:
             return
-        part = [Cid(c) for c in reply["cids"]]
+        part, stats = done
         with job.lock:
             job.reduces[(partition, attempt)] = part
-            job.created.extend(part)
-        self.report(GetResult(job.manifest.job_id, self.name, "reduce", partition, attempt, part,
-                              stats=reply.get("stats", {})))
+        self.report(GetResult(job.manifest.job_id, self.name, "reduce", partition, attempt, part, stats=stats))
 
-    def _run_task(self, job: AgentJob, kind: str, task: int, attempt: int,
-                  request: dict[str, Any]) -> dict[str, Any] | None:
-        """Run one task in a runner; on failure report the error and return None."""
+    def _run_task(self, job: AgentJob, kind: str, task: int, attempt: int, request: dict[str, Any],
+                  outputs: int) -> tuple[list[Cid], dict[str, float]] | None:
+        """Run one task in a runner: its ``outputs`` CIDs and stats, or None once the failure
+        is reported (and remembered, so a repeated request gets the same answer)."""
         job_id = job.manifest.job_id
         with self._lock:
             self.running += 1
@@ -388,21 +408,41 @@ class Agent:
                 reply = runner.call(request, timeout=self.config.sandbox.task_timeout)
             finally:
                 self.pool.release(runner)
-            return reply
-        except TaskFailed as exc:
+            cids = [Cid(c) for c in reply["cids"]]
+            if len(cids) != outputs:
+                raise MessageError(f"the runner answered {len(cids)} CIDs, not {outputs}")
+            self._keep(job, cids)
+            return cids, {k: float(v) for k, v in dict(reply.get("stats", {})).items()}
+        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
+            trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
+            if not isinstance(exc, IPDCError):
+                log.exception("%s task %d of job %s broke the runner protocol", kind, task, job_id)
+            error = f"{kind} task {task} failed on {self.name}: {exc}\n{trace}"
             log.warning("%s task %d of job %s failed: %s", kind, task, job_id, exc)
-            self.report(GetResult(job_id, self.name, "error", task, attempt, phase=kind,
-                                  error=f"{kind} task {task} failed on {self.name}: {exc}\n"
-                                        f"{exc.remote_traceback}"))
+            with job.lock:
+                job.failed[(kind, task, attempt)] = error
+            self.report(GetResult(job_id, self.name, "error", task, attempt, phase=kind, error=error))
             return None
         finally:
             with self._lock:
                 self.running -= 1
 
+    def _keep(self, job: AgentJob, cids: list[Cid]) -> None:
+        """Note what a task pinned, for CleanUp; a task that outlived its job unpins at once."""
+        with job.lock:
+            job.created.extend(cids)
+        with self._lock:
+            gone = job.manifest.job_id in self.finished
+        if gone:
+            try:
+                self.kubo.pin_rm(*cids)
+            except IPDCError as exc:
+                log.warning("could not unpin late output of job %s: %s", job.manifest.job_id, exc)
+
     def on_tf(self, msg: Tf) -> None:
         """Reserve ports, start or stop a TF cluster's servers (see ipdc.tf.TfHost)."""
         job = self.jobs.get(msg.cluster_id)
-        if not self._authentic(msg, f"tf {msg.op} of cluster {msg.cluster_id}", job):
+        if self._authentic(msg, f"tf {msg.op} of cluster {msg.cluster_id}", self._submitter(msg.cluster_id)):
             return
         self.io.submit(self.tf_host().handle, msg, job.dir if job is not None else None)
 
@@ -414,7 +454,7 @@ class Agent:
         return self._tf
 
     def on_cleanup(self, msg: CleanUp) -> None:
-        if not self._authentic(msg, f"cleanup of job {msg.job_id}", self.jobs.get(msg.job_id)):
+        if self._authentic(msg, f"cleanup of job {msg.job_id}", self._submitter(msg.job_id)):
             return
         with self._lock:
             job = self.jobs.pop(msg.job_id, None)

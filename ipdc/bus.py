@@ -120,9 +120,12 @@ class Bus:
             return self._acks.wait_for(lambda: not self._unacked, timeout)
 
     def close(self) -> None:
-        """Flush, then disconnect cleanly: a clean DISCONNECT does not fire the last will."""
+        """Flush, then disconnect cleanly: a clean DISCONNECT does not fire the last will, and
+        ends the session, so the broker keeps no queue for a client that is gone for good."""
         self.flush()
-        self._client.disconnect()
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0  # a clean goodbye: let the broker drop our session and queue
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
 
     def __enter__(self) -> "Bus":

@@ -1,8 +1,8 @@
 """The job manifest: everything a worker needs to take part in one job.
 
-It names code and input only by CID, so it stays small enough for MQTT, and it
-fixes the job's plan (which node reduces which partition) so that every worker
-routes map output the same way.
+It names code and input only by CID, so it stays small enough for MQTT. It is
+signed by its submitter (see ipdc.trust), so it is also what an agent checks before
+it runs anything of the job.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ class JobManifest:
     chunks: list[Cid]
     """Input chunks: map task ``i`` reads ``chunks[i]``."""
     reducers: list[NodeName]
-    """Partition ``p`` of every map output goes to ``reducers[p]``."""
+    """The first plan: partition ``p`` is reduced by ``reducers[p]``. Its length is the
+    number of partitions; when a reducer is lost, the submitter moves its partition
+    elsewhere with Buffer messages, and this list is not updated."""
     submitter: str = ""
     """The Ed25519 key (``ed25519:...``) that signs this job's messages; agents run the job
     only if it is in their trusted-submitters list."""

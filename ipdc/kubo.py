@@ -104,9 +104,6 @@ class KuboClient:
     def id(self) -> dict[str, Any]:
         return self._json("id")
 
-    def version(self) -> str:
-        return str(self._json("version")["Version"])
-
     def swarm_peers(self) -> list[str]:
         """Multiaddrs (with ``/p2p/<id>``) of the peers we are connected to."""
         peers = self._json("swarm/peers").get("Peers") or []
@@ -118,11 +115,6 @@ class KuboClient:
     # -- content ---------------------------------------------------------------------
     def add_bytes(self, data: bytes, name: str = "data") -> Cid:
         return self.add_streams([(name, io.BytesIO(data))])[0]
-
-    def add_file(self, path: Path, offset: int = 0, length: int | None = None) -> Cid:
-        if length is None:
-            length = path.stat().st_size - offset
-        return self.add_ranges(path, [(offset, length)])[0]
 
     def add_ranges(self, path: Path, ranges: Iterable[tuple[int, int]]) -> list[Cid]:
         """Add several byte ranges of one file in one request, one CID per range."""
@@ -143,16 +135,10 @@ class KuboClient:
             raise KuboError(f"kubo add answered {len(cids)} CIDs for {len(streams)} files")
         return cids
 
-    def cat(self, cid: str, offset: int | None = None, length: int | None = None) -> bytes:
+    def cat(self, cid: str) -> bytes:
         if cid == EMPTY_CID:
             return b""
-        params: dict[str, Any] = {"arg": str(Cid(cid))}
-        if offset is not None:
-            params["offset"] = offset
-        if length is not None:
-            params["length"] = length
-        return self._post("cat", params).content
-
+        return self._post("cat", {"arg": str(Cid(cid))}).content
     def fetch(self, cid: str, *, stall: float) -> bytes:
         """The bytes of ``cid`` from wherever the swarm holds them; KuboError when no byte
         arrives for ``stall`` seconds (kubo's ``cat`` of content no reachable peer holds
@@ -213,9 +199,6 @@ class KuboClient:
         with tarfile.open(fileobj=io.BytesIO(data)) as archive:
             archive.extractall(dest, filter="data")
         return dest / str(cid)
-
-    def pin_add(self, cid: str) -> None:
-        self._post("pin/add", {"arg": str(Cid(cid))})
 
     def pin_rm(self, *cids: str) -> None:
         """Unpin, in one call; a CID that is not pinned is not an error (CleanUp may run twice)."""

@@ -144,7 +144,7 @@ def check_job_files(job: MapReduceJob) -> None:
         raise JobError(f"input file {job.input} does not exist (or is not a file)")
     if not os.access(job.input, os.R_OK):
         raise JobError(f"input file {job.input} is not readable")
-    for path, needed in ((job.map_file, "map"), (job.reduce_file, "reduce")):
+    for path, needed in ((job.map_file, ("map", "map_chunk")), (job.reduce_file, ("reduce",))):
         try:
             source = path.read_text()
         except OSError as exc:
@@ -153,8 +153,8 @@ def check_job_files(job: MapReduceJob) -> None:
             compile(source, str(path), "exec")
         except SyntaxError as exc:
             raise JobError(f"job file {path} has a syntax error, line {exc.lineno}: {exc.msg}") from None
-        if f"def {needed}(" not in source and f"def {needed}_chunk(" not in source:
-            raise JobError(f"job file {path} defines no `{needed}` function")
+        if not any(f"def {name}(" in source for name in needed):
+            raise JobError(f"job file {path} defines no `{needed[0]}` function")
     if job.k is not None and job.k < 1:
         raise JobError(f"--k must be at least 1, not {job.k}")
     if job.max_attempts < 1:
@@ -178,7 +178,6 @@ class Task:
     failures: int = 0
     tried: list[str] = field(default_factory=list)
     """Peers on which an attempt failed or was lost, in order."""
-    last_error: str = ""
     cids: list[Cid] | None = None
     """The accepted output."""
     done_by: str = ""
@@ -231,13 +230,13 @@ class MapReduceController:
         started = time.monotonic()
         for peer in self.choose_workers():
             self.workers[peer.name] = peer
-        self.wake = self.client.watch(self.job_id)  # type: ignore[assignment]
         output = self.job.output or Path("ipdc-out") / self.job_id
         self.staging = output.with_name(f".{output.name}.partial")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
         fetcher = ThreadPoolExecutor(2, thread_name_prefix="fetch")
         try:
+            self.wake = self.client.watch(self.job_id)  # type: ignore[assignment]
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
             t = time.monotonic()
             ranges = self.upload()
             self.timings["upload"] = time.monotonic() - t
@@ -254,6 +253,8 @@ class MapReduceController:
             try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
                 if self.manifest is not None:
                     self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+            except IPDCError as exc:  # the job's own outcome matters more than its litter
+                log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
             finally:
                 for name in [*self.workers, *self.lost]:
                     self.client.send(CLEANUP, name, CleanUp(self.job_id))
@@ -263,7 +264,10 @@ class MapReduceController:
         live = self.client.peers.live()
         k = self.job.k if self.job.k is not None else len(live)
         workers = select_nearest(live, self.job_id, k)
-        if not live or len(workers) < k:
+        if not live:
+            raise NotEnoughPeers("no peer of the swarm is live: check that this node and its agent run "
+                                 "(`python deploy.py status`) and that others have joined (`ipdc peers`)")
+        if len(workers) < k:
             raise NotEnoughPeers(
                 f"the job asks for {k} workers (--k {k}) but {len(live)} peer(s) are live; "
                 "start more nodes (`python deploy.py init --join TOKEN && python deploy.py start`) "
@@ -365,6 +369,8 @@ class MapReduceController:
             self.fail(task, peer, result.error)
         elif task.kind == "map":
             self.accept_map(task, result.cids)
+        elif len(result.cids) != 1:
+            self.fail(task, peer, f"{task.label} reported {len(result.cids)} parts, not 1")
         else:
             task.cids, task.done_by = list(result.cids), peer
             part = self.staging / f"part-{task.index:05d}"
@@ -391,10 +397,9 @@ class MapReduceController:
             task = self.reduces[index]
             try:
                 future.result()
-            except IPDCError as exc:
+            except (IPDCError, OSError) as exc:
                 task.cids = None
-                if task.peer == peer:
-                    self.fail(task, peer, f"could not fetch part {index} from {peer}: {exc}")
+                self.fail(task, peer, f"could not fetch part {index} from {peer}: {exc}")
                 continue
             task.fetched = True
 
@@ -404,10 +409,12 @@ class MapReduceController:
         for name, peer in self.workers.items():
             while name in self.ready and self.inflight.get(name, 0) < max(1, peer.presence.slots):
                 mine = [i for i in self.pending if self.maps[i].reserved_for in ("", name)]
-                fresh = [i for i in mine if name not in self.maps[i].tried]
-                if not mine:
+                # a task goes back to a peer that failed it only when every worker has
+                fresh = [i for i in mine if name not in self.maps[i].tried
+                         or set(self.workers) <= set(self.maps[i].tried)]
+                if not fresh:
                     break
-                index = (fresh or mine)[0]
+                index = fresh[0]
                 self.pending.remove(index)
                 task = self.maps[index]
                 task.attempt += 1
@@ -451,7 +458,6 @@ class MapReduceController:
         """Note a failed or lost attempt; after --max-attempts of them the job fails."""
         task.failures += 1
         task.tried.append(peer)
-        task.last_error = error
         if task.failures >= self.job.max_attempts:
             raise TaskFailed(
                 f"job {self.job_id} failed: {task.label} failed {task.failures} time(s), on "

@@ -5,8 +5,8 @@ see its docstring) with an environment that holds none of the node's variables (
 no broker password), and asks it for runners. A runner is forked in milliseconds,
 applies its limits before any user code loads, and serves exactly one job, so the
 code of two jobs never shares a process. Warm spares are forked ahead of need; a
-spare is bound to a job when a task of that job needs a runner and none of that
-job's runners is idle.
+spare is bound to a job when its agent asks for one (the agent does as soon as the
+job's code is in, and when a task finds none of the job's runners idle).
 
 Limits (the ``sandbox`` section of ipdc.conf): rlimits on CPU time, address space and
 file size, nice, a wall-clock timeout per task, and a pids cgroup per runner with
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 #: Seconds to wait for the zygote, a fresh runner or a killed cgroup before giving up.
 START_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
+#: How many cleaned-up jobs a pool remembers, so a straggling task of one gets no runner.
+DROPPED_JOBS = 4096
 #: Pool cgroups are named ipdc-<agent pid>-<n>; a group whose agent is dead is stale.
 POOL_GROUP = re.compile(r"ipdc-(\d+)-\d+")
 _pool_numbers = itertools.count()
@@ -457,6 +460,8 @@ class RunnerPool:
         self._spares: list[RunnerProcess] = []
         self._idle: dict[str, list[RunnerProcess]] = {}
         self._busy: set[RunnerProcess] = set()
+        self._dropped: OrderedDict[str, None] = OrderedDict()
+        """Jobs cleaned up here, newest last."""
         self._lock = threading.Lock()
         self._closed = False
         self._refill = threading.Event()
@@ -501,6 +506,8 @@ class RunnerPool:
         dead: list[RunnerProcess] = []
         fresh: RunnerProcess | None = None
         with self._lock:
+            if job in self._dropped:
+                raise TaskFailed(f"job {job} was cleaned up on this node; its task is not run")
             idle = self._idle.get(job, [])
             while idle and not idle[-1].alive():
                 dead.append(idle.pop())
@@ -510,6 +517,7 @@ class RunnerPool:
                 while self._spares and not self._spares[-1].alive():
                     dead.append(self._spares.pop())
                 runner = fresh = self._spares.pop() if self._spares else self._fork()
+                runner.job = job  # from now on, drop(job) finds and kills it, even mid-bind
                 self._refill.set()
             self._busy.add(runner)
         for ended in dead:
@@ -522,13 +530,12 @@ class RunnerPool:
         except Exception:
             self.discard(fresh)
             raise
-        fresh.job = job
         return fresh
 
     def release(self, runner: RunnerProcess) -> None:
         with self._lock:
             self._busy.discard(runner)
-            if runner.job is not None and runner.alive():
+            if runner.job is not None and runner.job not in self._dropped and runner.alive():
                 self._idle.setdefault(runner.job, []).append(runner)
                 return
         runner.kill()
@@ -539,8 +546,12 @@ class RunnerPool:
         runner.kill()
 
     def drop(self, job: str) -> None:
-        """Kill every runner of ``job`` (its CleanUp, or the job failed)."""
+        """Kill every runner of ``job`` (its CleanUp, or the job failed); a task of the job
+        that comes later gets no runner."""
         with self._lock:
+            self._dropped[job] = None
+            while len(self._dropped) > DROPPED_JOBS:
+                self._dropped.popitem(last=False)
             runners = self._idle.pop(job, [])
             runners += [r for r in self._busy if r.job == job]
             self._busy.difference_update(runners)

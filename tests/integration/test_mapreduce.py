@@ -163,6 +163,24 @@ def test_map_that_raises_fails_fast_with_the_remote_traceback(swarm: LocalCluste
                  b"still alive\n", 3)
 
 
+def test_a_task_that_fails_on_one_peer_is_retried_on_another(swarm: LocalCluster, tmp_path: Path) -> None:
+    """A broken node (here: user code that fails only in node 1's home) must not sink the job
+    while healthy peers can run its tasks: with --max-attempts 2, every task that failed
+    there is retried elsewhere, and the counts are exact."""
+    data = make_text(tmp_path / "in.txt", lines=4000)
+    broken = swarm.nodes[1]
+    flaky = tmp_path / "Map.py"
+    flaky.write_text("import os\nfrom collections import Counter\n\n"
+                     "def map_chunk(text):\n"
+                     f"    if os.getcwd().startswith({str(broken.home)!r}):\n"
+                     "        raise RuntimeError('this node is broken')\n"
+                     "    return Counter(text.split()).items()\n")
+    result = run_job(swarm, MapReduceJob(tmp_path / "in.txt", k=3, map_file=flaky, chunks=9, max_attempts=2,
+                                         output=tmp_path / "out"))
+    assert_exact(result, data, 3)
+    assert broken.config.node.name not in result.map_tasks.values()
+
+
 def test_clear_errors_before_touching_the_swarm(swarm: LocalCluster, tmp_path: Path) -> None:
     with pytest.raises(JobError, match="does not exist"):
         run_job(swarm, MapReduceJob(tmp_path / "missing.txt", k=1))

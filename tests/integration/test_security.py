@@ -300,3 +300,23 @@ def test_broker_acl_keeps_a_node_from_speaking_or_reading_for_another(pair: Loca
         assert wait_for(got_controls, 20), seen
     assert [p for _, p in seen["watcher"] if p.startswith(b"forged")] == []
     assert [t for t, _ in seen["spy"] if t.startswith(f"ipdc/peer/{other.node.name}/")] == []
+
+
+def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalCluster, tmp_path: Path) -> None:
+    """A node refuses a job from a key it does not trust, and says so to the submitter, which
+    goes on without it (here the submitter's own node takes over) instead of waiting."""
+    submitter, refuser = pair.nodes[1], pair.nodes[0]
+    key = submitter.signer.public_key
+    assert refuser.trust.remove(key)
+    try:
+        data = b"one two two three three three\n" * 20
+        (tmp_path / "in.txt").write_bytes(data)
+        job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
+        with SwarmClient(submitter.config, submitter.signer).connect() as client, \
+                KuboClient(submitter.config.kubo_api_url) as kubo:
+            result = MapReduceController(client, kubo, job).run()
+    finally:
+        refuser.trust.add(key, submitter.config.node.name)
+    assert result.lost == [refuser.config.node.name]
+    assert read_output(result.output, 2)[0] == reference_counts(data)
+    assert f"ipdc trust add {key}" in (refuser.home / "logs" / "agent.log").read_text()
