@@ -48,3 +48,18 @@ def read_output(output: Path, k: int) -> tuple[Counter[bytes], list[list[bytes]]
             keys.append(key)
         keys_per_part.append(keys)
     return counts, keys_per_part
+
+
+#: User code that misbehaves, as the body of a map function: each must fail its task and
+#: leave the agent serving. ``bad_map(name, chunk)`` makes a Map.py of it, with the bulk
+#: ``map_chunk(text)`` form or the line-by-line ``map(line)`` one.
+BAD_BODIES = {
+    "infinite loop": "    while True:\n        pass\n",
+    "10 GB": "    block = bytearray(10 << 30)\n    return []\n",
+    "fork bomb": "    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
+}
+
+
+def bad_map(name: str, chunk: bool) -> str:
+    signature = "def map_chunk(text):" if chunk else "def map(line):"
+    return f"import os\n\n{signature}\n{BAD_BODIES[name]}"

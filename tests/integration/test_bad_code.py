@@ -16,23 +16,15 @@ import pytest
 from ipdc.cluster import LocalCluster
 from ipdc.sandbox import POOL_GROUP, pids_hierarchy
 from ipdc.service import wait_for
-from tests.helpers import read_output, reference_counts, run_cli
+from tests.helpers import bad_map, read_output, reference_counts, run_cli
 
 LIMITS = {"task_timeout": 5.0, "memory_mb": 1024, "max_pids": 16}
 DATA = "the quick brown fox\r\njumps over the lazy dog \udcff\udcfe the end\n".encode(
     "utf-8", "surrogateescape") * 200
 
-INFINITE_LOOP = "def map(line):\n    while True:\n        pass\n"
-TEN_GB = "def map(line):\n    block = bytearray(10 << 30)\n    yield line, 1\n"
-FORK_BOMB = """import os
-
-def map(line):
-    while True:
-        try:
-            os.fork()
-        except OSError:
-            pass
-"""
+INFINITE_LOOP = bad_map("infinite loop", chunk=False)
+TEN_GB = bad_map("10 GB", chunk=False)
+FORK_BOMB = bad_map("fork bomb", chunk=False)
 
 
 @pytest.fixture(scope="module")

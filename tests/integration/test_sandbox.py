@@ -31,23 +31,15 @@ from ipdc.errors import TaskFailed
 from ipdc.kubo import KuboClient
 from ipdc.sandbox import SAFE_ENV, RunnerPool, RunnerProcess
 from ipdc.service import pid_alive, wait_for
-from tests.helpers import REPO, reference_counts
+from tests.helpers import REPO, bad_map, reference_counts
 
 WORDCOUNT_MAP = (REPO / "jobs" / "mapreduce" / "Map.py").read_text()
 WORDCOUNT_REDUCE = (REPO / "jobs" / "mapreduce" / "Reduce.py").read_text()
 TEXT = "the cat sat on the mat\r\ncafé \udcff\udcfe naïve the\n".encode("utf-8", "surrogateescape") * 40
 
-INFINITE_LOOP = "def map_chunk(text):\n    while True:\n        pass\n"
-TEN_GB = "def map_chunk(text):\n    block = bytearray(10 << 30)\n    return {}.items()\n"
-FORK_BOMB = """import os
-
-def map_chunk(text):
-    while True:
-        try:
-            os.fork()
-        except OSError:
-            pass
-"""
+INFINITE_LOOP = bad_map("infinite loop", chunk=True)
+TEN_GB = bad_map("10 GB", chunk=True)
+FORK_BOMB = bad_map("fork bomb", chunk=True)
 # The child holds the runner's socket open after the runner has gone.
 EXIT_LEAVING_A_CHILD = """import os, time
 
@@ -117,15 +109,16 @@ class Job:
                      "map": str(self.dir / "Map.py"), "reduce": str(self.dir / "Reduce.py")}
 
 
-def wordcount(pool: RunnerPool, kubo: KuboClient, base: Path) -> Counter[bytes]:
-    """A normal WordCount of TEXT through ``pool``: map, then one reduce per partition."""
-    job = Job(base, kubo, WORDCOUNT_MAP)
+def wordcount(pool: RunnerPool, kubo: KuboClient, base: Path, inputs: tuple[bytes, ...] = (TEXT,),
+              partitions: int = 2) -> Counter[bytes]:
+    """A normal WordCount through ``pool``: a map per input, then one reduce per partition."""
+    job = Job(base, kubo, WORDCOUNT_MAP, partitions=partitions)
     runner = pool.acquire(job.id, job.bind)
     counts: Counter[bytes] = Counter()
     try:
-        parts = runner.call({"op": "map", "cid": kubo.add_bytes(TEXT)}, timeout=60)["cids"]
-        for part_cid in parts:
-            (cid,) = runner.call({"op": "reduce", "cids": [part_cid]}, timeout=60)["cids"]
+        maps = [runner.call({"op": "map", "cid": kubo.add_bytes(data)}, timeout=60)["cids"] for data in inputs]
+        for p in range(partitions):
+            (cid,) = runner.call({"op": "reduce", "cids": [m[p] for m in maps]}, timeout=60)["cids"]
             for line in kubo.cat(cid).splitlines():
                 key, _, value = line.rpartition(b"\t")
                 counts[key] = int(value)
@@ -173,6 +166,21 @@ def contained(pool: RunnerPool, kubo: KuboClient, base: Path) -> str:
         return f"runner {runner.pid} is not alone in a cgroup with pids.max (members {members}, max {limit})"
     return ""
 
+
+
+def map_in_background(runner: RunnerProcess, kubo: KuboClient) -> tuple[threading.Thread, list[TaskFailed]]:
+    """Start a map call in a thread, as the agent's task pool does; its error lands in the list."""
+    errors: list[TaskFailed] = []
+
+    def task() -> None:
+        try:
+            runner.call({"op": "map", "cid": kubo.add_bytes(TEXT)}, timeout=60)
+        except TaskFailed as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=task)
+    worker.start()
+    return worker, errors
 
 def test_a_normal_job_gives_exact_counts(make_pool: MakePool, kubo: KuboClient, tmp_path: Path) -> None:
     pool = make_pool()
@@ -241,16 +249,7 @@ def test_drop_kills_processes_that_left_the_runners_session(make_pool: MakePool,
         pytest.skip(reason)
     job = Job(tmp_path, kubo, ESCAPE)
     runner = pool.acquire(job.id, job.bind)
-    errors: list[TaskFailed] = []
-
-    def task() -> None:
-        try:
-            runner.call({"op": "map", "cid": kubo.add_bytes(TEXT)}, timeout=60)
-        except TaskFailed as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=task)
-    worker.start()
+    worker, errors = map_in_background(runner, kubo)
     pid_file = job.dir / "escaped.pid"
     assert wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 30)
     escaped = int(pid_file.read_text())
@@ -339,20 +338,7 @@ def test_a_big_input_is_fetched_and_counted(make_pool: MakePool, kubo: KuboClien
     """Inputs of several blocks (256 KiB each) are fetched with refs -r, then cat."""
     pool = make_pool()
     inputs = [TEXT * 400, TEXT * 250 + b"more words here\n"]  # 700 and 440 kB: several blocks each
-    job = Job(tmp_path, kubo, WORDCOUNT_MAP, partitions=3)
-    runner = pool.acquire(job.id, job.bind)
-    counts: Counter[bytes] = Counter()
-    try:
-        maps = [runner.call({"op": "map", "cid": kubo.add_bytes(data)}, timeout=60)["cids"] for data in inputs]
-        for p in range(3):
-            (cid,) = runner.call({"op": "reduce", "cids": [m[p] for m in maps]}, timeout=60)["cids"]
-            for line in kubo.cat(cid).splitlines():
-                key, _, value = line.rpartition(b"\t")
-                counts[key] = int(value)
-    finally:
-        pool.release(runner)
-        pool.drop(job.id)
-    assert counts == reference_counts(b"".join(inputs))
+    assert wordcount(pool, kubo, tmp_path, tuple(inputs), partitions=3) == reference_counts(b"".join(inputs))
 
 
 def test_close_leaves_no_process(make_pool: MakePool, kubo: KuboClient, tmp_path: Path) -> None:
@@ -360,16 +346,7 @@ def test_close_leaves_no_process(make_pool: MakePool, kubo: KuboClient, tmp_path
     pool = make_pool()
     job = Job(tmp_path, kubo, INFINITE_LOOP)
     runner = pool.acquire(job.id, job.bind)
-    errors: list[TaskFailed] = []
-
-    def task() -> None:
-        try:
-            runner.call({"op": "map", "cid": kubo.add_bytes(TEXT)}, timeout=60)
-        except TaskFailed as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=task)
-    worker.start()
+    worker, errors = map_in_background(runner, kubo)
     assert wait_for(lambda: len(pool._spares) == 1 and pool._spares[0].pid is not None, 30)
     spares = list(pool._spares)
     zygote = pool._zygote.proc.pid
