@@ -34,7 +34,8 @@ def test_a_line_longer_than_a_chunk_makes_fewer_chunks(tmp_path: Path) -> None:
 
 def test_default_chunks() -> None:
     assert default_chunks(0, 4) == 1
-    assert default_chunks(202 << 20, 2) == 4
+    assert default_chunks(202 << 20, 2) == 8
+    assert default_chunks(3 << 20, 2) == 3
     assert default_chunks(10 << 30, 4) == 160
 
 
