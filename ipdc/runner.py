@@ -50,6 +50,7 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -367,6 +368,7 @@ class Runner:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": tb}, False
 
     def bind(self, req: dict[str, Any]) -> dict[str, Any]:
+        hide_node_home(Path(req["dir"]))
         os.chdir(req["dir"])
         sys.path.insert(0, req["dir"])
         self.kubo = KuboClient(req["kubo"], timeout=600)
@@ -429,6 +431,51 @@ class Runner:
 
 # -- the zygote and the start of a runner -------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x2000, 0x4000, 0x40000
+MNT_DETACH = 2
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {source} on {target} failed")
+
+
+def hide_node_home(job_dir: Path) -> None:
+    """Give this runner a private view in which the node's home holds only the job's dir.
+
+    User code runs as the agent's user, so it could otherwise read ``ipdc.conf`` (the
+    broker password), the submitter key and ``trusted_keys``, or another job's files. In
+    a mount namespace of its own, the job's dir is bound aside, an empty tmpfs covers the
+    home, and the job's dir is moved back into place. It needs CAP_SYS_ADMIN (a root
+    agent); without it the runner goes on as before and says so in runners.log.
+    """
+    home = job_dir.parent.parent
+    aside = Path(tempfile.mkdtemp(prefix="ipdc-job-"))
+    try:
+        if _libc.unshare(CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+        _mount("none", "/", None, MS_REC | MS_PRIVATE)
+        _mount(str(job_dir), str(aside), None, MS_BIND)
+        try:
+            _mount("tmpfs", str(home), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+            try:
+                job_dir.mkdir(parents=True)
+                _mount(str(aside), str(job_dir), None, MS_MOVE)
+            except OSError:
+                _libc.umount2(str(home).encode(), MNT_DETACH)  # the job's dir must stay reachable
+                raise
+        except OSError:
+            _libc.umount2(str(aside).encode(), MNT_DETACH)
+            raise
+    except OSError as exc:
+        print(f"runner {os.getpid()}: the node's home stays visible to user code ({exc})",
+              file=sys.stderr, flush=True)
+    finally:
+        aside.rmdir()
 
 
 def _prctl(option: int, value: int) -> None:

@@ -101,7 +101,7 @@ class Job:
 
     def __init__(self, base: Path, kubo: KuboClient, map_source: str, partitions: int = 2) -> None:
         self.id = uuid.uuid4().hex
-        self.dir = base / self.id
+        self.dir = base / "home" / "work" / self.id  # a node's layout: the runner hides the rest of "home"
         self.dir.mkdir(parents=True)
         (self.dir / "Map.py").write_text(map_source)
         (self.dir / "Reduce.py").write_text(WORDCOUNT_REDUCE)

@@ -320,3 +320,26 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
     assert result.lost == [refuser.config.node.name]
     assert read_output(result.output, 2)[0] == reference_counts(data)
     assert f"ipdc trust add {key}" in (refuser.home / "logs" / "agent.log").read_text()
+
+
+def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Path) -> None:
+    """User code runs as the agent's user; its runner's view of the node's home holds only
+    the job's own dir, so the broker password, the submitter key, the trusted list and other
+    jobs' files are out of its reach."""
+    probe = tmp_path / "Map.py"
+    probe.write_text(
+        "import os\n\n"
+        "def map_chunk(text):\n"
+        "    home = os.path.dirname(os.path.dirname(os.getcwd()))\n"
+        "    seen = sorted(os.listdir(home)) + sorted(os.listdir(os.path.join(home, 'work')))\n"
+        "    readable = [p for p in ('ipdc.conf', 'keys/submitter.key', 'trusted_keys', 'kubo/swarm.key')\n"
+        "                if os.path.exists(os.path.join(home, p))]\n"
+        "    return {'seen:' + ','.join(seen): 1, 'readable:' + ','.join(readable): 1,\n"
+        "            'own code:' + str(os.path.exists('Map.py')): 1}.items()\n")
+    (tmp_path / "in.txt").write_text("x\n")
+    job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=probe, output=tmp_path / "out")
+    config = pair.nodes[0].config
+    with SwarmClient(config, pair.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+        result = MapReduceController(client, kubo, job).run()
+    keys = {key.decode() for key in read_output(result.output, 2)[0]}
+    assert keys == {f"seen:work,{result.job_id}", "readable:", "own code:True"}
