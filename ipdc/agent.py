@@ -263,9 +263,8 @@ class Agent:
         job_id = manifest.job_id
         what = f"download of job {job_id}"
         refused = self._authentic(msg, what, None)
-        if refused:  # tell the submitter why, so it replaces this worker instead of waiting
-            self.report(GetResult(job_id, self.name, "error", phase="download",
-                                  error=f"{self.name} refused the job: {refused}"))
+        if refused:
+            self._refuse(job_id, refused)
             return
         for name in manifest.code:
             if not SAFE_NAME.fullmatch(name):
@@ -287,12 +286,16 @@ class Agent:
         refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
         if refused:
             log.warning("rejected %s: %s", what, refused)
-            self.report(GetResult(job_id, self.name, "error", phase="download",
-                                  error=f"{self.name} refused the job: {refused}"))
+            self._refuse(job_id, refused)
             return
         with self._lock:
             self.downloading[job_id] = manifest.submitter
         self.io.submit(self._download, manifest)
+
+    def _refuse(self, job_id: str, reason: str) -> None:
+        """Tell the submitter why we will not run its job, so it replaces us instead of waiting."""
+        self.report(GetResult(job_id, self.name, "error", phase="download",
+                              error=f"{self.name} refused the job: {reason}"))
 
     def _download(self, manifest: JobManifest) -> None:
         job_id = manifest.job_id

@@ -82,19 +82,20 @@ class SwarmClient:
         self._jobs.pop(job_id, None)
         self.bus.unsubscribe(GETRESULT.subscription(job=job_id))
 
+    def _signer(self) -> Signer:
+        if self.signer is None:
+            raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
+        return self.signer
+
     @property
     def submitter(self) -> str:
         """The key this client signs with: a job's manifest names it."""
-        if self.signer is None:
-            raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
-        return self.signer.public_key
+        return self._signer().public_key
 
     def send(self, channel: Channel[Any], node: str, message: Any) -> None:
         """Publish to a peer's inbox; messages with a ``sig`` field are signed first."""
         if any(f.name == "sig" for f in fields(message)):
-            if self.signer is None:
-                raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
-            message = self.signer.sign(message)
+            message = self._signer().sign(message)
         self.bus.publish(channel.topic(node=node), channel.encode(message))
 
     def _on_connected(self) -> None:

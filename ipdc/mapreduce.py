@@ -437,8 +437,13 @@ class MapReduceController:
             for task in self.maps:
                 if task.cids is not None and task.index not in reduce.sent:
                     reduce.sent[task.index] = task.done_by
-                    self.client.send(BUFFER, reduce.peer, Buffer(
-                        self.job_id, reduce.index, task.index, task.cids[reduce.index], reduce.attempt))
+                    self.send_buffer(reduce, task)
+
+    def send_buffer(self, reduce: Task, task: Task) -> None:
+        """One accepted map output's share, to the partition's reducer, under its current attempt."""
+        assert task.cids is not None
+        self.client.send(BUFFER, reduce.peer, Buffer(
+            self.job_id, reduce.index, task.index, task.cids[reduce.index], reduce.attempt))
 
     def resend(self) -> None:
         """After our own reconnect: send again what the outage may have swallowed.
@@ -456,9 +461,7 @@ class MapReduceController:
         for reduce in self.reduces:
             if reduce.cids is None and reduce.peer in self.ready:
                 for index in reduce.sent:
-                    self.client.send(BUFFER, reduce.peer, Buffer(
-                        self.job_id, reduce.index, index, self.maps[index].cids[reduce.index],  # type: ignore[index]
-                        reduce.attempt))
+                    self.send_buffer(reduce, self.maps[index])
 
     # -- failures --------------------------------------------------------------------
     def count_failure(self, task: Task, peer: str, error: str) -> None:

@@ -17,9 +17,10 @@ from tests.multihost.harness import Cluster, Gates, Lab
 def four_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A broker host plus three workers, each in its own network namespace."""
     if os.geteuid() != 0:
-        pytest.skip("multi-host tests need root to create network namespaces")
+        pytest.fail("multi-host tests need root to create network namespaces "
+                    "(leave them out with -m 'not netns')")
     if shutil.which("ip") is None:
-        pytest.skip("multi-host tests need iproute2's `ip` command")
+        pytest.fail("multi-host tests need iproute2's `ip` command (apt-get install iproute2)")
     base = tmp_path_factory.mktemp("multihost")
     lab = Lab(4, base)
     cluster = Cluster(lab, base)

@@ -75,38 +75,26 @@ def test_wordcount_on_four_hosts(cluster: Cluster, tmp_path: Path) -> None:
     assert summary["reassigned"] == []
 
 
-def test_worker_lost_mid_map_is_replaced_by_the_spare(cluster: Cluster, gates: Gates, tmp_path: Path) -> None:
-    """A crashed agent (kill -9: the broker fires its last will) loses its running map task."""
+@pytest.mark.parametrize("phase, gated", [("map", ("map", "reduce")), ("reduce", ("reduce",))])
+def test_worker_lost_mid_task_is_replaced_by_the_spare(cluster: Cluster, gates: Gates, tmp_path: Path,
+                                                      phase: str, gated: tuple[str, ...]) -> None:
+    """A crashed agent (kill -9: the broker fires its last will) while every worker is held in
+    ``phase``: a lost mapper's running task, or a lost reducer's partition with every map
+    output it needs, moves to the spare."""
     data = write_input(tmp_path / "input.txt")
     job = cluster.submit(tmp_path / "input.txt", tmp_path / "out", chunks=CHUNKS,
-                         map_file=gates.file("map"), reduce_file=gates.file("reduce"))
-    workers = cluster.wait_at_gate(job, gates, "map", hosts=K)
-    victim, spare = victim_of(workers), spare_of(cluster, workers)
+                         **{f"{g}_file": gates.file(g) for g in gated})
+    held = cluster.wait_at_gate(job, gates, phase, hosts=K)
+    victim, spare = victim_of(held), spare_of(cluster, held)
     cluster.kill_agent(victim)
-    gates.open("map")
-    gates.open("reduce")
+    for g in gated:
+        gates.open(g)
     summary = job.result(JOB_TIMEOUT)
     assert_exact(job.output, data)
+    # a lost reducer's finished map output lived in the lost node too: computed again elsewhere
     assert victim.name not in summary["map_tasks"].values()
-    assert_moved(summary, "map", victim, spare)
-    assert spare in cluster.hosts_at_gate(gates, "map"), "the spare's map code never ran"
-
-
-def test_worker_lost_mid_reduce_is_replaced_by_the_spare(cluster: Cluster, gates: Gates, tmp_path: Path) -> None:
-    """A reducer lost while reducing: its partition moves, with every map output it needs."""
-    data = write_input(tmp_path / "input.txt")
-    job = cluster.submit(tmp_path / "input.txt", tmp_path / "out", chunks=CHUNKS,
-                         reduce_file=gates.file("reduce"))
-    reducers = cluster.wait_at_gate(job, gates, "reduce", hosts=K)
-    victim, spare = victim_of(reducers), spare_of(cluster, reducers)
-    cluster.kill_agent(victim)
-    gates.open("reduce")
-    summary = job.result(JOB_TIMEOUT)
-    assert_exact(job.output, data)
-    # Its finished map output lived in the lost node: computed again elsewhere.
-    assert victim.name not in summary["map_tasks"].values()
-    assert_moved(summary, "reduce", victim, spare)
-    assert spare in cluster.hosts_at_gate(gates, "reduce"), "the spare's reduce code never ran"
+    assert_moved(summary, phase, victim, spare)
+    assert spare in cluster.hosts_at_gate(gates, phase), f"the spare's {phase} code never ran"
 
 
 def test_partitioned_worker_is_replaced_and_its_late_result_ignored(
