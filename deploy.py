@@ -11,6 +11,7 @@ commands; this script exists so a fresh clone works before `ipdc` is on PATH.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 def _ensure_python_deps(with_tf: bool) -> None:
     """pip install this project (editable) when its dependencies are missing."""
-    try:
-        import click, httpx, paho.mqtt, rich, yaml  # noqa: F401, E401
-        missing = False
-    except ImportError:
-        missing = True
+    missing = any(importlib.util.find_spec(m) is None for m in ("click", "httpx", "paho", "rich", "yaml"))
     extras = "[tf]" if with_tf else ""
     if missing or with_tf:
         print(f"installing IPDC's Python dependencies (pip install -e .{extras})", file=sys.stderr)
@@ -38,7 +35,7 @@ def main() -> None:
     _ensure_python_deps(with_tf)
     sys.path.insert(0, str(HERE))
     from ipdc.cli import main as cli
-    from ipdc.install import ensure_kubo, ensure_mosquitto
+    from ipdc.node.install import ensure_kubo, ensure_mosquitto
 
     if args[:1] == ["install"]:
         ensure_mosquitto()

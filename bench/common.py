@@ -107,7 +107,8 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
     """
     sys.path.insert(0, str(REPO))
     from ipdc.client import SwarmClient
-    from ipdc.cluster import LocalCluster
+
+    from ipdc.node.cluster import LocalCluster
 
     with LocalCluster(n, **cluster_args) as cluster:
         with SwarmClient(cluster.nodes[0].config).connect() as client:

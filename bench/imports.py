@@ -106,9 +106,9 @@ def probe(module: str, block: list[str], lazy: list[str]) -> dict[str, Any]:
 
 
 def top_package(module: str) -> str:
-    """``ipdc.tf`` and ``channels.x`` stay whole (they are ours); others by top-level name."""
+    """``ipdc.x`` stays whole (it is ours); others by top-level name."""
     parts = module.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("ipdc", "channels") else parts[0]
+    return ".".join(parts[:2]) if parts[0] == "ipdc" else parts[0]
 
 
 def main() -> None:

@@ -60,14 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 sys.path.insert(0, str(common.REPO))
-from channels.getresult import GetResult  # noqa: E402
+from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess  # noqa: E402
 from ipdc.bus import Bus  # noqa: E402
-from ipdc.client import SwarmClient  # noqa: E402
 from ipdc.config import SandboxSection  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
-from ipdc.mapreduce import JobResult, MapReduceController, MapReduceJob  # noqa: E402
 from ipdc.peers import Peer  # noqa: E402
-from ipdc.sandbox import RunnerProcess, ZygoteProcess  # noqa: E402
+from ipdc.submit.client import SwarmClient  # noqa: E402
+from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob  # noqa: E402
+from ipdc.wire.getresult import GetResult  # noqa: E402
 
 MILESTONES = ("check+select", "upload", "download", "map", "reduce", "fetch", "describe", "finish", "cleanup")
 SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice", "upload": "subscribe, IPFS add code + input",
@@ -277,7 +277,7 @@ def mqtt_round_trips(config: Any, n: int) -> list[float]:
 def runner_starts(n: int, work: Path) -> dict[str, list[float]]:
     """What a task pays for a runner without a warm spare: the zygote's fork until the
     runner is ready, then ``bind`` (the runner imports the job's Map.py and Reduce.py)."""
-    jobs = common.REPO / "jobs" / "mapreduce"
+    jobs = common.REPO / "ipdc" / "jobs" / "mapreduce"
     for name in ("Map.py", "Reduce.py"):
         shutil.copy(jobs / name, work / name)
     settings = SandboxSection()

@@ -38,15 +38,15 @@ import common  # noqa: E402
 SILENCE_CHECKS = 5
 
 sys.path.insert(0, str(common.REPO))
-from channels.cleanup import CLEANUP, CleanUp  # noqa: E402
-from channels.download import DOWNLOAD, Download  # noqa: E402
-from channels.heartbeat import Heartbeat  # noqa: E402
-from channels.presence import Capabilities, Presence  # noqa: E402
-from ipdc.client import SwarmClient  # noqa: E402
-from ipdc.ids import JobId, NodeName  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
-from ipdc.mapreduce import MapReduceController, MapReduceJob  # noqa: E402
 from ipdc.peers import Peer, PeerTable, select_nearest  # noqa: E402
+from ipdc.submit.client import SwarmClient  # noqa: E402
+from ipdc.submit.mapreduce import MapReduceController, MapReduceJob  # noqa: E402
+from ipdc.wire.cleanup import CLEANUP, CleanUp  # noqa: E402
+from ipdc.wire.download import DOWNLOAD, Download  # noqa: E402
+from ipdc.wire.heartbeat import Heartbeat  # noqa: E402
+from ipdc.wire.ids import JobId, NodeName  # noqa: E402
+from ipdc.wire.presence import Capabilities, Presence  # noqa: E402
 
 
 def fan_out(cluster: Any, rounds: int, input_file: Path) -> list[float]:

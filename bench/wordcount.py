@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is a directory of scripts, not a package)
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.mapreduce import plan_chunks  # noqa: E402
+from ipdc.submit.mapreduce import plan_chunks  # noqa: E402
 
 CORPUS = common.BENCH / "corpus" / "corpus.txt"
 #: Chunks for the chunked variants: ~12 MB each on the full corpus, so two workers

@@ -23,16 +23,28 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ipdc import __version__
-from ipdc.client import SwarmClient
 from ipdc.errors import IPDCError, NodeError
-from ipdc.invite import Invite
 from ipdc.kubo import KuboClient
-from ipdc.mapreduce import JOBS_DIR, JobResult, MapReduceController, MapReduceJob, check_job_files
-from ipdc.node import Node
+from ipdc.node.invite import Invite
+from ipdc.node.lifecycle import Node
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import (
+    JOBS_DIR,
+    JobResult,
+    MapReduceController,
+    MapReduceJob,
+    check_job_files,
+)
 
 err = Console(stderr=True, soft_wrap=True)
 #: Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns.
@@ -228,7 +240,9 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
     if not quiet:
         err.print(f"[yellow]no IPDC node is running for {node.home}: starting a temporary local "
                   f"cluster of {n} nodes (mosquitto, kubo and an agent each) for this job[/]")
-    from ipdc.cluster import LocalCluster  # only for the embedded default: 50 ms of imports
+    from ipdc.node.cluster import (
+        LocalCluster,  # only for the embedded default: 50 ms of imports
+    )
 
     with LocalCluster(n) as cluster:
         yield cluster.nodes[0]
@@ -241,9 +255,9 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
 @click.option("--k", type=int, default=None,
               help="Workers (= reducers = output parts). Default: every live peer.")
 @click.option("--map", "map_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Map.py",
-              show_default="jobs/mapreduce/Map.py", help="File defining map(line) [and combine].")
+              show_default="the shipped WordCount Map.py", help="File defining map(line) [and combine].")
 @click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Reduce.py",
-              show_default="jobs/mapreduce/Reduce.py", help="File defining reduce(key, values).")
+              show_default="the shipped WordCount Reduce.py", help="File defining reduce(key, values).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output directory (default ./ipdc-out/<job-id>); must not hold files.")
 @click.option("--chunks", type=int, default=None, help="Map tasks (default: from input size and K).")
@@ -339,7 +353,7 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     Each task goes to a TF-capable peer near the cluster name by XOR distance; the
     chief is your script, run with the TF_CONFIG this prints.
     """
-    from ipdc.tf import TfController, load_spec
+    from ipdc.submit.tf import TfController, load_spec
 
     spec = load_spec(spec_file)
     node = _running_node()
@@ -363,7 +377,7 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
 def tf_down(name: str) -> None:
     """Stop every server of cluster NAME on every peer and remove its files."""
     node = _running_node()
-    from ipdc.tf import TfController
+    from ipdc.submit.tf import TfController
 
     with SwarmClient(node.config, node.signer).connect() as client, \
             KuboClient(node.config.kubo_api_url) as kubo:
@@ -376,7 +390,7 @@ def tf_down(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def tf_list(as_json: bool) -> None:
     """The TF clusters started from this node, and whether every server answers."""
-    from ipdc.tf import cluster_is_up, list_clusters
+    from ipdc.submit.tf import cluster_is_up, list_clusters
 
     rows = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(Node().home)]
     if as_json:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ipdc.errors import ConfigError
-from ipdc.schema import build
+from ipdc.wire.schema import build
 
 CONFIG_NAME = "ipdc.conf"
 

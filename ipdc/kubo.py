@@ -22,8 +22,8 @@ from typing import IO, Any
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
-from ipdc.ids import Cid
 from ipdc.errors import KuboError
+from ipdc.wire.ids import Cid
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import NoReturn
 
-from channels.heartbeat import Heartbeat
-from channels.presence import Presence
+from ipdc.wire.heartbeat import Heartbeat
+from ipdc.wire.presence import Presence
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipdc.cluster import LocalCluster
+from ipdc.node.cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")

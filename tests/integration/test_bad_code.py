@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.cluster import LocalCluster
-from ipdc.sandbox import POOL_GROUP, pids_hierarchy
-from ipdc.service import wait_for
+from ipdc.agent.sandbox import POOL_GROUP, pids_hierarchy
+from ipdc.node.cluster import LocalCluster
+from ipdc.spawn import wait_for
 from tests.helpers import bad_map, read_output, reference_counts, run_cli
 
 LIMITS = {"task_timeout": 5.0, "memory_mb": 1024, "max_pids": 16}

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.client import SwarmClient
-from ipdc.cluster import LocalCluster
 from ipdc.errors import JobError, NotEnoughPeers, TaskFailed
 from ipdc.kubo import KuboClient
-from ipdc.mapreduce import JobResult, MapReduceController, MapReduceJob
-from ipdc.service import wait_for
+from ipdc.node.cluster import LocalCluster
+from ipdc.spawn import wait_for
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
 from tests.helpers import REPO, read_output, reference_counts, run_cli
 
 WORDS = ["the", "The", "café", "naïve", "Ünïcödé", "日本語", "中文字", "한국어", "🚀", "🌍x", "e\u0301",
@@ -225,7 +225,7 @@ def test_embedded_default_cluster(tmp_path: Path, k: int) -> None:
 
 def test_shipped_example_with_four_workers(tmp_path: Path) -> None:
     """The README's first command: `ipdc mr --k 4` on the shipped example input."""
-    example = REPO / "jobs" / "mapreduce" / "input.txt"
+    example = REPO / "ipdc" / "jobs" / "mapreduce" / "input.txt"
     done = run_cli(["mr", "--k", "4", str(example)], tmp_path / "home", cwd=tmp_path)
     out_dir = Path(done.stdout.split("output:")[1].split()[0])
     assert out_dir.parent == tmp_path / "ipdc-out"

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from channels import INBOX_CHANNELS
 from ipdc.bus import Bus
 from ipdc.config import BrokerSection, load_config
 from ipdc.errors import BusError, KuboError
 from ipdc.kubo import KuboClient
-from ipdc.node import Node
-from ipdc.service import pid_alive, wait_for
+from ipdc.node.lifecycle import Node
+from ipdc.spawn import pid_alive, wait_for
+from ipdc.wire import INBOX_CHANNELS
 from tests.helpers import run_cli
 
 

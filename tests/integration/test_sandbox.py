@@ -25,16 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.cluster import LocalCluster
+from ipdc.agent.sandbox import SAFE_ENV, RunnerPool, RunnerProcess
 from ipdc.config import SandboxSection
 from ipdc.errors import TaskFailed
 from ipdc.kubo import KuboClient
-from ipdc.sandbox import SAFE_ENV, RunnerPool, RunnerProcess
-from ipdc.service import pid_alive, wait_for
+from ipdc.node.cluster import LocalCluster
+from ipdc.spawn import pid_alive, wait_for
 from tests.helpers import REPO, bad_map, reference_counts
 
-WORDCOUNT_MAP = (REPO / "jobs" / "mapreduce" / "Map.py").read_text()
-WORDCOUNT_REDUCE = (REPO / "jobs" / "mapreduce" / "Reduce.py").read_text()
+WORDCOUNT_MAP = (REPO / "ipdc" / "jobs" / "mapreduce" / "Map.py").read_text()
+WORDCOUNT_REDUCE = (REPO / "ipdc" / "jobs" / "mapreduce" / "Reduce.py").read_text()
 TEXT = "the cat sat on the mat\r\ncafé \udcff\udcfe naïve the\n".encode("utf-8", "surrogateescape") * 40
 
 INFINITE_LOOP = bad_map("infinite loop", chunk=True)
@@ -280,7 +280,7 @@ def test_without_a_pids_cgroup_the_pool_warns_and_kills_by_process_group(
         make_pool: MakePool, kubo: KuboClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Where no pids hierarchy is writable (here: as if none were mounted)."""
-    monkeypatch.setattr("ipdc.sandbox.pids_hierarchy", lambda: None)
+    monkeypatch.setattr("ipdc.agent.sandbox.pids_hierarchy", lambda: None)
     pool = make_pool(task_timeout=3.0)
     assert pool.cgroups is None
     assert "fork bombs in user code are not contained" in caplog.text
@@ -362,8 +362,8 @@ AGENT = """
 import json, sys, time
 from pathlib import Path
 from ipdc.config import SandboxSection
-from ipdc.sandbox import RunnerPool
-from ipdc.service import wait_for
+from ipdc.agent.sandbox import RunnerPool
+from ipdc.spawn import wait_for
 pool = RunnerPool(SandboxSection(), Path(sys.argv[1]), 1)
 assert wait_for(lambda: pool._spares and pool._spares[0].pid is not None, 30)
 spare = pool._spares[0]

@@ -19,22 +19,22 @@ from typing import Any
 
 import pytest
 
-from channels import INBOX_CHANNELS
-from channels.buffer import BUFFER, Buffer
-from channels.cleanup import CLEANUP, CleanUp
-from channels.domap import DOMAP, DoMap
-from channels.download import DOWNLOAD, Download
-from channels.tf import TF, Tf
 from ipdc.bus import Bus
-from ipdc.client import SwarmClient
-from ipdc.cluster import LocalCluster
-from ipdc.ids import Cid, JobId, NodeName
-from ipdc.job import JobManifest
 from ipdc.kubo import KuboClient
-from ipdc.mapreduce import MapReduceController, MapReduceJob
-from ipdc.node import Node
-from ipdc.service import wait_for
+from ipdc.node.cluster import LocalCluster
+from ipdc.node.lifecycle import Node
+from ipdc.spawn import wait_for
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import MapReduceController, MapReduceJob
 from ipdc.trust import Signer
+from ipdc.wire import INBOX_CHANNELS
+from ipdc.wire.buffer import Buffer
+from ipdc.wire.cleanup import CleanUp
+from ipdc.wire.domap import DoMap
+from ipdc.wire.download import Download
+from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.manifest import JobManifest
+from ipdc.wire.tf import Tf
 from tests.helpers import read_output, reference_counts
 
 pytestmark = pytest.mark.timeout(300)

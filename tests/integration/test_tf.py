@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from ipdc.cluster import LocalCluster
+from ipdc.node.cluster import LocalCluster
 from ipdc.peers import xor_key
-from ipdc.service import pid_alive, wait_for
-from ipdc.tf import EXAMPLE
+from ipdc.spawn import pid_alive, wait_for
+from ipdc.submit.tf import EXAMPLE
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ipdc.broker import Broker
 from ipdc.config import load_config, save_config
-from ipdc.install import find_mosquitto
-from ipdc.node import Node
-from ipdc.service import pid_alive
+from ipdc.node.broker import Broker
+from ipdc.node.install import find_mosquitto
+from ipdc.node.lifecycle import Node
+from ipdc.spawn import pid_alive
 from tests.helpers import REPO
 
 T = TypeVar("T")

@@ -8,9 +8,14 @@ import types
 from collections import Counter
 from pathlib import Path
 
-from ipdc.mapreduce import default_chunks, plan_chunks
-from ipdc.runner import (format_field, map_pairs, read_partition, reduce_partitions, split_lines,
-                         stable_partition, write_partitions)
+from ipdc.runner.mapreduce import (
+    format_field,
+    map_pairs,
+    reduce_partitions,
+    split_lines,
+)
+from ipdc.submit.mapreduce import default_chunks, plan_chunks
+from ipdc.wire.partition import read_partition, stable_partition, write_partitions
 
 
 def test_chunks_are_line_aligned_and_cover_the_file(tmp_path: Path) -> None:
@@ -41,7 +46,7 @@ def test_default_chunks() -> None:
 
 def test_stable_partition_does_not_depend_on_hash_seed() -> None:
     keys = ["the", "café", "日本", "\udcff", 42, ["a", 1]]
-    code = ("from ipdc.runner import stable_partition;"
+    code = ("from ipdc.wire.partition import stable_partition;"
             f"print([stable_partition(k, 7) for k in {keys!r}])")
     outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": ""},
                            capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}

@@ -10,8 +10,14 @@ import pytest
 
 from ipdc.config import config_from_dict
 from ipdc.errors import ConfigError
-from ipdc.runner import (MAGIC, PartitionError, map_pairs, read_partition, reduce_partitions, stable_partition,
-                         write_partitions)
+from ipdc.runner.mapreduce import map_pairs, reduce_partitions
+from ipdc.wire.partition import (
+    MAGIC,
+    PartitionError,
+    read_partition,
+    stable_partition,
+    write_partitions,
+)
 
 
 def module(**functions: object) -> types.ModuleType:

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from channels.heartbeat import Heartbeat
-from channels.presence import Capabilities, Presence
 from ipdc import peers as peers_module
-from ipdc.ids import NodeName
 from ipdc.peers import LivePeers, Peer, PeerTable, assign_nearest, select_nearest
+from ipdc.wire.heartbeat import Heartbeat
+from ipdc.wire.ids import NodeName
+from ipdc.wire.presence import Capabilities, Presence
 
 
 def presence(peer_id: str, name: str | None = None, tf: bool = False) -> Presence:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from channels.presence import Capabilities, Presence
 from ipdc.errors import SpecError
 from ipdc.peers import Peer, assign_nearest, select_nearest, xor_key
-from ipdc.tf import load_spec, make_cluster, parse_spec
+from ipdc.submit.tf import load_spec, make_cluster, parse_spec
+from ipdc.wire.presence import Capabilities, Presence
 
 
 def peer(name: str, tf: bool = True, slots: int = 2) -> Peer:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from channels.cleanup import CleanUp
-from channels.domap import DoMap
-from channels.download import Download
 from ipdc.errors import TrustError
-from ipdc.ids import Cid, JobId, NodeName
-from ipdc.job import JobManifest
 from ipdc.trust import NonceLog, Signer, TrustStore, parse_public_key, verify
+from ipdc.wire.cleanup import CleanUp
+from ipdc.wire.domap import DoMap
+from ipdc.wire.download import Download
+from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.manifest import JobManifest
 
 CID = Cid("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from channels import INBOX_CHANNELS
-from channels.base import MAX_PAYLOAD
-from channels.getresult import GETRESULT
 from ipdc.config import config_from_dict
 from ipdc.errors import ConfigError, MessageError, TokenError
-from ipdc.ids import Cid, JobId, NodeName
-from ipdc.invite import Invite
+from ipdc.node.invite import Invite
+from ipdc.wire import INBOX_CHANNELS
+from ipdc.wire.channel import MAX_PAYLOAD
+from ipdc.wire.getresult import GETRESULT
+from ipdc.wire.ids import Cid, JobId, NodeName
 
 JOB = "0123456789abcdef0123456789abcdef"
 CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
@@ -62,7 +62,7 @@ def test_every_inbox_channel_rejects_garbage(name: str, payload: bytes) -> None:
 
 
 def test_getresult_round_trip_and_kind_check() -> None:
-    from channels.getresult import GetResult
+    from ipdc.wire.getresult import GetResult
 
     msg = GetResult(JobId(JOB), NodeName("n-1"), "map", 1, 0, [Cid(CID)])
     assert GETRESULT.decode(GETRESULT.encode(msg)) == msg

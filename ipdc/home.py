@@ -1,0 +1,88 @@
+"""A node's home directory: where its config, keys, kubo repo and jobs live.
+
+Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``):
+
+    ipdc.conf          the node's configuration (YAML, mode 0600)
+    kubo/              the kubo repo (IPFS_PATH), with swarm.key
+    broker/            mosquitto.conf, the ACL, data/   (broker host only)
+    logs/              agent.log, ipfs.log, mosquitto.log
+    run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
+    keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
+    trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
+    work/<job-id>/     one directory per job, removed by CleanUp
+
+so several nodes can share one machine, each with its own home. Both the running
+agent and the node tooling read it; only the tooling (:mod:`ipdc.node`) creates it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from ipdc.config import CONFIG_NAME, Config, ipdc_home, load_config
+from ipdc.errors import KuboError, NodeError
+from ipdc.kubo import KuboClient
+from ipdc.trust import NonceLog, Signer, TrustStore
+
+log = logging.getLogger(__name__)
+
+
+class NodeHome:
+    """The files of the node whose state lives in ``home``."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = (home or ipdc_home()).absolute()
+        self.conf_path = self.home / CONFIG_NAME
+        self.kubo_repo = self.home / "kubo"
+        self.work_dir = self.home / "work"
+        self._config: Config | None = None
+
+    @property
+    def initialised(self) -> bool:
+        return self.conf_path.exists()
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.conf_path)
+        return self._config
+
+    def peer_id(self) -> str:
+        """The kubo peer ID, read from the repo: stable across restarts."""
+        try:
+            return str(json.loads((self.kubo_repo / "config").read_text())["Identity"]["PeerID"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise NodeError(f"cannot read the kubo identity in {self.kubo_repo}: {exc}") from None
+
+    def kubo_env(self) -> dict[str, str]:
+        return {**os.environ, "IPFS_PATH": str(self.kubo_repo), "LIBP2P_FORCE_PNET": "1",
+                "IPFS_TELEMETRY": "off"}
+
+    def swarm_multiaddr(self) -> str:
+        cfg = self.config
+        return f"/ip4/{cfg.node.host}/tcp/{cfg.kubo.swarm_port}/p2p/{self.peer_id()}"
+
+    @property
+    def signer(self) -> Signer:
+        return Signer.load_or_create(self.home / "keys" / "submitter.key")
+
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore(self.home / "trusted_keys")
+
+    def nonces(self) -> NonceLog:
+        return NonceLog(self.home / "run" / "nonces", self.config.agent.manifest_ttl)
+
+    def connect_swarm(self, kubo: KuboClient) -> None:
+        """Dial the bootstrap peers we are not connected to (again after a partition)."""
+        cfg = self.config
+        connected = {a.rsplit("/p2p/", 1)[1] for a in kubo.swarm_peers()}
+        for addr in cfg.kubo.bootstrap:
+            if addr.rsplit("/p2p/", 1)[1] not in connected:
+                try:
+                    kubo.swarm_connect(addr)
+                except KuboError as exc:
+                    log.warning("cannot reach bootstrap peer %s yet (%s)", addr, exc)

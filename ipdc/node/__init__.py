@@ -1,0 +1,2 @@
+"""Node tooling: install, init or join, invite, start, stop, and throwaway local
+clusters. None of it runs inside the agent."""

@@ -1,0 +1,2 @@
+"""The submitter side: choosing workers, driving jobs and TF clusters from the
+node that submits them."""

@@ -1,0 +1,139 @@
+"""The submitter's connection to the swarm, used by job controllers and ``ipdc peers``.
+
+It keeps the live peer table (retained presence plus heartbeats), routes each
+job's GetResult reports to that job's queue, and signs what it sends with the
+node's submitter key, so agents can tell the job's owner from any other member. ``connect`` returns only after every
+retained presence message has arrived: it publishes a marker on its own result
+topic and waits for it to loop back, and the broker delivers that marker after
+the retained messages of the earlier subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import fields
+from typing import Any
+
+from ipdc.bus import Bus, Inbound
+from ipdc.config import Config
+from ipdc.errors import BusError, MessageError
+from ipdc.peers import PeerTable
+from ipdc.trust import Signer
+from ipdc.wire.channel import Channel
+from ipdc.wire.getresult import GETRESULT, GetResult
+from ipdc.wire.heartbeat import HEARTBEAT
+from ipdc.wire.presence import PRESENCE
+
+log = logging.getLogger(__name__)
+
+
+class SwarmClient:
+    """A connection to the swarm's broker, with the node's own credentials."""
+
+    def __init__(self, config: Config, signer: Signer | None = None) -> None:
+        self.config = config
+        self.name = config.node.name
+        self.signer = signer
+        self.client_id = f"{self.name}-client-{secrets.token_hex(4)}"
+        self.peers = PeerTable(config.agent.peer_timeout)
+        self.connections = 0
+        """How many times the broker connection was made: a controller that sees it grow
+        knows it was cut off, and sends again what may have been lost meanwhile."""
+        self.bus = Bus(config.broker, self.client_id, session_expiry=600, on_connected=self._on_connected)
+        self._jobs: dict[str, queue.Queue[GetResult]] = {}
+        self._synced = threading.Event()
+        self._sync_topic = f"ipdc/result/{self.name}/sync-{secrets.token_hex(6)}"
+        self._stop = threading.Event()
+        self._pump = threading.Thread(target=self._run, daemon=True, name="swarm-client")
+
+    def connect(self, timeout: float = 10.0) -> "SwarmClient":
+        self.bus.subscribe(PRESENCE.subscription(), HEARTBEAT.subscription(), self._sync_topic)
+        self.bus.connect(timeout)
+        self._pump.start()
+        self.bus.publish(self._sync_topic, b"sync")
+        if not self._synced.wait(timeout):
+            raise BusError(f"the broker at {self.config.broker.host}:{self.config.broker.port} "
+                           "accepted us but delivers nothing: check the broker ACL")
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.bus.close()
+
+    def __enter__(self) -> "SwarmClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- jobs ------------------------------------------------------------------------
+    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+        """Start receiving the job's GetResult reports (before sending it anything)."""
+        results: queue.Queue[GetResult] = queue.Queue()
+        self._jobs[job_id] = results
+        self.bus.subscribe(GETRESULT.subscription(job=job_id))
+        return results
+
+    def unwatch(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self.bus.unsubscribe(GETRESULT.subscription(job=job_id))
+
+    def _signer(self) -> Signer:
+        if self.signer is None:
+            raise BusError("this swarm client has no submitter key, so it cannot submit jobs")
+        return self.signer
+
+    @property
+    def submitter(self) -> str:
+        """The key this client signs with: a job's manifest names it."""
+        return self._signer().public_key
+
+    def send(self, channel: Channel[Any], node: str, message: Any) -> None:
+        """Publish to a peer's inbox; messages with a ``sig`` field are signed first."""
+        if any(f.name == "sig" for f in fields(message)):
+            message = self._signer().sign(message)
+        self.bus.publish(channel.topic(node=node), channel.encode(message))
+
+    def _on_connected(self) -> None:
+        """Runs on paho's thread: peers were silent to us while we were cut off, not dead."""
+        self.connections += 1
+        self.peers.refresh_all()
+
+    # -- the pump --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.bus.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._route(message)
+            except MessageError as exc:
+                log.warning("dropped a malformed message on %s: %s", message.topic, exc)
+
+    def _route(self, message: Inbound) -> None:
+        parts = message.topic.split("/")
+        if message.topic == self._sync_topic:
+            self._synced.set()
+        elif parts[1] == "presence":
+            presence = PRESENCE.decode(message.payload) if message.payload else None
+            log.debug("presence of %s: %s%s", parts[2], "announced" if presence else "gone",
+                      " (retained)" if message.retain else "")
+            self.peers.update_presence(parts[2], presence, _age(message, presence.ts if presence else 0))
+        elif parts[1] == "heartbeat" and message.payload:
+            beat = HEARTBEAT.decode(message.payload)
+            self.peers.update_heartbeat(beat, _age(message, beat.ts))
+        elif parts[1] == "result" and (results := self._jobs.get(parts[3])) is not None:
+            result = GETRESULT.decode(message.payload)
+            if result.peer != parts[2]:
+                raise MessageError(f"{result.peer} reported on {parts[2]}'s result topic")
+            results.put(result)
+
+
+def _age(message: Inbound, ts: float) -> float:
+    """A live message is news now; a retained one is as old as the timestamp it carries."""
+    return max(0.0, time.time() - ts) if message.retain else 0.0

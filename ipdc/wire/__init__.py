@@ -1,0 +1,34 @@
+"""The MQTT channels of IPDC: one module per channel, each a topic pattern plus a
+strictly validated message type.
+
+Topics:
+
+    ipdc/presence/<node>          Presence   retained; cleared by the node's last will
+    ipdc/heartbeat/<node>         Heartbeat  every agent.heartbeat_interval seconds
+    ipdc/peer/<node>/download     Download   job manifest; the agent fetches the code
+    ipdc/peer/<node>/domap        DoMap      run one map task
+    ipdc/peer/<node>/buffer       Buffer     a map output partition for this reducer
+    ipdc/peer/<node>/cleanup      CleanUp    drop a finished job's files and runners
+    ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
+    ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipdc.wire.buffer import BUFFER
+from ipdc.wire.channel import Channel
+from ipdc.wire.cleanup import CLEANUP
+from ipdc.wire.domap import DOMAP
+from ipdc.wire.download import DOWNLOAD
+from ipdc.wire.getresult import GETRESULT
+from ipdc.wire.heartbeat import HEARTBEAT
+from ipdc.wire.presence import PRESENCE
+from ipdc.wire.tf import TF
+
+#: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
+INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF)}
+
+__all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
+           "PRESENCE", "TF", "Channel"]

@@ -1,0 +1,33 @@
+"""Buffer: the job's owner tells a reducer where one map task's share of its
+partition is.
+
+The owner sends it once it has taken the map task's result, so a reducer only
+ever sees output of accepted attempts. A reducer starts once it holds one Buffer
+per map task for its (partition, attempt). When a reducer is lost, or a mapper
+whose output it still needed, the owner sends the whole set again under the
+partition's next attempt, to the same or another peer. Empty partitions are sent
+like any other, so a reducer that receives no keys still finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipdc.wire.channel import Channel
+from ipdc.wire.ids import Cid, JobId
+
+
+@dataclass(frozen=True)
+class Buffer:
+    job_id: JobId
+    partition: int
+    task: int
+    """The map task that produced this partition."""
+    cid: Cid
+    attempt: int = 0
+    """The reduce attempt of ``partition`` this Buffer belongs to."""
+    submitter: str = ""
+    sig: str = ""
+
+
+BUFFER: Channel[Buffer] = Channel("buffer", Buffer, "ipdc/peer/{node}/buffer")

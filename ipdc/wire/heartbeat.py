@@ -1,0 +1,23 @@
+"""Heartbeat: a node's periodic proof of life and its current load.
+
+A controller takes a node as dead when no heartbeat came for ``agent.peer_timeout``,
+even if the broker has not yet fired the node's last will (half-open TCP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipdc.wire.channel import Channel
+from ipdc.wire.ids import NodeName
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    name: NodeName
+    ts: float
+    load: float
+    running: int
+
+
+HEARTBEAT: Channel[Heartbeat] = Channel("heartbeat", Heartbeat, "ipdc/heartbeat/{node}")
