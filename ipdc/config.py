@@ -68,6 +68,12 @@ class AgentSection:
     """Idle user-code processes kept started, so a task need not wait for an interpreter."""
     manifest_ttl: float = 600.0
     """A job manifest older than this (seconds) is refused as a possible replay."""
+    job_lease: float = 120.0
+    """A job whose submitter has said nothing for this long (seconds) is dropped here: its
+    runners stopped, its work dir deleted, its files unpinned. Submitters renew well within it."""
+    ready_timeout: float = 30.0
+    """As a submitter: a worker that has not accepted a job this long after it was asked is
+    replaced (an agent that refuses a job, say for an untrusted key, never answers)."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,10 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
-    if cfg.agent.manifest_ttl <= 0:
-        raise ConfigError("agent.manifest_ttl: must be a positive number of seconds")
+    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl), ("agent.job_lease", cfg.agent.job_lease),
+                         ("agent.ready_timeout", cfg.agent.ready_timeout)):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")
     if cfg.node.tf not in ("auto", "yes", "no"):
         raise ConfigError(f"node.tf: {cfg.node.tf!r} is not one of auto, yes, no")
     if cfg.node.slots < 0:

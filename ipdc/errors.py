@@ -63,6 +63,19 @@ class TaskFailed(JobError):
         self.remote_traceback = remote_traceback
 
 
+class VerificationFailed(JobError):
+    """Replicas of one task (``--verify N``) reported different outputs."""
+
+    def __init__(self, task: str, reports: dict[str, list[str]]) -> None:
+        lines = "\n".join(f"  {peer}: {' '.join(cids)}" for peer, cids in sorted(reports.items()))
+        super().__init__(f"{task}: its replicas on {len(reports)} peers disagree, so no output was "
+                         f"accepted. One of these peers computes wrongly or lies:\n{lines}\n"
+                         "Check those nodes, or run with --verify-majority to take the output most "
+                         "replicas agree on.")
+        self.task = task
+        self.reports = reports
+
+
 class TrustError(IPDCError):
     """A submitter key or signature is malformed, or a key file cannot be read."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -60,11 +61,20 @@ def parse_public_key(key: str) -> VerifyKey:
     return VerifyKey(raw)
 
 
-def canonical(message: Any) -> bytes:
-    """The bytes a signature covers: the message's fields except ``sig``, as sorted JSON."""
+def canonical(message: Any, channel: str, to: str) -> bytes:
+    """The bytes a signature covers: the channel, the recipient, and the message's fields
+    except ``sig``, as sorted JSON. Binding the channel and recipient means a message
+    signed for one node is worthless on another node's inbox, or on another channel."""
     data = dataclasses.asdict(message)
     data.pop("sig", None)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps({"channel": channel, "to": to, "message": data}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def digest(message: Any) -> str:
+    """A short name for one signed message, which a reply echoes (``GetResult.re``): a
+    submitter then acts only on replies to requests it really sent."""
+    return hashlib.sha256(str(message.sig).encode()).hexdigest()[:32]
 
 
 def signer_of(message: Any) -> str:
@@ -107,19 +117,22 @@ class Signer:
             f.write(SEED_PREFIX + _b64(signer._private.encode()) + "\n")
         return signer
 
-    def sign(self, message: M) -> M:
-        """A copy of ``message`` carrying this key as submitter (where it has the field) and a signature."""
+    def sign(self, message: M, channel: str, to: str) -> M:
+        """A copy of ``message`` for ``to`` on ``channel``, carrying this key as submitter
+        (where it has the field) and a signature."""
         if any(f.name == "submitter" for f in dataclasses.fields(message)):  # type: ignore[arg-type]
             message = dataclasses.replace(message, submitter=self.public_key)  # type: ignore[type-var]
         unsigned = dataclasses.replace(message, sig="")  # type: ignore[type-var]
-        return dataclasses.replace(unsigned, sig=_b64(self._private.sign(canonical(unsigned)).signature))
+        signature = self._private.sign(canonical(unsigned, channel, to)).signature
+        return dataclasses.replace(unsigned, sig=_b64(signature))
 
 
-def verify(message: Any) -> bool:
-    """True when ``message.sig`` is a valid signature by the key it claims."""
+def verify(message: Any, channel: str, to: str) -> bool:
+    """True when ``message.sig`` is a valid signature, by the key it claims, of this message
+    for ``to`` on ``channel``."""
     try:
         key = parse_public_key(signer_of(message))
-        key.verify(canonical(message), _unb64(message.sig))
+        key.verify(canonical(message, channel, to), _unb64(message.sig))
     except (TrustError, BadSignatureError, CryptoError, binascii.Error, ValueError, TypeError):
         return False
     return True

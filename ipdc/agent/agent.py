@@ -1,27 +1,26 @@
 """The IPDC agent: one per node, the worker side of every job.
 
-Lifecycle (``python -m ipdc.agent``, started by ``deploy.py start``):
+Lifecycle (``python -m ipdc.agent``, started by ``deploy.py start``), read top to
+bottom in :meth:`Agent.run`:
 
 1. connect to the broker with a persistent session and a last will that clears
    the node's retained presence; announce presence on every (re)connect;
-2. subscribe to the node's inbox ``ipdc/peer/<name>/+`` and dispatch each message
-   by channel; heartbeat every ``agent.heartbeat_interval`` seconds;
+2. subscribe to the node's inbox ``ipdc/peer/<name>/+``; decode, authenticate and
+   route each message; heartbeat every ``agent.heartbeat_interval`` seconds and
+   drop jobs whose submitter has been silent for ``agent.job_lease``;
 3. on SIGTERM: clear presence, kill the runners, disconnect.
 
-The paho network thread only queues messages. A dispatcher thread decodes and
-routes them; Download and CleanUp run on a small I/O pool, map and reduce tasks on
-a pool of ``node.slots`` threads that each drive one runner process. A malformed
-message is logged and dropped. Every handler is idempotent, because QoS 1 may
-deliver a message twice.
+The paho network thread only queues messages. The dispatcher thread decodes them,
+checks who sent them, and hands them to the job table (:mod:`ipdc.agent.jobs`),
+which decides; this shell carries out its actions: code fetches on a small I/O
+pool, tasks on a pool of ``node.slots`` threads that each drive one runner process
+(:mod:`ipdc.agent.execute`). User code never runs here.
 
-Only signed jobs run (see ipdc.trust): a Download must be signed by a trusted
-submitter, fresh, and carry an unseen nonce; every later message of the job must
-be signed by the same key. Anything else is rejected with a log line that says
-why, before any file is written or process started.
-
-Tasks are keyed by attempt. The job's owner decides which attempt counts: the
-agent runs what it is sent and reports ``(task, attempt)``, answering a repeated
-request from what it already computed.
+Only signed jobs run (see ipdc.trust). A message must be signed by a trusted key,
+for this node and this channel; a Download must also be fresh, carry an unseen
+nonce and list this node among its workers. A message that fails any check is
+logged with the reason and never answered: an answer would let any member make a
+worker speak, and a submitter replaces a worker that does not accept its job.
 """
 
 from __future__ import annotations
@@ -32,41 +31,53 @@ import sys
 # every agent. (Not done in the runner: user code may want trio.)
 sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
+import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
-import logging
-import os
-import queue
-import re
-import shutil
-import signal
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import logging  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
-from ipdc import __version__
-from ipdc.agent.sandbox import RunnerPool
-from ipdc.bus import Bus, Inbound, Will
-from ipdc.errors import IPDCError, MessageError, TaskFailed
-from ipdc.home import NodeHome
-from ipdc.kubo import KuboClient
-from ipdc.trust import signer_of, verify
-from ipdc.wire import INBOX_CHANNELS
-from ipdc.wire.buffer import Buffer
-from ipdc.wire.channel import Channel
-from ipdc.wire.cleanup import CleanUp
-from ipdc.wire.domap import DoMap
-from ipdc.wire.download import Download
-from ipdc.wire.getresult import GETRESULT, GetResult
-from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat
-from ipdc.wire.ids import Cid
-from ipdc.wire.manifest import JobManifest
-from ipdc.wire.presence import PRESENCE, Capabilities, Presence
-from ipdc.wire.tf import Tf
+from ipdc import __version__  # noqa: E402
+from ipdc.agent.execute import Executor  # noqa: E402
+from ipdc.agent.jobs import (  # noqa: E402
+    Action,
+    Drop,
+    Fetch,
+    JobKey,
+    JobTable,
+    Note,
+    Prepare,
+    Report,
+    RunMap,
+    RunReduce,
+    Unpin,
+    key_of,
+)
+from ipdc.bus import Bus, Inbound, Will  # noqa: E402
+from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
+from ipdc.home import NodeHome  # noqa: E402
+from ipdc.kubo import KuboClient  # noqa: E402
+from ipdc.trust import digest, signer_of, verify  # noqa: E402
+from ipdc.wire import INBOX_CHANNELS  # noqa: E402
+from ipdc.wire.buffer import Buffer  # noqa: E402
+from ipdc.wire.cleanup import CleanUp  # noqa: E402
+from ipdc.wire.domap import DoMap  # noqa: E402
+from ipdc.wire.download import Download  # noqa: E402
+from ipdc.wire.getresult import GETRESULT, GetResult  # noqa: E402
+from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
+from ipdc.wire.ids import JobId, NodeName  # noqa: E402
+from ipdc.wire.manifest import JobManifest  # noqa: E402
+from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
+from ipdc.wire.renew import Renew  # noqa: E402
+from ipdc.wire.tf import Tf  # noqa: E402
 
 if TYPE_CHECKING:
     from ipdc.agent.tfhost import TfHost
@@ -75,35 +86,6 @@ log = logging.getLogger("ipdc.agent")
 
 #: File names a manifest may give code files: no directories, no dot files.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-#: How many finished job ids are remembered, so late duplicates are recognised.
-REMEMBERED_JOBS = 4096
-
-
-@dataclass
-class AgentJob:
-    """What this agent knows and holds of one job."""
-
-    manifest: JobManifest
-    dir: Path
-    maps: dict[int, list[Cid]] = field(default_factory=dict)
-    """Map task -> its partition CIDs, from whichever attempt ran here first."""
-    buffers: dict[tuple[int, int], dict[int, Cid]] = field(default_factory=dict)
-    """(partition, reduce attempt) -> map task -> CID."""
-    reduces: dict[tuple[int, int], list[Cid]] = field(default_factory=dict)
-    started: set[tuple[str, int, int]] = field(default_factory=set)
-    """("map" | "reduce", task, attempt) already started here."""
-    failed: dict[tuple[str, int, int], str] = field(default_factory=dict)
-    """The same keys -> the error reported, for a request that comes again."""
-    created: list[Cid] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def bind_request(self, kubo_url: str) -> dict[str, Any]:
-        code = self.manifest.code
-        return {
-            "dir": str(self.dir), "kubo": kubo_url, "partitions": self.manifest.partitions,
-            "map": str(self.dir / "Map.py") if "Map.py" in code else "",
-            "reduce": str(self.dir / "Reduce.py") if "Reduce.py" in code else "",
-        }
 
 
 def capabilities(tf_setting: str) -> Capabilities:
@@ -118,6 +100,12 @@ def capabilities(tf_setting: str) -> Capabilities:
     return Capabilities(cores=os.cpu_count() or 1, mem_free_mb=mem_free, tf=tf)
 
 
+def job_dir_name(key: JobKey) -> str:
+    """A job's work dir: its id, prefixed by its submitter's key, so two submitters' jobs
+    never share a directory even with the same id."""
+    return f"{hashlib.sha256(key[0].encode()).hexdigest()[:8]}-{key[1]}"
+
+
 class Agent:
     """The worker of one node."""
 
@@ -126,29 +114,20 @@ class Agent:
         self.config = cfg = node.config
         self.name = cfg.node.name
         self.kubo = KuboClient(cfg.kubo_api_url, timeout=600)
-        self.jobs: dict[str, AgentJob] = {}
-        self.downloading: dict[str, str] = {}
-        """Jobs whose code is being fetched -> their submitter's key."""
+        self.table = JobTable(self.name)
         self.trust = node.trust
         self.nonces = node.nonces()
-        self.finished: OrderedDict[str, None] = OrderedDict()
         self.running = 0
         self.peer_id = ""
         self._lock = threading.Lock()
+        """Guards the job table: the dispatcher and the task threads both use it."""
         self._stop = threading.Event()
         self.tasks = ThreadPoolExecutor(cfg.slots, thread_name_prefix="task")
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="fetch")
         """A job's code files are fetched at once, each from wherever the swarm has it."""
-        self.pool = RunnerPool(cfg.sandbox, node.home / "logs", cfg.agent.warm_runners)
+        self.executor = Executor(cfg.sandbox, cfg.kubo_api_url, node.home / "logs", cfg.agent.warm_runners)
         self._tf: TfHost | None = None
-        self.handlers: dict[str, tuple[Channel[Any], Callable[[Any], None]]] = {
-            "download": (INBOX_CHANNELS["download"], self.on_download),
-            "domap": (INBOX_CHANNELS["domap"], self.on_domap),
-            "buffer": (INBOX_CHANNELS["buffer"], self.on_buffer),
-            "cleanup": (INBOX_CHANNELS["cleanup"], self.on_cleanup),
-            "tf": (INBOX_CHANNELS["tf"], self.on_tf),
-        }
         self.presence_topic = PRESENCE.topic(node=self.name)
         self.bus = Bus(cfg.broker, f"{self.name}-agent", session_expiry=3600,
                        will=Will(self.presence_topic), on_connected=self.announce)
@@ -174,7 +153,7 @@ class Agent:
         log.info("agent %s stopping", self.name)
         self.bus.publish(self.presence_topic, b"", retain=True)
         self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
-        self.pool.close()
+        self.executor.close()
         if self._tf is not None:
             self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
         self.tasks.shutdown(wait=False, cancel_futures=True)
@@ -185,22 +164,26 @@ class Agent:
     def announce(self) -> None:
         cfg = self.config
         presence = Presence(
-            name=self.name, peer_id=self.peer_id, host=cfg.node.host,
+            name=NodeName(self.name), peer_id=self.peer_id, host=cfg.node.host,
             addrs=[self.node.swarm_multiaddr()], caps=capabilities(cfg.node.tf), slots=cfg.slots,
-            load=_load(), ts=time.time(), version=__version__,
+            load=_load(), ts=time.time(), version=__version__, lease=cfg.agent.job_lease,
         )
         self.bus.publish(self.presence_topic, PRESENCE.encode(presence), retain=True)
 
     def _heartbeat(self) -> None:
-        """Beat, and every few beats redial lost bootstrap peers (after a partition heals)."""
+        """Beat, drop jobs past their lease, and every few beats redial lost bootstrap peers
+        (after a partition heals)."""
         topic = HEARTBEAT.topic(node=self.name)
         beats = 0
         while not self._stop.wait(self.config.agent.heartbeat_interval):
-            beat = Heartbeat(name=self.name, ts=time.time(), load=_load(), running=self.running)
+            beat = Heartbeat(name=NodeName(self.name), ts=time.time(), load=_load(), running=self.running)
             try:
                 self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
             except Exception:  # noqa: BLE001 - a node that stops beating is taken for dead
                 log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
+            with self._lock:
+                expired = self.table.expire(time.time(), self.config.agent.job_lease)
+            self.perform(expired)
             beats += 1
             if beats % 5 == 0:
                 try:
@@ -210,244 +193,85 @@ class Agent:
 
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self, message: Inbound) -> None:
+        """Decode, authenticate and route one message; nothing it holds can stop the agent."""
         channel_name = message.topic.rsplit("/", 1)[-1]
-        entry = self.handlers.get(channel_name)
-        if entry is None:
+        channel = INBOX_CHANNELS.get(channel_name)
+        if channel is None:
             log.warning("dropped a message on unknown topic %s", message.topic)
             return
-        channel, handler = entry
         try:
-            handler(channel.decode(message.payload))
+            msg = channel.decode(message.payload)
+            refused = self._authentic(msg, channel_name)
+            if refused:
+                log.warning("rejected %s: %s", _describe(msg), refused)
+                return
+            self.route(msg)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
         except Exception:  # noqa: BLE001 - one bad message must never stop the agent
             log.exception("handler for %s failed", message.topic)
 
-    def report(self, result: GetResult) -> None:
-        self.bus.publish(GETRESULT.topic(node=self.name, job=result.job_id), GETRESULT.encode(result))
-
-    def _job(self, job_id: str, what: str) -> AgentJob | None:
-        job = self.jobs.get(job_id)
-        if job is None:
-            state = "finished" if job_id in self.finished else "unknown"
-            log.warning("ignored %s: the job is %s here", what, state)
-        return job
-
-    def _authentic(self, msg: Any, what: str, submitter: str | None) -> str:
-        """Why ``msg`` is refused ("" when it is not): it must be signed by a trusted key and,
-        within a job, by the job's own ``submitter``. A refusal is logged here."""
+    def _authentic(self, msg: Any, channel: str) -> str:
+        """Why ``msg`` is refused ("" when it is not): it must be signed, by a trusted key, for
+        this node on this channel."""
         key = signer_of(msg)
         if not msg.sig:
-            reason = "it is unsigned"
-        elif key not in self.trust:
-            reason = (f"its submitter key is not trusted here: to run its jobs on {self.name}, run "
-                      f"`ipdc trust add {key}` there")
-        elif not verify(msg):
-            reason = "its signature does not match its content (forged or tampered)"
-        elif submitter is not None and key != submitter:
-            reason = "it is signed by another key than the one that submitted the job"
-        else:
-            return ""
-        log.warning("rejected %s: %s", what, reason)
-        return reason
+            return "it is unsigned"
+        if key not in self.trust:
+            return (f"its submitter key is not trusted here: to run its jobs on {self.name}, run "
+                    f"`ipdc trust add {key}` there")
+        if not verify(msg, channel, self.name):
+            return ("its signature does not match its content, this node or this channel (forged, "
+                    "tampered, or replayed from another node)")
+        return ""
 
-    def _submitter(self, job_id: str) -> str | None:
-        """The key that owns ``job_id`` here, while the job is held or being fetched."""
+    def route(self, msg: Any) -> None:
+        now = time.time()
+        re = digest(msg)
         with self._lock:
-            job = self.jobs.get(job_id)
-            return job.manifest.submitter if job is not None else self.downloading.get(job_id)
+            if isinstance(msg, Download):
+                actions = self._download(msg.manifest, re, now)
+            elif isinstance(msg, DoMap):
+                actions = self.table.domap((msg.submitter, msg.job_id), msg.task, msg.attempt, re, now)
+            elif isinstance(msg, Buffer):
+                actions = self.table.buffer((msg.submitter, msg.job_id), msg.partition, msg.task, msg.cid,
+                                            msg.attempt, re, now)
+            elif isinstance(msg, Renew):
+                actions = self.table.renew((msg.submitter, msg.job_id), now)
+            elif isinstance(msg, CleanUp):
+                actions = self.table.cleanup((msg.submitter, msg.job_id))
+            else:
+                actions = self._tf_request(msg, re, now)
+        self.perform(actions)
 
-    # -- handlers --------------------------------------------------------------------
-    def on_download(self, msg: Download) -> None:
-        manifest = msg.manifest
-        job_id = manifest.job_id
-        what = f"download of job {job_id}"
-        refused = self._authentic(msg, what, None)
-        if refused:
-            self._refuse(job_id, refused)
-            return
+    def _download(self, manifest: JobManifest, re: str, now: float) -> list[Action]:
+        what = f"download of job {manifest.job_id}"
         for name in manifest.code:
             if not SAFE_NAME.fullmatch(name):
-                raise MessageError(f"download: unsafe file name {name!r} in job {job_id}")
-        if manifest.kind == "mapreduce" and (len(manifest.chunks) == 0 or manifest.partitions == 0):
-            raise MessageError(f"download: job {job_id} has no chunks or no reducers")
-        with self._lock:
-            if job_id in self.finished:
-                log.warning("ignored %s: the job is finished here", what)
-                return
-            job = self.jobs.get(job_id)
-            owner = job.manifest.submitter if job is not None else self.downloading.get(job_id)
-        if owner is not None:  # a duplicate, or the owner asking again after an outage
-            if manifest.submitter != owner:
-                log.warning("rejected %s: another submitter already owns the job", what)
-            elif job is not None:
-                self.report(GetResult(job_id, self.name, "ready"))
-            return  # (while the first copy is fetched, that one answers)
-        refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
-        if refused:
-            log.warning("rejected %s: %s", what, refused)
-            self._refuse(job_id, refused)
-            return
-        with self._lock:
-            self.downloading[job_id] = manifest.submitter
-        self.io.submit(self._download, manifest)
+                raise MessageError(f"download: unsafe file name {name!r} in job {manifest.job_id}")
+        if manifest.kind == "mapreduce" and (not manifest.chunks or not manifest.partitions):
+            raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
+        if self.name not in manifest.workers:
+            return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
+                         "replayed from another node?)")]
+        if key_of(manifest) not in self.table.jobs:  # a repeat of a held job needs no fresh nonce
+            refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
+            if refused:
+                return [Note(f"rejected {what}: {refused}")]
+        return self.table.download(manifest, re, now)
 
-    def _refuse(self, job_id: str, reason: str) -> None:
-        """Tell the submitter why we will not run its job, so it replaces us instead of waiting."""
-        self.report(GetResult(job_id, self.name, "error", phase="download",
-                              error=f"{self.name} refused the job: {reason}"))
-
-    def _download(self, manifest: JobManifest) -> None:
-        job_id = manifest.job_id
-        job_dir = self.node.work_dir / job_id
-        try:
-            job_dir.mkdir(parents=True, exist_ok=True)
-            list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
-                                   manifest.code.items()))
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
-            with self._lock:
-                self.downloading.pop(job_id, None)
-            if not isinstance(exc, (IPDCError, OSError)):
-                log.exception("download of job %s failed", job_id)
-            self.report(GetResult(job_id, self.name, "error", phase="download",
-                                  error=f"download of the job's code failed on {self.name}: {exc}"))
-            return
-        with self._lock:
-            self.downloading.pop(job_id, None)
-            if job_id in self.finished:  # cleaned up while we fetched
-                shutil.rmtree(job_dir, ignore_errors=True)
-                return
-            job = self.jobs[job_id] = AgentJob(manifest, job_dir)
-        self.report(GetResult(job_id, self.name, "ready"))
-        if manifest.kind == "mapreduce":
-            self._prepare_runner(job)
-
-    def _prepare_runner(self, job: AgentJob) -> None:
-        """Bind a runner to the job now, while its first task is on its way: most workers
-        will run one of its tasks. A failure here is left for the task to meet."""
-        try:
-            self.pool.release(self.pool.acquire(job.manifest.job_id, job.bind_request(self.kubo.api_url)))
-        except TaskFailed as exc:
-            log.info("could not prepare a runner for job %s yet: %s", job.manifest.job_id, exc)
-
-    def on_domap(self, msg: DoMap) -> None:
-        what = f"domap {msg.task} (attempt {msg.attempt}) of job {msg.job_id}"
-        job = self._job(msg.job_id, what)
-        if job is None or self._authentic(msg, what, job.manifest.submitter):
-            return
-        if not 0 <= msg.task < len(job.manifest.chunks):
-            raise MessageError(f"domap: task {msg.task} out of range for job {msg.job_id}")
-        key = ("map", msg.task, msg.attempt)
-        with job.lock:
-            cids = job.maps.get(msg.task)
-            error = job.failed.get(key)
-            start = cids is None and key not in job.started
-            if start:
-                job.started.add(key)
-        if cids is not None:  # computed here already: answer under this attempt, do not recompute
-            self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids))
-        elif error is not None:  # failed here: say so again, the first report may have been lost
-            self.report(GetResult(msg.job_id, self.name, "error", msg.task, msg.attempt, phase="map", error=error))
-        elif start:
-            self.tasks.submit(self._run_map, job, msg)
-
-    def _run_map(self, job: AgentJob, msg: DoMap) -> None:
-        done = self._run_task(job, "map", msg.task, msg.attempt,
-                              {"op": "map", "cid": job.manifest.chunks[msg.task]}, job.manifest.partitions)
-        if done is None:
-            return
-        cids, stats = done
-        with job.lock:
-            job.maps.setdefault(msg.task, cids)
-        self.report(GetResult(msg.job_id, self.name, "map", msg.task, msg.attempt, cids, stats=stats))
-
-    def on_buffer(self, msg: Buffer) -> None:
-        what = f"buffer {msg.task}->{msg.partition} (attempt {msg.attempt}) of job {msg.job_id}"
-        job = self._job(msg.job_id, what)
-        if job is None or self._authentic(msg, what, job.manifest.submitter):
-            return
-        manifest = job.manifest
-        if not 0 <= msg.partition < manifest.partitions or not 0 <= msg.task < len(manifest.chunks):
-            raise MessageError(f"buffer: partition {msg.partition} or task {msg.task} out of range")
-        slot = (msg.partition, msg.attempt)
-        key = ("reduce", *slot)
-        cids: list[Cid] = []
-        with job.lock:
-            done = job.reduces.get(slot)
-            error = job.failed.get(key)
-            got = job.buffers.setdefault(slot, {})
-            got.setdefault(msg.task, msg.cid)
-            start = done is None and len(got) == len(manifest.chunks) and key not in job.started
-            if start:
-                job.started.add(key)
-                cids = [got[t] for t in range(len(manifest.chunks))]
-        if done is not None:  # the owner sent the set again: it may have missed our answer
-            self.report(GetResult(msg.job_id, self.name, "reduce", msg.partition, msg.attempt, done))
-        elif error is not None:
-            self.report(GetResult(msg.job_id, self.name, "error", msg.partition, msg.attempt, phase="reduce",
-                                  error=error))
-        elif start:
-            self.tasks.submit(self._run_reduce, job, msg.partition, msg.attempt, cids)
-
-    def _run_reduce(self, job: AgentJob, partition: int, attempt: int, cids: list[Cid]) -> None:
-        done = self._run_task(job, "reduce", partition, attempt, {"op": "reduce", "cids": cids}, 1)
-        if done is None:
-            return
-        part, stats = done
-        with job.lock:
-            job.reduces[(partition, attempt)] = part
-        self.report(GetResult(job.manifest.job_id, self.name, "reduce", partition, attempt, part, stats=stats))
-
-    def _run_task(self, job: AgentJob, kind: str, task: int, attempt: int, request: dict[str, Any],
-                  outputs: int) -> tuple[list[Cid], dict[str, float]] | None:
-        """Run one task in a runner: its ``outputs`` CIDs and stats, or None once the failure
-        is reported (and remembered, so a repeated request gets the same answer)."""
-        job_id = job.manifest.job_id
-        with self._lock:
-            self.running += 1
-        try:
-            runner = self.pool.acquire(job_id, job.bind_request(self.kubo.api_url))
-            try:
-                reply = runner.call(request, timeout=self.config.sandbox.task_timeout)
-            finally:
-                self.pool.release(runner)
-            cids = [Cid(c) for c in reply["cids"]]
-            if len(cids) != outputs:
-                raise MessageError(f"the runner answered {len(cids)} CIDs, not {outputs}")
-            self._keep(job, cids)
-            return cids, {k: float(v) for k, v in dict(reply.get("stats", {})).items()}
-        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
-            trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
-            if not isinstance(exc, IPDCError):
-                log.exception("%s task %d of job %s broke the runner protocol", kind, task, job_id)
-            error = f"{kind} task {task} failed on {self.name}: {exc}\n{trace}"
-            log.warning("%s task %d of job %s failed: %s", kind, task, job_id, exc)
-            with job.lock:
-                job.failed[(kind, task, attempt)] = error
-            self.report(GetResult(job_id, self.name, "error", task, attempt, phase=kind, error=error))
-            return None
-        finally:
-            with self._lock:
-                self.running -= 1
-
-    def _keep(self, job: AgentJob, cids: list[Cid]) -> None:
-        """Note what a task pinned, for CleanUp; a task that outlived its job unpins at once."""
-        with job.lock:
-            job.created.extend(cids)
-        with self._lock:
-            gone = job.manifest.job_id in self.finished
-        if gone:
-            try:
-                self.kubo.pin_rm(*cids)
-            except IPDCError as exc:
-                log.warning("could not unpin late output of job %s: %s", job.manifest.job_id, exc)
-
-    def on_tf(self, msg: Tf) -> None:
-        """Reserve ports, start or stop a TF cluster's servers (see ipdc.tf.TfHost)."""
-        job = self.jobs.get(msg.cluster_id)
-        if self._authentic(msg, f"tf {msg.op} of cluster {msg.cluster_id}", self._submitter(msg.cluster_id)):
-            return
-        self.io.submit(self.tf_host().handle, msg, job.dir if job is not None else None)
+    def _tf_request(self, msg: Tf, re: str, now: float) -> list[Action]:
+        """Tf ops are served by the TF host (:mod:`ipdc.agent.tfhost`), for a held cluster only.
+        The TF host reports on its own; its answers echo ``re``."""
+        key = (msg.submitter, str(msg.cluster_id))
+        job = self.table.jobs.get(key)
+        if job is None and msg.op != "port":
+            return [Note(f"refused tf {msg.op} of cluster {msg.cluster_id}: the cluster is unknown here")]
+        if job is not None:
+            job.last_heard = now
+        job_dir = self.node.work_dir / job_dir_name(key) if job is not None and job.ready else None
+        self.io.submit(self.tf_host().handle, msg, job_dir, re)
+        return []
 
     def tf_host(self) -> TfHost:
         """Made on the first TF request: most agents never host TF, and it costs memory."""
@@ -456,27 +280,113 @@ class Agent:
             self._tf = TfHost(self.name, self.config.node.host, self.node.home / "logs", self.report)
         return self._tf
 
-    def on_cleanup(self, msg: CleanUp) -> None:
-        if self._authentic(msg, f"cleanup of job {msg.job_id}", self._submitter(msg.job_id)):
+    # -- actions ---------------------------------------------------------------------
+    def perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Report):
+                self.report(action.result)
+            elif isinstance(action, Note):
+                log.warning("%s", action.text)
+            elif isinstance(action, Fetch):
+                self.io.submit(self._fetch, action)
+            elif isinstance(action, Prepare):
+                self.io.submit(self._prepare, action.key)
+            elif isinstance(action, (RunMap, RunReduce)):
+                self.tasks.submit(self._run, action)
+            elif isinstance(action, Drop):
+                self.io.submit(self._drop, action)
+            elif isinstance(action, Unpin):
+                self.io.submit(self._unpin, action.cids, "late output of a dropped job")
+
+    def report(self, result: GetResult) -> None:
+        self.bus.publish(GETRESULT.topic(node=self.name, job=result.job_id), GETRESULT.encode(result))
+
+    def _dir(self, key: JobKey) -> Path:
+        return self.node.work_dir / job_dir_name(key)
+
+    def _fetch(self, action: Fetch) -> None:
+        job_dir = self._dir(action.key)
+        error = ""
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
+                                   action.manifest.code.items()))
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
+            if not isinstance(exc, (IPDCError, OSError)):
+                log.exception("download of job %s failed", action.key[1])
+            error = f"download of the job's code failed on {self.name}: {exc}"
+        with self._lock:
+            actions = self.table.fetched(action.key, error, time.time())
+        self.perform(actions)
+
+    def _prepare(self, key: JobKey) -> None:
+        """Bind a runner now; a failure here is left for the task to meet."""
+        job = self.table.jobs.get(key)
+        if job is None:
+            return
+        try:
+            self.executor.prepare(job_dir_name(key), job.manifest, self._dir(key))
+        except TaskFailed as exc:
+            log.info("could not prepare a runner for job %s yet: %s", key[1], exc)
+
+    def _run(self, action: RunMap | RunReduce) -> None:
+        """Run one task in a runner, and report its outputs or its failure."""
+        key = action.key
+        kind, task = ("map", action.task) if isinstance(action, RunMap) else ("reduce", action.partition)
+        job = self.table.jobs.get(key)
+        if job is None:
             return
         with self._lock:
-            job = self.jobs.pop(msg.job_id, None)
-            self.finished[msg.job_id] = None
-            while len(self.finished) > REMEMBERED_JOBS:
-                self.finished.popitem(last=False)
-        if job is None:
-            log.info("ignored cleanup of job %s: the job is unknown here", msg.job_id)
-            return
-        self.io.submit(self._cleanup, job)
-
-    def _cleanup(self, job: AgentJob) -> None:
-        self.pool.drop(job.manifest.job_id)
-        shutil.rmtree(job.dir, ignore_errors=True)
+            self.running += 1
         try:
-            self.kubo.pin_rm(*job.created)
+            if isinstance(action, RunMap):
+                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key), action.chunk)
+            else:
+                cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
+                                                       action.inputs)
+        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
+            trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
+            if not isinstance(exc, IPDCError):
+                log.exception("%s task %d of job %s broke the runner protocol", kind, task, key[1])
+            log.warning("%s task %d of job %s failed: %s", kind, task, key[1], exc)
+            with self._lock:
+                actions = self.table.task_failed(key, kind, task, action.attempt,
+                                                 f"{kind} task {task} failed on {self.name}: {exc}\n{trace}",
+                                                 action.re)
+        else:
+            with self._lock:
+                actions = self.table.task_done(key, kind, task, action.attempt, cids, stats, action.re)
+        finally:
+            with self._lock:
+                self.running -= 1
+        self.perform(actions)
+
+    def _drop(self, action: Drop) -> None:
+        self.executor.drop(job_dir_name(action.key))
+        if self._tf is not None:
+            self._tf.stop(action.key[1])
+        shutil.rmtree(self._dir(action.key), ignore_errors=True)
+        self._unpin(action.created, f"the files of job {action.key[1]}")
+        log.info("dropped job %s: %s", action.key[1], action.why)
+
+    def _unpin(self, cids: tuple[Any, ...], what: str) -> None:
+        try:
+            self.kubo.pin_rm(*cids)
         except IPDCError as exc:
-            log.warning("could not unpin the files of job %s: %s", job.manifest.job_id, exc)
-        log.info("cleaned up job %s", job.manifest.job_id)
+            log.warning("could not unpin %s: %s", what, exc)
+
+
+def _describe(msg: Any) -> str:
+    """How a refused message is named in the log."""
+    if isinstance(msg, Download):
+        return f"download of job {msg.manifest.job_id}"
+    if isinstance(msg, DoMap):
+        return f"domap {msg.task} (attempt {msg.attempt}) of job {msg.job_id}"
+    if isinstance(msg, Buffer):
+        return f"buffer {msg.task}->{msg.partition} (attempt {msg.attempt}) of job {msg.job_id}"
+    if isinstance(msg, Tf):
+        return f"tf {msg.op} of cluster {msg.cluster_id}"
+    return f"{type(msg).__name__.lower()} of job {JobId(msg.job_id)}"
 
 
 def _load() -> float:
@@ -488,7 +398,3 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     Agent(node).run()
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ from ipdc.agent.sandbox import SAFE_ENV
 from ipdc.errors import IPDCError, JobError
 from ipdc.net import free_port, port_open
 from ipdc.spawn import wait_for
-from ipdc.wire.getresult import GetResult
+from ipdc.wire.getresult import GetResult, clip
 from ipdc.wire.ids import NodeName
 from ipdc.wire.tf import SPEC_FILE, WORKER_FILE, Tf, TfTask
 
@@ -57,24 +57,25 @@ class TfHost:
         self._clusters: dict[str, _Hosted] = {}
         self._lock = threading.Lock()
 
-    def handle(self, msg: Tf, job_dir: Path | None) -> None:
+    def handle(self, msg: Tf, job_dir: Path | None, re: str) -> None:
         """Serve one Tf request and answer on GetResult; ``job_dir`` holds the Download."""
         cluster_id = msg.cluster_id
         try:
             if msg.op == "port":
-                self.report(GetResult(cluster_id, NodeName(self.node), "port",
+                self.report(GetResult(cluster_id, NodeName(self.node), "port", re=re,
                                       ports=self.reserve(cluster_id, msg.count)))
             elif msg.op == "start":
                 if job_dir is None:
                     raise JobError(f"start before the Download of TF cluster {cluster_id}")
                 self.start(cluster_id, msg.tasks, job_dir)
-                self.report(GetResult(cluster_id, NodeName(self.node), "started"))
+                self.report(GetResult(cluster_id, NodeName(self.node), "started", re=re))
             else:
                 self.stop(cluster_id)
-                self.report(GetResult(cluster_id, NodeName(self.node), "stopped"))
+                self.report(GetResult(cluster_id, NodeName(self.node), "stopped", re=re))
         except (IPDCError, OSError, ValueError, KeyError, IndexError) as exc:
             log.warning("TF %s for cluster %s failed: %s", msg.op, cluster_id, exc)
-            self.report(GetResult(cluster_id, NodeName(self.node), "error", error=f"{msg.op}: {exc}"))
+            self.report(GetResult(cluster_id, NodeName(self.node), "error", re=re,
+                                  error=clip(f"{msg.op}: {exc}")))
 
     def reserve(self, cluster_id: str, count: int) -> list[int]:
         """``count`` free ports, never handed out twice while their cluster lives."""

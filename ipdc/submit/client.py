@@ -22,7 +22,7 @@ from ipdc.bus import Bus, Inbound
 from ipdc.config import Config
 from ipdc.errors import BusError, MessageError
 from ipdc.peers import PeerTable
-from ipdc.trust import Signer
+from ipdc.trust import Signer, digest
 from ipdc.wire.channel import Channel
 from ipdc.wire.getresult import GETRESULT, GetResult
 from ipdc.wire.heartbeat import HEARTBEAT
@@ -92,11 +92,14 @@ class SwarmClient:
         """The key this client signs with: a job's manifest names it."""
         return self._signer().public_key
 
-    def send(self, channel: Channel[Any], node: str, message: Any) -> None:
-        """Publish to a peer's inbox; messages with a ``sig`` field are signed first."""
-        if any(f.name == "sig" for f in fields(message)):
-            message = self._signer().sign(message)
+    def send(self, channel: Channel[Any], node: str, message: Any) -> str:
+        """Publish to a peer's inbox; messages with a ``sig`` field are signed first, for
+        that peer and channel. Returns the digest a reply to it will echo ("" if unsigned)."""
+        signed = any(f.name == "sig" for f in fields(message))
+        if signed:
+            message = self._signer().sign(message, channel.name, node)
         self.bus.publish(channel.topic(node=node), channel.encode(message))
+        return digest(message) if signed else ""
 
     def _on_connected(self) -> None:
         """Runs on paho's thread: peers were silent to us while we were cut off, not dead."""
@@ -114,20 +117,28 @@ class SwarmClient:
                 self._route(message)
             except MessageError as exc:
                 log.warning("dropped a malformed message on %s: %s", message.topic, exc)
+            except Exception:  # noqa: BLE001 - one bad message must never stop the pump
+                log.exception("dropped a message on %s that could not be handled", message.topic)
 
     def _route(self, message: Inbound) -> None:
         parts = message.topic.split("/")
         if message.topic == self._sync_topic:
             self._synced.set()
+        elif len(parts) < 3:
+            return
         elif parts[1] == "presence":
             presence = PRESENCE.decode(message.payload) if message.payload else None
+            if presence is not None and presence.name != parts[2]:
+                raise MessageError(f"a presence on {parts[2]}'s topic claims to be {presence.name}")
             log.debug("presence of %s: %s%s", parts[2], "announced" if presence else "gone",
                       " (retained)" if message.retain else "")
             self.peers.update_presence(parts[2], presence, _age(message, presence.ts if presence else 0))
         elif parts[1] == "heartbeat" and message.payload:
             beat = HEARTBEAT.decode(message.payload)
+            if beat.name != parts[2]:
+                raise MessageError(f"a heartbeat on {parts[2]}'s topic claims to be {beat.name}")
             self.peers.update_heartbeat(beat, _age(message, beat.ts))
-        elif parts[1] == "result" and (results := self._jobs.get(parts[3])) is not None:
+        elif parts[1] == "result" and len(parts) == 4 and (results := self._jobs.get(parts[3])) is not None:
             result = GETRESULT.decode(message.payload)
             if result.peer != parts[2]:
                 raise MessageError(f"{result.peer} reported on {parts[2]}'s result topic")

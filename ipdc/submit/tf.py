@@ -321,7 +321,8 @@ class TfController:
     def _download(self, cluster: TfCluster, peers: list[str], results: "queue.Queue[GetResult]") -> None:
         manifest = JobManifest(
             job_id=JobId(cluster.cluster_id), owner=NodeName(self.client.name),
-            code={n: Cid(c) for n, c in cluster.cids.items()}, chunks=[], reducers=[],
+            code={n: Cid(c) for n, c in cluster.cids.items()}, chunks=[], partitions=0,
+            workers=[NodeName(p) for p in peers],
             submitter=self.client.submitter, kind="tf", params={"name": cluster.name},
         )
         for peer_name in peers:

@@ -10,6 +10,7 @@ Topics:
     ipdc/peer/<node>/buffer       Buffer     a map output partition for this reducer
     ipdc/peer/<node>/cleanup      CleanUp    drop a finished job's files and runners
     ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
+    ipdc/peer/<node>/renew        Renew      the job's owner is alive: its lease goes on
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
 """
 
@@ -25,10 +26,11 @@ from ipdc.wire.download import DOWNLOAD
 from ipdc.wire.getresult import GETRESULT
 from ipdc.wire.heartbeat import HEARTBEAT
 from ipdc.wire.presence import PRESENCE
+from ipdc.wire.renew import RENEW
 from ipdc.wire.tf import TF
 
 #: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
-INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF)}
+INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW)}
 
 __all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
-           "PRESENCE", "TF", "Channel"]
+           "PRESENCE", "RENEW", "TF", "Channel"]

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
+from ipdc.wire.getresult import MAX_ATTEMPT
 from ipdc.wire.ids import Cid, JobId
+from ipdc.wire.manifest import MAX_PARTITIONS, MAX_TASKS
+from ipdc.wire.schema import in_range
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,11 @@ class Buffer:
     """The reduce attempt of ``partition`` this Buffer belongs to."""
     submitter: str = ""
     sig: str = ""
+
+    def __post_init__(self) -> None:
+        in_range("buffer.partition", self.partition, 0, MAX_PARTITIONS, MessageError)
+        in_range("buffer.task", self.task, 0, MAX_TASKS, MessageError)
+        in_range("buffer.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)
 
 
 BUFFER: Channel[Buffer] = Channel("buffer", Buffer, "ipdc/peer/{node}/buffer")

@@ -1,25 +1,75 @@
 """What every channel shares: a topic pattern, a message dataclass, and strict
 JSON (de)serialisation.
 
-Payloads are data. ``decode`` accepts a payload only if it is small, valid JSON,
-and matches the message's fields and types exactly; anything else raises
-:class:`~ipdc.errors.MessageError`, which the agent logs before dropping it.
+Payloads are data, and any member of the swarm can publish them. ``decode``
+accepts a payload only if it is small, valid JSON, nested no deeper than
+``MAX_DEPTH``, free of NaN and Infinity and of integers too long to be real, and
+matches the message's fields and types exactly. Anything else raises
+:class:`~ipdc.errors.MessageError` and nothing else: a reader logs it and goes on,
+so one hostile message cannot stop a thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ipdc.errors import MessageError
 from ipdc.wire.schema import build
 
 M = TypeVar("M")
 
-#: Larger payloads are refused: only CIDs and small metadata travel on MQTT.
-MAX_PAYLOAD = 1 << 20
+#: Larger payloads are refused: only CIDs and small metadata travel on MQTT. The broker's
+#: ``max_packet_size`` is 1 MiB; this leaves room for the topic and MQTT's own headers.
+MAX_PAYLOAD = (1 << 20) - (16 << 10)
+#: Lists and objects nested deeper than this are refused (IPDC's own messages nest 4 deep).
+MAX_DEPTH = 16
+#: Digits of the longest integer accepted: 64-bit values and no more.
+MAX_INT_DIGITS = 19
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is not allowed")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _depth(value: Any, limit: int) -> None:
+    """Raise ValueError when ``value`` nests deeper than ``limit``."""
+    if isinstance(value, (list, dict)):
+        if limit <= 0:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        for item in (value.values() if isinstance(value, dict) else value):
+            _depth(item, limit - 1)
+
+
+def parse_json(payload: bytes, what: str) -> Any:
+    """Strict JSON from an untrusted peer; MessageError for anything else."""
+    if len(payload) > MAX_PAYLOAD:
+        raise MessageError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        data = json.loads(payload, parse_constant=_reject_constant, parse_int=_parse_int,
+                          parse_float=_parse_float)
+        _depth(data, MAX_DEPTH)
+    except RecursionError:
+        raise MessageError(f"{what}: nested deeper than {MAX_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise MessageError(f"{what}: not acceptable JSON ({exc})") from None
+    return data
 
 
 @dataclass(frozen=True)
@@ -39,13 +89,14 @@ class Channel(Generic[M]):
         return self.pattern.format(**{n: parts.get(n, "+") for n in names})
 
     def encode(self, message: M) -> bytes:
-        return json.dumps(dataclasses.asdict(message), separators=(",", ":")).encode()  # type: ignore[call-overload]
+        return json.dumps(dataclasses.asdict(message), separators=(",", ":"),  # type: ignore[call-overload]
+                          allow_nan=False).encode()
 
     def decode(self, payload: bytes) -> M:
-        if len(payload) > MAX_PAYLOAD:
-            raise MessageError(f"{self.name}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        data = parse_json(payload, self.name)
         try:
-            data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MessageError(f"{self.name}: payload is not JSON ({exc})") from None
-        return build(self.message, data, self.name, MessageError)
+            return build(self.message, data, self.name, MessageError)
+        except MessageError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:  # a field's own check, phrased by Python
+            raise MessageError(f"{self.name}: {exc}") from None

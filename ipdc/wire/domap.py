@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
+from ipdc.wire.getresult import MAX_ATTEMPT
 from ipdc.wire.ids import JobId
+from ipdc.wire.manifest import MAX_TASKS
+from ipdc.wire.schema import in_range
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,10 @@ class DoMap:
     submitter: str = ""
     sig: str = ""
     """Ed25519 signature by ``submitter``, the key that signed the job's manifest."""
+
+    def __post_init__(self) -> None:
+        in_range("domap.task", self.task, 0, MAX_TASKS, MessageError)
+        in_range("domap.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)
 
 
 DOMAP: Channel[DoMap] = Channel("domap", DoMap, "ipdc/peer/{node}/domap")

@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.manifest import MAX_PARTITIONS, MAX_TASKS
+from ipdc.wire.schema import in_range
+
+#: Error texts are cut to this many characters before they are sent (a runaway traceback
+#: must not fill the broker), and longer ones are refused.
+MAX_ERROR = 8192
+#: Attempts of one task: far more than any --max-attempts.
+MAX_ATTEMPT = 1 << 16
 
 KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped")
 PHASES = ("", "download", "map", "reduce")
@@ -34,8 +42,18 @@ class GetResult:
     stats: dict[str, float] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
     """``port``: the TCP ports the agent reserved for the cluster's tasks."""
+    re: str = ""
+    """The digest (:func:`ipdc.trust.digest`) of the signed request this answers: the
+    submitter acts only on answers to requests it sent that peer."""
 
     def __post_init__(self) -> None:
+        in_range("getresult.task", self.task, 0, MAX_TASKS, MessageError)
+        in_range("getresult.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)
+        in_range("getresult.cids", len(self.cids), 0, MAX_PARTITIONS, MessageError)
+        in_range("getresult.error", len(self.error), 0, MAX_ERROR, MessageError)
+        in_range("getresult.stats", len(self.stats), 0, 32, MessageError)
+        in_range("getresult.ports", len(self.ports), 0, 64, MessageError)
+        in_range("getresult.re", len(self.re), 0, 64, MessageError)
         if self.kind not in KINDS:
             raise MessageError(f"getresult.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.phase not in PHASES:
@@ -43,3 +61,11 @@ class GetResult:
 
 
 GETRESULT: Channel[GetResult] = Channel("getresult", GetResult, "ipdc/result/{node}/{job}")
+
+
+def clip(text: str, limit: int = MAX_ERROR) -> str:
+    """``text`` cut to fit an error field, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"\n... ({len(text) - limit + 64} more characters cut)"
+    return text[:limit - 64] + note

@@ -1,8 +1,9 @@
 """The job manifest: everything a worker needs to take part in one job.
 
 It names code and input only by CID, so it stays small enough for MQTT. It is
-signed by its submitter (see ipdc.trust), so it is also what an agent checks before
-it runs anything of the job.
+signed by its submitter for one recipient (see ipdc.trust), so it is also what an
+agent checks before it runs anything of the job: the key must be trusted, the
+manifest fresh and unseen, and the agent itself listed among its workers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ipdc.errors import MessageError
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.schema import in_range
+
+KINDS = ("mapreduce", "tf")
+#: More map tasks or reducers than this is not a real job.
+MAX_TASKS = 1 << 16
+MAX_PARTITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -24,10 +32,12 @@ class JobManifest:
     """File name in the job's work dir -> CID, e.g. ``{"Map.py": ..., "Reduce.py": ...}``."""
     chunks: list[Cid]
     """Input chunks: map task ``i`` reads ``chunks[i]``."""
-    reducers: list[NodeName]
-    """The first plan: partition ``p`` is reduced by ``reducers[p]``. Its length is the
-    number of partitions; when a reducer is lost, the submitter moves its partition
-    elsewhere with Buffer messages, and this list is not updated."""
+    partitions: int
+    """Reduce partitions (the job's K). Which worker reduces which partition is decided
+    by the submitter with Buffer messages, and may change when workers are lost."""
+    workers: list[NodeName]
+    """The peers asked to take part when this copy was issued: an agent not listed
+    refuses it, so a manifest sent to one peer cannot be replayed to another."""
     submitter: str = ""
     """The Ed25519 key (``ed25519:...``) that signs this job's messages; agents run the job
     only if it is in their trusted-submitters list."""
@@ -38,10 +48,14 @@ class JobManifest:
     once, and only within ``agent.manifest_ttl`` of this time."""
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
 
-    def reissued(self) -> "JobManifest":
-        """The same job with a fresh time and nonce, for a peer that joins it late."""
-        return replace(self, submitted_at=time.time(), nonce=secrets.token_hex(16))
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MessageError(f"manifest.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        in_range("manifest.partitions", self.partitions, 0, MAX_PARTITIONS, MessageError)
+        in_range("manifest.chunks", len(self.chunks), 0, MAX_TASKS, MessageError)
+        in_range("manifest.workers", len(self.workers), 0, MAX_PARTITIONS, MessageError)
 
-    @property
-    def partitions(self) -> int:
-        return len(self.reducers)
+    def reissued(self, workers: list[NodeName]) -> "JobManifest":
+        """The same job with a fresh time and nonce and the current workers, for a peer
+        that joins it late or must be asked again."""
+        return replace(self, workers=list(workers), submitted_at=time.time(), nonce=secrets.token_hex(16))

@@ -73,3 +73,9 @@ def build(cls: type[T], data: Any, where: str = "", error: type[IPDCError] = IPD
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise error(f"missing key {dotted!r}")
     return cls(**values)
+
+
+def in_range(where: str, value: float, low: float, high: float, error: type[IPDCError]) -> None:
+    """A field's value must lie in [low, high]: untrusted numbers are bounded before use."""
+    if not low <= value <= high:
+        raise error(f"{where}: {value!r} is out of range ({low:g} to {high:g})")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipdc.errors import TrustError
-from ipdc.trust import NonceLog, Signer, TrustStore, parse_public_key, verify
+from ipdc.trust import NonceLog, Signer, TrustStore, digest, parse_public_key, verify
 from ipdc.wire.cleanup import CleanUp
 from ipdc.wire.domap import DoMap
 from ipdc.wire.download import Download
@@ -27,7 +27,7 @@ def signer(tmp_path: Path) -> Signer:
 
 def manifest(submitter: str) -> JobManifest:
     return JobManifest(job_id=JobId.new(), owner=NodeName("n-1"), code={"Map.py": CID}, chunks=[CID],
-                       reducers=[NodeName("n-1")], submitter=submitter)
+                       partitions=1, workers=[NodeName("n-1")], submitter=submitter)
 
 
 def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
@@ -40,10 +40,10 @@ def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
 
 
 def test_signed_messages_verify_and_any_change_breaks_them(signer: Signer) -> None:
-    download = signer.sign(Download(manifest(signer.public_key)))
-    assert verify(download)
-    domap = signer.sign(DoMap(JobId.new(), 3, attempt=1))
-    assert domap.submitter == signer.public_key and verify(domap)
+    download = signer.sign(Download(manifest(signer.public_key)), "download", "n-1")
+    assert verify(download, "download", "n-1")
+    domap = signer.sign(DoMap(JobId.new(), 3, attempt=1), "domap", "n-1")
+    assert domap.submitter == signer.public_key and verify(domap, "domap", "n-1")
     tampered = [
         dataclasses.replace(download, manifest=dataclasses.replace(download.manifest, chunks=[CID, CID])),
         dataclasses.replace(download, manifest=dataclasses.replace(download.manifest, submitted_at=0.0)),
@@ -52,15 +52,26 @@ def test_signed_messages_verify_and_any_change_breaks_them(signer: Signer) -> No
         dataclasses.replace(domap, sig=""),
         dataclasses.replace(domap, sig="!!not base64!!"),
     ]
-    assert not any(verify(m) for m in tampered)
+    assert not any(verify(m, "domap" if isinstance(m, DoMap) else "download", "n-1") for m in tampered)
+
+
+def test_a_signature_binds_the_recipient_and_the_channel(signer: Signer) -> None:
+    """A worker that got a signed message cannot replay it to another node, or on another
+    channel: the signature covers both."""
+    download = signer.sign(Download(manifest(signer.public_key)), "download", "n-1")
+    assert not verify(download, "download", "n-2")
+    cleanup = signer.sign(CleanUp(JobId.new()), "cleanup", "n-1")
+    assert verify(cleanup, "cleanup", "n-1")
+    assert not verify(cleanup, "renew", "n-1")
+    assert digest(cleanup) != digest(signer.sign(CleanUp(cleanup.job_id), "cleanup", "n-2"))
 
 
 def test_a_signature_by_another_key_does_not_pass_for_the_claimed_one(tmp_path: Path, signer: Signer) -> None:
     attacker = Signer.load_or_create(tmp_path / "attacker.key")
-    claimed = attacker.sign(CleanUp(JobId.new()))
-    assert not verify(dataclasses.replace(claimed, submitter=signer.public_key))
-    forged = attacker.sign(Download(manifest(signer.public_key)))  # Download's key is the manifest's
-    assert not verify(forged)
+    claimed = attacker.sign(CleanUp(JobId.new()), "cleanup", "n-1")
+    assert not verify(dataclasses.replace(claimed, submitter=signer.public_key), "cleanup", "n-1")
+    forged = attacker.sign(Download(manifest(signer.public_key)), "download", "n-1")  # the manifest's key
+    assert not verify(forged, "download", "n-1")
 
 
 @pytest.mark.parametrize("key", ["", "ed25519:", "ed25519:AAAA", "rsa:" + "A" * 43, "ed25519:" + "*" * 43])

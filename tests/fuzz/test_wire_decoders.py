@@ -1,0 +1,135 @@
+"""Every channel's decoder against what a hostile member could publish (Hypothesis).
+
+Whatever the bytes, ``decode`` either returns a well-typed message or raises
+MessageError: never another exception, which would kill the thread that reads the
+broker. Three sources of input per channel: random bytes, random JSON documents
+(deep, wide, huge integers, NaN and Infinity spelled as JSON allows them), and
+valid messages with one field replaced or one key added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipdc.errors import MessageError
+from ipdc.trust import Signer
+from ipdc.wire import GETRESULT, HEARTBEAT, INBOX_CHANNELS, PRESENCE
+from ipdc.wire.buffer import Buffer
+from ipdc.wire.channel import MAX_DEPTH, Channel
+from ipdc.wire.cleanup import CleanUp
+from ipdc.wire.domap import DoMap
+from ipdc.wire.download import Download
+from ipdc.wire.getresult import GetResult
+from ipdc.wire.heartbeat import Heartbeat
+from ipdc.wire.ids import JobId, NodeName
+from ipdc.wire.manifest import JobManifest
+from ipdc.wire.presence import Capabilities, Presence
+from ipdc.wire.renew import Renew
+from ipdc.wire.tf import Tf, TfTask
+from ipdc.wire.unixfs import cid_of
+
+CHANNELS: dict[str, Channel[Any]] = {**INBOX_CHANNELS, "presence": PRESENCE, "heartbeat": HEARTBEAT,
+                                     "getresult": GETRESULT}
+CID = cid_of(b"x")
+SIGNER = Signer.generate()
+JOB = JobId.new()
+MANIFEST = JobManifest(job_id=JOB, owner=NodeName("n-a"), code={"Map.py": CID}, chunks=[CID], partitions=1,
+                       workers=[NodeName("n-b")], params={"a": [1, {"b": 2.5}]})
+VALID: dict[str, Any] = {
+    "download": SIGNER.sign(Download(MANIFEST), "download", "n-b"),
+    "domap": SIGNER.sign(DoMap(JOB, 3, 1), "domap", "n-b"),
+    "buffer": SIGNER.sign(Buffer(JOB, 0, 0, CID, 2), "buffer", "n-b"),
+    "cleanup": SIGNER.sign(CleanUp(JOB), "cleanup", "n-b"),
+    "tf": SIGNER.sign(Tf("start", JOB, tasks=[TfTask("worker", 0)]), "tf", "n-b"),
+    "renew": SIGNER.sign(Renew(JOB), "renew", "n-b"),
+    "presence": Presence(NodeName("n-a"), "12D3Koo", "10.0.0.1", ["/ip4/10.0.0.1/tcp/4001"],
+                         Capabilities(2, 100, False), 2, 0.5, 1.0),
+    "heartbeat": Heartbeat(NodeName("n-a"), 1.0, 0.1, 0),
+    "getresult": GetResult(JOB, NodeName("n-a"), "map", 1, 0, [CID], re="ab" * 16),
+}
+EXAMPLES = 1000
+
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=40), st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                             st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+                          max_leaves=30)
+
+
+def must_only_raise_message_error(channel: Channel[Any], payload: bytes) -> None:
+    try:
+        message = channel.decode(payload)
+    except MessageError:
+        return
+    assert isinstance(message, channel.message)
+
+
+def test_every_channel_has_a_valid_example_that_round_trips() -> None:
+    assert set(VALID) == set(CHANNELS)
+    for name, channel in CHANNELS.items():
+        assert channel.decode(channel.encode(VALID[name])) == VALID[name]
+
+
+@pytest.mark.parametrize("name", sorted(CHANNELS))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=st.binary(max_size=300))
+def test_random_bytes(name: str, payload: bytes) -> None:
+    must_only_raise_message_error(CHANNELS[name], payload)
+
+
+@pytest.mark.parametrize("name", sorted(CHANNELS))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=json_value, raw=st.sampled_from(["", "NaN", "Infinity", "-Infinity", "1e999", "9" * 5000]))
+def test_random_json(name: str, document: Any, raw: str) -> None:
+    text = json.dumps(document)
+    if raw:  # what json.dumps never writes but a hostile peer may
+        text = f'{{"job_id": {raw}, "x": {text}}}' if document else raw
+    must_only_raise_message_error(CHANNELS[name], text.encode())
+
+
+@pytest.mark.parametrize("name", sorted(CHANNELS))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), value=json_value)
+def test_valid_messages_with_one_field_changed(name: str, data: st.DataObject, value: Any) -> None:
+    document = dataclasses.asdict(VALID[name])
+    target = document
+    while isinstance(target, dict) and target and data.draw(st.booleans()):  # sometimes a nested field
+        inner = data.draw(st.sampled_from(sorted(target)))
+        if not isinstance(target[inner], dict):
+            break
+        target = target[inner]
+    if target and data.draw(st.booleans()):
+        target[data.draw(st.sampled_from(sorted(target)))] = value
+    else:
+        target[data.draw(st.text(max_size=8))] = value
+    must_only_raise_message_error(CHANNELS[name], json.dumps(document).encode())
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100_000 + b"]" * 100_000,                      # RecursionError in the C parser
+    b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1),      # deeper than the limit
+    b'{"job_id": ' + b"9" * 5000 + b"}",                  # Python's own 4300-digit ValueError
+    b'{"job_id": NaN}', b'{"ts": Infinity}', b'{"ts": 1e999}',
+])
+def test_known_killers_are_message_errors(payload: bytes) -> None:
+    for channel in CHANNELS.values():
+        with pytest.raises(MessageError):
+            channel.decode(payload)
+
+
+def test_a_presence_nested_in_its_free_form_fields_is_refused() -> None:
+    document = dataclasses.asdict(VALID["presence"])
+    nested: Any = "x"
+    for _ in range(MAX_DEPTH + 2):
+        nested = [nested]
+    document["extra"] = {"a": nested}
+    with pytest.raises(MessageError, match="nested|expected str"):
+        PRESENCE.decode(json.dumps(document).encode())
