@@ -60,16 +60,17 @@ def fan_out(cluster: Any, rounds: int, input_file: Path) -> list[float]:
     samples = []
     with SwarmClient(config, cluster.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
         for _ in range(rounds + 1):  # the first round warms the agents' kubo connections
-            controller = MapReduceController(client, kubo, MapReduceJob(input=input_file, k=cluster.n))
-            controller.workers = {p.name: p for p in controller.choose_workers()}
+            controller = MapReduceController(client, kubo, MapReduceJob(input=input_file, k=cluster.n),
+                                             cluster.nodes[0].home)
+            workers = [p.name for p in controller.choose_workers()]
             results = client.watch(controller.job_id)
             try:
-                controller.upload()
+                controller.upload(controller.choose_workers())
                 assert controller.manifest is not None
                 t = time.perf_counter()
-                for name in controller.workers:
+                for name in workers:
                     client.send(DOWNLOAD, name, Download(controller.manifest))
-                waiting = set(controller.workers)
+                waiting = set(workers)
                 while waiting:
                     result = results.get(timeout=60)
                     if result.kind == "error":
@@ -78,11 +79,11 @@ def fan_out(cluster: Any, rounds: int, input_file: Path) -> list[float]:
                 samples.append(time.perf_counter() - t)
             finally:
                 client.unwatch(controller.job_id)
-                for name in controller.workers:
+                for name in workers:
                     client.send(CLEANUP, name, CleanUp(controller.job_id))
                 if controller.manifest is not None:
-                    for cid in [*controller.manifest.chunks, *controller.manifest.code.values()]:
-                        kubo.pin_rm(cid)
+                    kubo.pin_rm(*controller.manifest.chunks, *controller.manifest.code.values())
+                controller.uploads.forget(controller.job_id)
     return samples[1:]
 
 

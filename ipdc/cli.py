@@ -263,10 +263,16 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
 @click.option("--chunks", type=int, default=None, help="Map tasks (default: from input size and K).")
 @click.option("--max-attempts", type=int, default=3, show_default=True,
               help="Tries per task, counting failures and lost workers, before the job fails.")
+@click.option("--verify", type=int, default=1, show_default=True, metavar="N",
+              help="Run every map and reduce task on N distinct peers and accept an output only when "
+                   "their CIDs agree; on disagreement the job fails and names the peers.")
+@click.option("--verify-majority", is_flag=True,
+              help="With --verify N: take the output most replicas agree on instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
 def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
-       chunks: int | None, max_attempts: int, quiet: bool, as_json: bool) -> None:
+       chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, quiet: bool,
+       as_json: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
 
     The job is your Map.py and Reduce.py (WordCount by default). Input is UTF-8;
@@ -275,18 +281,20 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     "key<TAB>value" lines sorted by key, plus job.json and _SUCCESS.
 
     A worker lost mid-job (crash, sleep, network) has its tasks rerun on the next
-    XOR-nearest live peer; a task is tried --max-attempts times in all.
+    XOR-nearest live peer; a task is tried --max-attempts times in all. With
+    --verify N every task runs on N peers whose outputs must agree (by CID).
 
     With no running node for $IPDC_HOME, a temporary local cluster is started for
     the job and removed afterwards.
     """
     job = MapReduceJob(input=input_file, k=k, map_file=map_file, reduce_file=reduce_file,
-                       output=output, chunks=chunks, max_attempts=max_attempts)
+                       output=output, chunks=chunks, max_attempts=max_attempts, verify=verify,
+                       verify_majority=verify_majority)
     check_job_files(job)
     show = not quiet and not as_json and err.is_terminal
     with swarm_for(k, quiet or as_json) as node, SwarmClient(node.config, node.signer).connect() as client, \
             KuboClient(node.config.kubo_api_url) as kubo, _progress(show) as progress:
-        result = MapReduceController(client, kubo, job, progress).run()
+        result = MapReduceController(client, kubo, job, node.home, progress).run()
     _print_result(result, as_json)
 
 

@@ -86,3 +86,51 @@ class NodeHome:
                     kubo.swarm_connect(addr)
                 except KuboError as exc:
                     log.warning("cannot reach bootstrap peer %s yet (%s)", addr, exc)
+
+
+def _process_start(pid: int) -> str:
+    """A process's start time in clock ticks since boot: with the pid, it names one process
+    even after the pid is reused. "" when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class SubmittedJobs:
+    """What this node's running submitters pinned for their jobs, in ``run/jobs/``.
+
+    A submitter pins a job's input and code in its own kubo and unpins them when the job
+    ends. If it is killed first, nobody would: so it records them here, and the node's
+    agent unpins the records of submitters that are gone (:meth:`orphans`).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "run" / "jobs"
+
+    def record(self, job_id: str, cids: list[str]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        entry = {"pid": pid, "start": _process_start(pid), "cids": cids}
+        tmp = self.dir / f".{job_id}.tmp"
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(self.dir / f"{job_id}.json")
+
+    def forget(self, job_id: str) -> None:
+        (self.dir / f"{job_id}.json").unlink(missing_ok=True)
+
+    def orphans(self) -> list[tuple[str, list[str]]]:
+        """(job id, pinned CIDs) of jobs whose submitting process is gone."""
+        found = []
+        for path in self.dir.glob("*.json") if self.dir.is_dir() else []:
+            try:
+                entry = json.loads(path.read_text())
+                alive = _process_start(int(entry["pid"])) == entry["start"] != ""
+                cids = [str(c) for c in entry["cids"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("removing the unreadable submitter record %s", path)
+                path.unlink(missing_ok=True)
+                continue
+            if not alive:
+                found.append((path.stem, cids))
+        return found

@@ -200,6 +200,11 @@ class KuboClient:
             archive.extractall(dest, filter="data")
         return dest / str(cid)
 
+    def pins(self) -> set[str]:
+        """The CIDs pinned recursively (what ``add`` and ``dag/put`` pin)."""
+        keys = self._json("pin/ls", {"type": "recursive"}).get("Keys") or {}
+        return set(keys)
+
     def pin_rm(self, *cids: str) -> None:
         """Unpin, in one call; a CID that is not pinned is not an error (CleanUp may run twice)."""
         unique = list(dict.fromkeys(str(Cid(c)) for c in cids))

@@ -63,7 +63,7 @@ from ipdc.agent.jobs import (  # noqa: E402
 )
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
-from ipdc.home import NodeHome  # noqa: E402
+from ipdc.home import NodeHome, SubmittedJobs  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
 from ipdc.trust import digest, signer_of, verify  # noqa: E402
 from ipdc.wire import INBOX_CHANNELS  # noqa: E402
@@ -117,6 +117,7 @@ class Agent:
         self.table = JobTable(self.name)
         self.trust = node.trust
         self.nonces = node.nonces()
+        self.submitted = SubmittedJobs(node.home)
         self.running = 0
         self.peer_id = ""
         self._lock = threading.Lock()
@@ -184,6 +185,10 @@ class Agent:
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
             self.perform(expired)
+            for job_id, cids in self.submitted.orphans():
+                self._unpin(tuple(cids), f"the uploads of job {job_id}")
+                self.submitted.forget(job_id)
+                log.info("unpinned the input and code of job %s: its submitter on this node is gone", job_id)
             beats += 1
             if beats % 5 == 0:
                 try:
@@ -254,7 +259,8 @@ class Agent:
         if self.name not in manifest.workers:
             return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
                          "replayed from another node?)")]
-        if key_of(manifest) not in self.table.jobs:  # a repeat of a held job needs no fresh nonce
+        key = key_of(manifest)
+        if key not in self.table.jobs and key not in self.table.finished:  # a repeat needs no fresh nonce
             refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
             if refused:
                 return [Note(f"rejected {what}: {refused}")]

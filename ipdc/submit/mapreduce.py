@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ipdc.errors import IPDCError, JobError, NotEnoughPeers
+from ipdc.home import SubmittedJobs
 from ipdc.jobs import shipped
 from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
@@ -208,9 +209,12 @@ def check_job_files(job: MapReduceJob) -> None:
 class MapReduceController:
     """Runs one MapReduce job from the submitting node: an event loop around a JobState."""
 
-    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob,
+    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path,
                  progress: ProgressFn | None = None) -> None:
+        """``home``: the submitting node's home, where the job's uploads are recorded until
+        they are unpinned (its agent unpins them if this process dies first)."""
         self.client = client
+        self.uploads = SubmittedJobs(home)
         self.kubo = kubo
         self.job = job
         self.progress = progress or (lambda phase, done, total: None)
@@ -256,6 +260,7 @@ class MapReduceController:
             try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
                 if self.manifest is not None:
                     self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+                self.uploads.forget(self.job_id)
             except IPDCError as exc:  # the job's own outcome matters more than its litter
                 log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
             finally:
@@ -285,7 +290,9 @@ class MapReduceController:
         self.progress("upload", 0, size)
         with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
             code_cids = self.kubo.add_streams([("Map.py", m), ("Reduce.py", r)])
+        self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
         chunk_cids = self.kubo.add_ranges(self.job.input, ranges)
+        self.uploads.record(self.job_id, [*code_cids, *chunk_cids])
         self.progress("upload", size, size)
         self.manifest = JobManifest(
             job_id=self.job_id, owner=NodeName(self.client.name),

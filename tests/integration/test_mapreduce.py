@@ -50,7 +50,7 @@ def run_job(cluster: LocalCluster, job: MapReduceJob, node: int = 0) -> JobResul
     config = cluster.nodes[node].config
     with SwarmClient(config, cluster.nodes[node].signer).connect() as client, \
             KuboClient(config.kubo_api_url) as kubo:
-        return MapReduceController(client, kubo, job).run()
+        return MapReduceController(client, kubo, job, cluster.nodes[node].home).run()
 
 
 def assert_exact(result: JobResult, data: bytes, k: int) -> None:
