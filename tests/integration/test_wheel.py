@@ -1,0 +1,58 @@
+"""A wheel that works: built from this tree, installed without ``-e`` into a fresh venv,
+and run from a directory that is not the source tree.
+
+The default WordCount job and its example input are package data, found with
+``importlib.resources``, so ``ipdc mr`` with no ``--map``/``--reduce`` must work from
+the wheel alone. Its dependencies come from PyPI (or pip's cache), so the wheel's
+metadata is checked too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, read_output, reference_counts
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv holding only the wheel of this tree and the dependencies it declares."""
+    base = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(base / "dist"), str(REPO)],
+                   check=True)
+    (wheel,) = (base / "dist").glob("ipdc-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for shipped in ("ipdc/jobs/mapreduce/Map.py", "ipdc/jobs/mapreduce/Reduce.py",
+                    "ipdc/jobs/mapreduce/input.txt", "ipdc/jobs/tf/spec.conf"):
+        assert shipped in names, f"{shipped} is missing from the wheel"
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True)
+    subprocess.run([str(base / "venv" / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    return base / "venv"
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """The user's environment, without anything that would point back at the source tree."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "IPDC_HOME": str(home)}
+
+
+def test_the_wheel_runs_the_default_job_outside_the_source_tree(venv: Path, tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "home")
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import ipdc, ipdc.jobs; print(ipdc.__file__); print(ipdc.jobs.shipped('mapreduce'))"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(p).is_relative_to(venv) for p in where), where
+    example = Path(where[1]) / "input.txt"
+    done = subprocess.run([str(venv / "bin" / "ipdc"), "mr", "--k", "2", str(example), "-o", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_output(tmp_path / "out", 2)[0] == reference_counts(example.read_bytes())
