@@ -21,9 +21,9 @@ class _Checked(str):
     pattern: ClassVar[re.Pattern[str]]
     what: ClassVar[str]
 
-    def __new__(cls, value: object) -> "_Checked":
+    def __new__(cls, value: object) -> _Checked:
         if type(value) is cls:
-            return value  # type: ignore[return-value]
+            return value
         if not isinstance(value, str) or not cls.pattern.fullmatch(value):
             raise MessageError(f"not a {cls.what}: {str(value)[:80]!r}")
         return super().__new__(cls, value)
@@ -45,7 +45,7 @@ class JobId(_Checked):
     what = "job id"
 
     @classmethod
-    def new(cls) -> "JobId":
+    def new(cls) -> JobId:
         return cls(uuid.uuid4().hex)
 
 
