@@ -273,8 +273,8 @@ class JobState:
             self._fetched(event, out)
         elif event.peer not in self.workers:
             if isinstance(event, (MapDone, ReduceDone, Failed)):
-                kind = event.phase if isinstance(event, Failed) else "reduce" if isinstance(event, ReduceDone) \
-                    else "map"
+                kind = "reduce" if isinstance(event, ReduceDone) else "map"
+                kind = event.phase if isinstance(event, Failed) else kind
                 number = event.partition if isinstance(event, ReduceDone) else event.task
                 log.info("ignored late %s result for task %d attempt %d from %s (no longer a worker of the "
                          "job)", kind, number, event.attempt, event.peer)
