@@ -61,7 +61,7 @@ import common  # noqa: E402
 
 sys.path.insert(0, str(common.REPO))
 from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess  # noqa: E402
-from ipdc.bus import Bus  # noqa: E402
+from ipdc.bus import Bus, client_id  # noqa: E402
 from ipdc.config import SandboxSection  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
 from ipdc.peers import Peer  # noqa: E402
@@ -263,7 +263,7 @@ def mqtt_round_trips(config: Any, n: int) -> list[float]:
     """QoS 1 publish -> delivery back to the same client, through the swarm's broker."""
     topic = f"ipdc/result/{config.node.name}/bench-rtt"
     samples = []
-    with Bus(config.broker, f"{config.node.name}-bench-rtt", session_expiry=0) as bus:
+    with Bus(config.broker, client_id(config.node.name, "bench-rtt"), session_expiry=0) as bus:
         bus.subscribe(topic)
         bus.connect()
         for _ in range(n):

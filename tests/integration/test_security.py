@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from ipdc.agent.agent import job_dir_name
-from ipdc.bus import Bus
+from ipdc.bus import Bus, client_id
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -33,6 +33,7 @@ from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import MapReduceController, MapReduceJob
 from ipdc.trust import Signer, digest
 from ipdc.wire import INBOX_CHANNELS
+from ipdc.wire.channel import MAX_PAYLOAD
 from ipdc.wire.buffer import Buffer
 from ipdc.wire.cleanup import CleanUp
 from ipdc.wire.domap import DoMap
@@ -80,7 +81,7 @@ class Agent:
         """Send one raw payload; later expect_log calls look only at lines logged after this."""
         self.mark = len(self.log.read_text().splitlines())
         topic = f"ipdc/peer/{self.name}/{channel}"
-        with Bus(self.sender.broker, f"{self.sender.node.name}-test-{secrets.token_hex(3)}") as bus:
+        with Bus(self.sender.broker, client_id(self.sender.node.name, "test")) as bus:
             bus.connect()
             bus.publish(topic, payload)
 
@@ -124,7 +125,7 @@ class Answers:
     def __init__(self, cluster: LocalCluster, job_id: str) -> None:
         self.topic = GETRESULT.topic(node=cluster.nodes[1].config.node.name, job=job_id)
         config = cluster.nodes[0].config
-        self.bus = Bus(config.broker, f"{config.node.name}-answers-{secrets.token_hex(3)}")
+        self.bus = Bus(config.broker, client_id(config.node.name, "answers"))
         self.bus.subscribe(self.topic)
         self.bus.connect()
         self.got: list[GetResult] = []
@@ -274,7 +275,7 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> 
             ("malformed JSON", name, b'{"job_id": "', "dropped"),
             ("not UTF-8", name, b"\xff\xfe\xfd", "dropped"),
             ("wrong types", name, b'{"job_id": 5, "task": "x", "manifest": [], "op": 1}', "dropped"),
-            ("huge", name, b'{"job_id": "' + b"a" * (2 << 20) + b'"}', "dropped"),
+            ("huge", name, b'{"job_id": "' + b"a" * MAX_PAYLOAD + b'"}', "dropped"),
             ("a list", name, b"[1, 2, 3]", "dropped"),
             ("NaN", name, b'{"job_id": NaN}', "dropped"),
             ("deep", name, b"[" * 50_000 + b"]" * 50_000, "dropped"),
@@ -342,8 +343,8 @@ def test_broker_acl_keeps_a_node_from_speaking_or_reading_for_another(pair: Loca
     """
     me, other = pair.nodes[1].config, pair.nodes[0].config
     job = JobId.new()
-    with Bus(other.broker, f"{other.node.name}-watch-{secrets.token_hex(3)}") as watcher, \
-            Bus(me.broker, f"{me.node.name}-spy-{secrets.token_hex(3)}") as spy:
+    with Bus(other.broker, client_id(other.node.name, "watch")) as watcher, \
+            Bus(me.broker, client_id(me.node.name, "spy")) as spy:
         watcher.subscribe(f"ipdc/presence/{other.node.name}", f"ipdc/result/+/{job}")
         watcher.connect()
         spy.subscribe(f"ipdc/peer/{other.node.name}/#", f"ipdc/peer/{me.node.name}/probe")
@@ -390,7 +391,7 @@ def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCl
             unsigned = JobManifest(job_id=job_id, owner=NodeName(submitter.config.node.name),
                                    code={"Map.py": Cid("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")},
                                    chunks=[], partitions=2, workers=[NodeName(me)])
-            with Bus(member.config.broker, f"{me}-attack-{secrets.token_hex(3)}") as bus:
+            with Bus(member.config.broker, client_id(me, "attack")) as bus:
                 bus.connect()
                 while not stop.is_set():
                     for name in (me, submitter.config.node.name):
@@ -433,7 +434,7 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
 
 def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Path) -> None:
     """User code runs as the agent's user; its runner's view of the node's home holds only
-    the job's own dir, so the broker password, the submitter key, the trusted list and other
+    the job's own dir, so the node's broker key, the submitter key, the trusted list and other
     jobs' files are out of its reach."""
     probe = tmp_path / "Map.py"
     probe.write_text(
