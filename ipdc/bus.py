@@ -272,8 +272,8 @@ class Bus:
     def _fail(self, client: mqtt.Client, failure: BusError) -> None:
         """Give up for good: stop paho's reconnect loop, and let every waiter see why."""
         if self.failure is None:
-            self.failure = failure
-            log.error("%s", failure)
+            self.failure = failure  # raised to (or reported by) whoever uses the bus
+            log.info("%s", failure)
         client.disconnect()
         self._settled.set()
         with self._acks:

@@ -98,7 +98,8 @@ class Broker:
         self.enroll_used = self.dir / "enroll-used"
         """Enrollment identities already used; the plugin appends to it."""
 
-    def write_config(self, host: str, port: int, founder: str, plugin: Path, ca_file: Path) -> None:
+    def write_config(self, host: str, port: int, founder: str, plugin: Path, ca_file: Path,
+                     log_file: Path) -> None:
         """Write mosquitto.conf, the ACL and an empty revocation list (the broker's
         certificate and key are written by the caller, which holds the CA)."""
         self.data.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,8 @@ class Broker:
             "persistence true\n"
             f"persistence_location {self.data}/\n"
             "autosave_interval 10\n"
-            "log_dest stdout\n"
+            # A log file is written line by line; stdout into a file would be buffered.
+            f"log_dest file {log_file}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "connection_messages true\n"
             "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"

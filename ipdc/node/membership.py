@@ -87,7 +87,7 @@ def found(node: NodeHome, name: str, host: str, port: int, plugin: Path) -> None
     write_private(broker.key, pki.key_pem(broker_key))
     broker.cert.write_bytes(pki.cert_pem(ca.issue("ipdc-broker", broker_key.public_key(),
                                                    server_addresses=[host])))
-    broker.write_config(host, port, name, plugin, node.home / CA_FILE)
+    broker.write_config(host, port, name, plugin, node.home / CA_FILE, Service(node.home, "mosquitto").log_file)
     roster(node).add(Member(name=name, submitter=node.signer.public_key, serial=pki.serial_hex(cert),
                             host=host, joined=time.time()))
 
