@@ -106,7 +106,7 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
     :class:`TreeRSS` over our children sees them.
     """
     sys.path.insert(0, str(REPO))
-    from ipdc.client import SwarmClient
+    from ipdc.submit.client import SwarmClient
 
     from ipdc.node.cluster import LocalCluster
 

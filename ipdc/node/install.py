@@ -113,6 +113,7 @@ def find_mosquitto() -> Path | None:
 #: What building the broker's auth plugin needs: Debian package -> a file it provides.
 PLUGIN_BUILD_DEPS = {
     "gcc": None,  # found on PATH
+    "libc6-dev": "/usr/include/stdio.h",  # only recommended by gcc, so missing on slim systems
     "mosquitto-dev": "/usr/include/mosquitto_broker.h",
     "libmosquitto-dev": "/usr/include/mosquitto.h",
     "libssl-dev": "/usr/include/openssl/x509.h",
@@ -162,9 +163,9 @@ def ensure_plugin() -> Path:
     source = (files("ipdc.node") / PLUGIN_SOURCE).read_bytes()
     tag = hashlib.sha256(source + " ".join(PLUGIN_FLAGS).encode()).hexdigest()[:16]
     target = plugin_cache() / f"ipdc_auth-{tag}.so"
+    ensure_mosquitto()
     if target.exists():
         return target
-    ensure_mosquitto()
     target.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix="ipdc-plugin-", dir=target.parent))
     try:

@@ -278,7 +278,7 @@ class MapReduceController:
         if len(workers) < k:
             raise NotEnoughPeers(
                 f"the job asks for {k} workers (--k {k}) but {len(live)} peer(s) are live; "
-                "start more nodes (`python deploy.py init --join TOKEN && python deploy.py start`) "
+                "start more nodes (`python deploy.py init --join-file FILE && python deploy.py start`) "
                 "or lower --k"
             )
         log.info("job %s: workers %s", self.job_id, ", ".join(p.name for p in workers))
