@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 sys.path.insert(0, str(common.REPO))
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-from ipdc.bus import Bus, client_id, tls_context  # noqa: E402
-from ipdc.node.install import find_mosquitto  # noqa: E402
-from ipdc.node.membership import remove, rotate_swarm_key  # noqa: E402
-from ipdc.spawn import wait_for  # noqa: E402
+from ipdc.bus import Bus, client_id, tls_context
+from ipdc.node.install import find_mosquitto
+from ipdc.node.membership import remove, rotate_swarm_key
+from ipdc.spawn import wait_for
 
 
 def stats(samples: list[float]) -> list[str]:
@@ -69,7 +69,8 @@ def plaintext_connects(n: int, work: Path) -> list[float]:
     mosquitto = find_mosquitto()
     if mosquitto is None:
         sys.exit("mosquitto is not installed")
-    broker = subprocess.Popen([str(mosquitto), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen([str(mosquitto), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
         def listening() -> bool:
             try:
@@ -82,7 +83,7 @@ def plaintext_connects(n: int, work: Path) -> list[float]:
         for i in range(n):
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"plain-{i}", protocol=mqtt.MQTTv5)
             connected = threading.Event()
-            client.on_connect = lambda *_: connected.set()
+            client.on_connect = lambda *_, connected=connected: connected.set()
             started = time.perf_counter()
             client.connect("127.0.0.1", port)
             client.loop_start()
@@ -99,7 +100,7 @@ def plaintext_connects(n: int, work: Path) -> list[float]:
 def removal(cluster: Any) -> tuple[float, float]:
     """Seconds until every other node dropped the last node's key, and until its agent exited."""
     founder, leaving = cluster.nodes[0], cluster.nodes[-1]
-    others = cluster.nodes[1:-1] + [founder]
+    others = [*cluster.nodes[1:-1], founder]
     key = leaving.signer.public_key
     started = time.perf_counter()
     remove(founder, leaving.config.node.name)
@@ -147,7 +148,8 @@ def queue_delivery(cluster: Any, n: int = 20_000, size: int = 200, delay: float 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connects", type=int, default=200)
     parser.add_argument("--nodes", type=int, default=4, help="cluster size for removal and rotation")
     parser.add_argument("--rotations", type=int, default=3)
@@ -167,13 +169,15 @@ def main() -> None:
         if args.queue:
             results["queue"] = queue_delivery(cluster)
             q = results["queue"]
-            common.print_table("QoS 1 to a slow subscriber through the swarm's broker", list(q), [list(q.values())])
+            common.print_table("QoS 1 to a slow subscriber through the swarm's broker", list(q),
+                               [list(q.values())])
         untrusted, kicked = removal(cluster)
         rotations = []
         for _ in range(args.rotations):
             started = time.perf_counter()
             done = rotate_swarm_key(cluster.nodes[0])
-            rotations.append((done.seconds, time.perf_counter() - started, len(done.switched), len(done.pending)))
+            wall = time.perf_counter() - started
+            rotations.append((done.seconds, wall, len(done.switched), len(done.pending)))
         common.print_table(f"membership changes, {args.nodes}-node local cluster (s)", ["step", "seconds"], [
             ["remove: until every other node dropped its key", f"{untrusted:.3f}"],
             ["remove: until its agent exited (revoked, kicked)", f"{kicked:.3f}"],

@@ -70,7 +70,8 @@ def tls_context(broker: BrokerSection) -> ssl.SSLContext:
     try:
         context.load_verify_locations(cafile=broker.ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise BusError(f"cannot load the swarm's CA certificate (broker.ca_file {broker.ca_file}): {exc}") from None
+        raise BusError(f"cannot load the swarm's CA certificate (broker.ca_file {broker.ca_file}): "
+                       f"{exc}") from None
     try:
         context.load_cert_chain(broker.cert_file, broker.key_file)
     except (OSError, ssl.SSLError) as exc:
@@ -159,8 +160,8 @@ class Bus:
                     f"trusts only the CA in {self.broker.ca_file}, and the broker's certificate must name "
                     f"{self.broker.host}). Check broker.host/port in ipdc.conf.") from None
             except ssl.SSLError as exc:
-                raise BusError(f"the TLS handshake with the broker at {self.where} failed ({exc.reason or exc}): "
-                               f"{self._not_accepted()}") from None
+                raise BusError(f"the TLS handshake with the broker at {self.where} failed "
+                               f"({exc.reason or exc}): {self._not_accepted()}") from None
             except (OSError, ValueError) as exc:
                 if time.monotonic() >= deadline:
                     raise BusError(
@@ -199,8 +200,8 @@ class Bus:
         self.publish(topic, b"sync")
         try:
             if not arrived.wait(timeout):
-                raise BusError(f"the broker at {self.where} accepted {self.client_id} but delivers nothing to "
-                               "it: check the broker's ACL (broker/acl on the broker host)")
+                raise BusError(f"the broker at {self.where} accepted {self.client_id} but delivers nothing "
+                               "to it: check the broker's ACL (broker/acl on the broker host)")
         finally:
             self._markers.pop(topic, None)
             self.unsubscribe(topic)
@@ -284,10 +285,10 @@ class Bus:
         if reason_code.is_failure:
             if reason_code.value in FINAL_CONNACK:
                 self._fail(client, IdentityRefused(
-                    f"the MQTT broker at {self.where} refused node {self.node}'s identity ({reason_code}): its "
-                    f"certificate was revoked (`ipdc node remove`), or client id {self.client_id!r} is not its "
-                    "own. A removed node can only come back with a new invite (`ipdc invite` on the broker "
-                    "host)."))
+                    f"the MQTT broker at {self.where} refused node {self.node}'s identity ({reason_code}): "
+                    f"its certificate was revoked (`ipdc node remove`), or client id {self.client_id!r} is "
+                    "not its own. A removed node can only come back with a new invite (`ipdc invite` on the "
+                    "broker host)."))
             elif not self._settled.is_set():
                 self._fail(client, BusError(f"the MQTT broker at {self.where} refused {self.client_id}: "
                                             f"{reason_code}"))
@@ -311,9 +312,9 @@ class Bus:
             return
         if reason_code.value == REVOKED:
             self._fail(client, IdentityRefused(
-                f"the MQTT broker at {self.where} disconnected node {self.node} ({reason_code}): the node was "
-                "removed from the swarm and its identity revoked (`ipdc node remove`). It can only come back "
-                "with a new invite (`ipdc invite` on the broker host)."))
+                f"the MQTT broker at {self.where} disconnected node {self.node} ({reason_code}): the node "
+                "was removed from the swarm and its identity revoked (`ipdc node remove`). It can only come "
+                "back with a new invite (`ipdc invite` on the broker host)."))
         elif not self._settled.is_set():
             self._fail(client, BusError(f"the broker at {self.where} closed the connection without answering "
                                         f"CONNECT{self._last_error_text()}: {self._not_accepted()}"))

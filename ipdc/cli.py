@@ -15,32 +15,32 @@ sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
 import json  # noqa: E402
 import logging  # noqa: E402
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
 
-import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.progress import (  # noqa: E402
     BarColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Table  # noqa: E402
 
-from ipdc import __version__
-from ipdc.errors import IPDCError, NodeError, TokenError
-from ipdc.kubo import KuboClient
-from ipdc.node import membership
-from ipdc.node.invite import Invite
-from ipdc.node.lifecycle import Node
-from ipdc.private import write_private
-from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import (
+from ipdc import __version__  # noqa: E402
+from ipdc.errors import IPDCError, NodeError, TokenError  # noqa: E402
+from ipdc.kubo import KuboClient  # noqa: E402
+from ipdc.node import membership  # noqa: E402
+from ipdc.node.invite import Invite  # noqa: E402
+from ipdc.node.lifecycle import Node  # noqa: E402
+from ipdc.private import write_private  # noqa: E402
+from ipdc.submit.client import SwarmClient  # noqa: E402
+from ipdc.submit.mapreduce import (  # noqa: E402
     JOBS_DIR,
     JobResult,
     MapReduceController,
@@ -190,7 +190,8 @@ def node_remove(name: str) -> None:
     kubo can no longer reach any member.
     """
     member = membership.remove(Node(), name)
-    click.echo(f"removed {member.name}: its broker identity is revoked and every node drops its submitter key")
+    click.echo(f"removed {member.name}: its broker identity is revoked and every node drops its "
+               "submitter key")
     err.print("next: `ipdc swarm rotate-key`, so that it can no longer reach the members' kubo either")
 
 
@@ -239,7 +240,8 @@ def peers(as_json: bool) -> None:
     table = Table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
-                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
+                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
+                      f"{r['last_seen_s']:.1f}")
     out.print(table)
     err.print(f"{len(rows)} live peer(s)")
 
@@ -422,14 +424,16 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+            KuboClient(node.config.kubo_api_url) as kubo, \
+            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
         cluster = TfController(client, kubo, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
     table = Table("task", "address", "peer", "runs")
     for t in cluster.tasks:
-        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer, "tf server" if t.server else "your script")
+        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer,
+                      "tf server" if t.server else "your script")
     click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
     out.print(table)
     click.echo(f"run your script as the chief:\n  {cluster.command()}")

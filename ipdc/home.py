@@ -130,8 +130,8 @@ class NodeHome:
 
     def write_swarm_key(self, key: str) -> None:
         """Write (or replace) ``kubo/swarm.key``, 0600; kubo reads it when it starts."""
-        write_private(self.kubo_repo / "swarm.key", f"/key/swarm/psk/1.0.0/\n/base16/\n{check_swarm_key(key)}\n",
-                      replace=True)
+        text = f"/key/swarm/psk/1.0.0/\n/base16/\n{check_swarm_key(key)}\n"
+        write_private(self.kubo_repo / "swarm.key", text, replace=True)
 
     def start_kubo(self, timeout: float) -> None:
         """Start this home's kubo daemon, wait until its API answers, and dial the bootstrap

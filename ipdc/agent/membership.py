@@ -94,8 +94,8 @@ def _conflict(name: str, other: Presence, node: NodeHome, when: str) -> str:
     return (f"node {name} is already live on host {where}, instance {other.instance} ({when}); this home "
             f"({node.home}, instance {node.instance}) holds the same identity, so it may be a copy of that "
             "node's home. Two homes must never share one identity: stop the other one, or give this machine "
-            "its own identity with a new invite (`ipdc invite` on the broker host, then `python deploy.py init "
-            "--join-file FILE` with a fresh IPDC_HOME).")
+            "its own identity with a new invite (`ipdc invite` on the broker host, then "
+            "`python deploy.py init --join-file FILE` with a fresh IPDC_HOME).")
 
 
 class Membership:
@@ -157,8 +157,8 @@ class Membership:
             log.warning("ignored a removal of %s: it is not signed by the founder", removal.name)
             return
         if removal.name == self.name:
-            self._stop(f"this node ({self.name}) was removed from the swarm (`ipdc node remove` on the broker "
-                       "host); it can only come back with a new invite")
+            self._stop(f"this node ({self.name}) was removed from the swarm (`ipdc node remove` on the "
+                       "broker host); it can only come back with a new invite")
             return
         self.removed.add(removal.key)
         if self.node.trust.remove(removal.key):
@@ -188,7 +188,8 @@ class Membership:
                 self.node.start_kubo(KUBO_RESTART_TIMEOUT)
                 with KuboClient(self.node.config.kubo_api_url, timeout=10) as kubo:
                     if not wait_for(lambda: self.node.connect_swarm(kubo), KUBO_RESTART_TIMEOUT, 0.5):
-                        log.warning("kubo runs with the new swarm key but has not reached its bootstrap peers")
+                        log.warning("kubo runs with the new swarm key but has not reached its bootstrap "
+                                    "peers yet")
             except IPDCError as exc:
                 log.error("could not restart kubo with the new swarm key: %s", exc)
                 return
@@ -210,7 +211,8 @@ class Membership:
     # -- enrollment (founder) ----------------------------------------------------------
     def _enroll(self, message: Inbound) -> None:
         parts = message.topic.split("/")
-        if len(parts) != 4 or parts[3] != "request" or not ENROLL_ID.fullmatch(parts[2]) or not self.node.is_founder:
+        if not self.node.is_founder or len(parts) != 4 or parts[3] != "request" \
+                or not ENROLL_ID.fullmatch(parts[2]):
             return
         identity = parts[2]
         request = ENROLL_REQUEST.decode(message.payload)

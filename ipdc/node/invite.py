@@ -61,7 +61,8 @@ class Invite:
     def decode(cls, token: str) -> Invite:
         token = token.strip()
         if token.startswith(OLD_PREFIX):
-            raise TokenError(f"this token comes from an older IPDC that joined nodes with a broker password; {ASK_AGAIN}")
+            raise TokenError("this token comes from an older IPDC that joined nodes with a broker password; "
+                             f"{ASK_AGAIN}")
         if not token.startswith(PREFIX):
             raise TokenError(f"not an IPDC invite token (it should start with {PREFIX!r}); get one with "
                              "`ipdc invite` on the node that hosts the broker")
@@ -75,7 +76,8 @@ class Invite:
         except IPDCError as exc:
             raise TokenError(f"the invite token is invalid: {exc}") from None
         if not ENROLL_ID.fullmatch(invite.identity):
-            raise TokenError(f"the invite token's identity {invite.identity[:40]!r} is not an enrollment identity")
+            raise TokenError(f"the invite token's identity {invite.identity[:40]!r} is not an enrollment "
+                             "identity")
         try:
             parse_public_key(invite.founder)
         except TrustError as exc:

@@ -177,8 +177,9 @@ class Node(NodeHome):
             broker.set_plugin(plugin)
         service = self.services["mosquitto"]
         service.start([str(binary), "-c", str(broker.conf)])
-        if not wait_for(lambda: port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None, timeout) \
-                or service.pid() is None:
+        address = (cfg.broker.host, cfg.broker.port)
+        opened = wait_for(lambda: port_open(*address) or service.pid() is None, timeout)
+        if not opened or service.pid() is None:
             raise service.fail(f"did not open {cfg.broker.host}:{cfg.broker.port}")
 
     def _start_kubo(self, cfg: Config, timeout: float) -> None:

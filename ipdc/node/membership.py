@@ -87,7 +87,8 @@ def found(node: NodeHome, name: str, host: str, port: int, plugin: Path) -> None
     write_private(broker.key, pki.key_pem(broker_key))
     broker.cert.write_bytes(pki.cert_pem(ca.issue("ipdc-broker", broker_key.public_key(),
                                                    server_addresses=[host])))
-    broker.write_config(host, port, name, plugin, node.home / CA_FILE, Service(node.home, "mosquitto").log_file)
+    broker.write_config(host, port, name, plugin, node.home / CA_FILE,
+                        Service(node.home, "mosquitto").log_file)
     roster(node).add(Member(name=name, submitter=node.signer.public_key, serial=pki.serial_hex(cert),
                             host=host, joined=time.time()))
 
@@ -143,7 +144,8 @@ def enroll(node: NodeHome, token: Invite, host: str, timeout: float = 30.0) -> E
         enroll_cert.unlink(missing_ok=True)
         enroll_key.unlink(missing_ok=True)
     if not verify(reply, ENROLL_REPLY.name, token.identity) or reply.submitter != token.founder:
-        raise TokenError("the enrollment answer is not signed by the founder named in the invite: refusing it")
+        raise TokenError("the enrollment answer is not signed by the founder named in the invite: "
+                         "refusing it")
     if reply.error:
         raise NodeError(f"the founder refused to enroll this node: {reply.error}")
     try:
@@ -162,7 +164,8 @@ def _ask_founder(broker: BrokerSection, token: Invite, request: EnrollRequest, t
     try:
         bus.connect(timeout)
     except IdentityRefused:
-        raise TokenError(f"this invite was already used (a token admits one node, once); {ASK_AGAIN}") from None
+        raise TokenError(f"this invite was already used (a token admits one node, once); "
+                         f"{ASK_AGAIN}") from None
     except BusError as exc:
         token.check_fresh()  # it may have expired while we dialled
         raise TokenError(f"cannot join with this invite: {exc}") from None
@@ -171,9 +174,9 @@ def _ask_founder(broker: BrokerSection, token: Invite, request: EnrollRequest, t
         try:
             message = bus.inbox.get(timeout=timeout)
         except queue.Empty:
-            raise NodeError(f"the founding node did not answer within {timeout:.0f}s: its agent must be running "
-                            f"(`python deploy.py start` on {token.broker_host}). This invite is used up now; "
-                            f"{ASK_AGAIN}") from None
+            raise NodeError(f"the founding node did not answer within {timeout:.0f}s: its agent must be "
+                            f"running (`python deploy.py start` on {token.broker_host}). This invite is used "
+                            f"up now; {ASK_AGAIN}") from None
     finally:
         bus.close()
     try:
@@ -206,8 +209,9 @@ def remove(node: NodeHome, name: str, timeout: float = 10.0) -> Member:
             bus.publish(REMOVAL.topic(node=name), REMOVAL.encode(removal), retain=True)
             bus.publish(SWARMKEY.topic(node=name), b"", retain=True)  # its swarm key is no longer kept for it
     except BusError as exc:
-        raise NodeError(f"{name} is revoked at the broker, but the other nodes were not told to stop trusting "
-                        f"its key: {exc}. Start the broker and run `ipdc node remove {name}` again.") from None
+        raise NodeError(f"{name} is revoked at the broker, but the other nodes were not told to stop "
+                        f"trusting its key: {exc}. Start the broker and run `ipdc node remove {name}` "
+                        "again.") from None
     return member
 
 
@@ -247,7 +251,8 @@ def rotate_swarm_key(node: NodeHome, timeout: float = 120.0) -> Rotation:
             bus.publish(SWARMKEY.topic(node=name), SWARMKEY.encode(message), retain=True)
 
         def switched() -> set[str]:
-            return {n for n in live if (p := presences.get(n)) is not None and p.extra.get("swarm") == fingerprint}
+            return {n for n in live
+                    if (p := presences.get(n)) is not None and p.extra.get("swarm") == fingerprint}
         deadline = started + timeout
         while switched() != live and time.monotonic() < deadline:
             presences = _presences(bus, presences, wait=min(1.0, max(0.0, deadline - time.monotonic())))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 import time
 from dataclasses import fields
@@ -47,7 +46,7 @@ class SwarmClient:
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._run, daemon=True, name="swarm-client")
 
-    def connect(self, timeout: float = 10.0) -> "SwarmClient":
+    def connect(self, timeout: float = 10.0) -> SwarmClient:
         self.bus.subscribe(PRESENCE.subscription(), HEARTBEAT.subscription())
         self.bus.connect(timeout)
         self.bus.sync(timeout)
@@ -60,14 +59,14 @@ class SwarmClient:
         self._stop.set()
         self.bus.close()
 
-    def __enter__(self) -> "SwarmClient":
+    def __enter__(self) -> SwarmClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- jobs ------------------------------------------------------------------------
-    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+    def watch(self, job_id: str) -> queue.Queue[GetResult]:
         """Start receiving the job's GetResult reports (before sending it anything)."""
         results: queue.Queue[GetResult] = queue.Queue()
         self._jobs[job_id] = results
@@ -115,7 +114,7 @@ class SwarmClient:
             self._route(message)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-        except Exception:  # noqa: BLE001 - one bad message must never stop the pump
+        except Exception:  # one bad message must never stop the pump
             log.exception("dropped a message on %s that could not be handled", message.topic)
 
     def _route(self, message: Inbound) -> None:

@@ -22,7 +22,7 @@ class _Checked(str):
     pattern: ClassVar[re.Pattern[str]]
     what: ClassVar[str]
 
-    def __new__(cls, value: object) -> "_Checked":
+    def __new__(cls, value: object) -> _Checked:
         if type(value) is cls:
             return value  # type: ignore[return-value]
         if not isinstance(value, str) or not cls.pattern.fullmatch(value):
@@ -46,7 +46,7 @@ class JobId(_Checked):
     what = "job id"
 
     @classmethod
-    def new(cls) -> "JobId":
+    def new(cls) -> JobId:
         return cls(uuid.uuid4().hex)
 
 

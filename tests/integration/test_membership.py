@@ -142,7 +142,7 @@ def test_the_broker_refuses_plaintext_and_foreign_certificates_at_the_handshake(
         assert stage != "connack", f"{what}: the broker answered CONNECT ({detail})"
     # through IPDC's own client: refused before MQTT, not as an identity (that would be CONNACK 135)
     outsider = dataclasses.replace(foreign, host=host, port=port, ca_file=cfg.broker.ca_file)
-    with pytest.raises(BusError, match="did not accept node .*certificate") as refused:
+    with pytest.raises(BusError, match=r"did not accept node .*certificate") as refused:
         Bus(outsider, f"{victim}.agent").connect(timeout=10)
     assert not isinstance(refused.value, IdentityRefused)
     # and a node trusts only its own swarm's CA: the real broker is refused with another CA pinned
@@ -163,7 +163,7 @@ def test_a_member_cannot_use_another_nodes_client_id_and_the_victim_stays_connec
     before = agent_log.read_text()
     try:
         for stolen in (f"{victim_name}.victim", f"{victim_name}.agent", victim_name):
-            with pytest.raises(IdentityRefused, match="refused node .*identity"):
+            with pytest.raises(IdentityRefused, match=r"refused node .*identity"):
                 Bus(thief_cfg.broker, stolen).connect(timeout=10)
         with Bus(thief_cfg.broker, client_id(thief_cfg.node.name, "test")) as sender:
             sender.connect()
@@ -186,7 +186,8 @@ def test_an_oversize_message_is_refused_by_the_broker(swarm: Swarm) -> None:
     # a client that sends one anyway is disconnected by the broker (149 Packet too large)
     gone = threading.Event()
     reasons: list[int] = []
-    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id(cfg.node.name, "raw"), protocol=mqtt.MQTTv5)
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id(cfg.node.name, "raw"),
+                      protocol=mqtt.MQTTv5)
     raw.tls_set_context(tls_context(cfg.broker))
     raw.on_disconnect = lambda c, u, f, rc, p: (reasons.append(rc.value), gone.set())
     raw.connect(cfg.broker.host, cfg.broker.port)
@@ -226,8 +227,9 @@ def test_an_expired_token_is_refused_here_and_by_the_broker(swarm: Swarm, tmp_pa
     (tmp_path / "e.crt").write_text(invite.cert)
     (tmp_path / "e.key").write_text(invite.key)
     (tmp_path / "ca.crt").write_text(invite.ca)
-    section = BrokerSection(host=invite.broker_host, port=invite.broker_port, ca_file=str(tmp_path / "ca.crt"),
-                            cert_file=str(tmp_path / "e.crt"), key_file=str(tmp_path / "e.key"))
+    section = BrokerSection(host=invite.broker_host, port=invite.broker_port,
+                            ca_file=str(tmp_path / "ca.crt"), cert_file=str(tmp_path / "e.crt"),
+                            key_file=str(tmp_path / "e.key"))
     with pytest.raises(BusError, match="did not accept") as refused:
         Bus(section, invite.identity).connect(timeout=10)
     assert not isinstance(refused.value, IdentityRefused)
@@ -266,9 +268,11 @@ def test_a_copied_home_refuses_to_start_and_names_the_host(swarm: Swarm) -> None
     finally:
         run_cli(["deploy.py", "stop"], copy, check=False)
     assert done.returncode != 0
-    assert f"node {name} is already live on host 127.0.0.1 ({socket.gethostname()})" in done.stderr, done.stderr
+    where = f"node {name} is already live on host 127.0.0.1 ({socket.gethostname()})"
+    assert where in done.stderr, done.stderr
     assert Node(copy).services["agent"].pid() is None
-    assert original.services["agent"].pid() == agent and "lost the broker" not in log.read_text()[len(before):]
+    assert original.services["agent"].pid() == agent
+    assert "lost the broker" not in log.read_text()[len(before):]
     peers = {p["name"] for p in json.loads(run_cli(["peers", "--json"], swarm.homes[0]).stdout)}
     assert name in peers
 

@@ -55,7 +55,7 @@ def test_all_three_nodes_list_each_other(homes: list[Path]) -> None:
     names = {load_config(h / "ipdc.conf").node.name for h in homes}
     assert len(names) == 3
     for home in homes:
-        assert wait_for(lambda: peer_names(home) == names, 20, 0.5), peer_names(home)
+        assert wait_for(lambda home=home: peer_names(home) == names, 20, 0.5), peer_names(home)
     rows = json.loads(run_cli(["peers", "--json"], homes[2]).stdout)
     for row in rows:
         assert row["peer_id"].startswith("12D3KooW") and row["cores"] >= 1
@@ -115,7 +115,8 @@ def test_kubo_without_the_swarm_key_cannot_connect(homes: list[Path], tmp_path: 
 
 def test_init_twice_changes_nothing(homes: list[Path]) -> None:
     home = homes[1]
-    before = {p: p.read_bytes() for p in (home / "ipdc.conf", home / "kubo" / "config", home / "kubo" / "swarm.key")}
+    files = (home / "ipdc.conf", home / "kubo" / "config", home / "kubo" / "swarm.key")
+    before = {p: p.read_bytes() for p in files}
     out = run_cli(["deploy.py", "init", "--host", "127.0.0.1"], home).stdout
     assert "already initialised" in out and "nothing changed" in out
     assert {p: p.read_bytes() for p in before} == before

@@ -56,8 +56,8 @@ def listeners(host: Host) -> list[Listener]:
 
 def _python_in(outsider: Host, script: str, data: object, timeout: float = 120) -> object:
     """Run ``script`` with Python in the outsider's namespace; JSON in on stdin, out on stdout."""
-    done = subprocess.run(outsider.argv([sys.executable, "-c", script]), input=json.dumps(data), env=outsider.env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(outsider.argv([sys.executable, "-c", script]), input=json.dumps(data),
+                          env=outsider.env(), capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise AssertionError(f"the probe in {outsider.label} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
@@ -105,7 +105,8 @@ print(json.dumps(out))
 """
 
 
-def mqtt_handshakes(outsider: Host, broker: Host, port: int, ca_file: str, work: Path) -> dict[str, list[str]]:
+def mqtt_handshakes(outsider: Host, broker: Host, port: int, ca_file: str,
+                    work: Path) -> dict[str, list[str]]:
     """How the broker ends an outsider's MQTT attempts: mode -> [stage, detail]; stage
     "connack" would mean the broker answered CONNECT. The outsider even knows the swarm's
     CA certificate (it is not secret) and claims the broker host's node name."""
@@ -143,8 +144,8 @@ def kubo_dials(outsider: Host, binary: str, swarm_key: str | None, targets: list
     (repo / "config").write_text(json.dumps(config))
     log = work / f"{repo.name}.log"
     with open(log, "wb") as out:
-        daemon = subprocess.Popen(outsider.argv([binary, "daemon"]), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        daemon = subprocess.Popen(outsider.argv([binary, "daemon"]), env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # (not `ipfs id`: run before the daemon holds the repo, it takes the repo's lock itself)
         wait_until(lambda: "Daemon is ready" in log.read_text() or daemon.poll() is not None, 60,
@@ -153,8 +154,8 @@ def kubo_dials(outsider: Host, binary: str, swarm_key: str | None, targets: list
             raise AssertionError(f"the outsider's kubo exited:\n{log.read_text()}")
         results = {}
         for target in targets:
-            done = subprocess.run(outsider.argv([binary, "swarm", "connect", target]), env=env, capture_output=True,
-                                  text=True, timeout=60, check=False)
+            done = subprocess.run(outsider.argv([binary, "swarm", "connect", target]), env=env,
+                                  capture_output=True, text=True, timeout=60, check=False)
             results[target] = "connected" if done.returncode == 0 else (done.stderr or done.stdout).strip()
         return results
     finally:

@@ -36,7 +36,8 @@ def test_an_outsider_reaches_only_kubo_swarm_and_broker_ports_and_is_refused_the
     assert opened == allowed, results
     assert all(r in ("open", "refused") for r in results.values()), results
 
-    handshakes = mqtt_handshakes(cluster.outsider, broker_host, broker.port, broker.ca_file, tmp_path / "mqtt")
+    handshakes = mqtt_handshakes(cluster.outsider, broker_host, broker.port, broker.ca_file,
+                                 tmp_path / "mqtt")
     assert len(handshakes) == 3 and all(stage != "connack" for stage, _ in handshakes.values()), handshakes
 
     members = [Node(h.home).swarm_multiaddr() for h in cluster.hosts]
@@ -44,4 +45,4 @@ def test_an_outsider_reaches_only_kubo_swarm_and_broker_ports_and_is_refused_the
     for key in (None, "0f" * 32):
         dials = kubo_dials(cluster.outsider, binary, key, members, tmp_path / "kubo")
         refused = {m: r for m, r in dials.items() if "failed to negotiate security protocol" in r}
-        assert refused == dials, f"swarm key {key and 'another key' or 'none'}: {dials}"
+        assert refused == dials, f"swarm key {(key and 'another key') or 'none'}: {dials}"

@@ -27,8 +27,8 @@ def make_invite(ttl: dt.timedelta) -> tuple[Invite, pki.Authority]:
     key = pki.new_key()
     cert = ca.issue("enroll-0123abcd", key.public_key(), not_after=pki.now() + ttl)
     invite = Invite(broker_host="10.1.2.3", broker_port=8883, ca=pki.cert_pem(ca.cert).decode(),
-                    identity="enroll-0123abcd", cert=pki.cert_pem(cert).decode(), key=pki.key_pem(key).decode(),
-                    founder=FOUNDER.public_key)
+                    identity="enroll-0123abcd", cert=pki.cert_pem(cert).decode(),
+                    key=pki.key_pem(key).decode(), founder=FOUNDER.public_key)
     return invite, ca
 
 
@@ -39,7 +39,7 @@ def test_invite_round_trip_and_damage() -> None:
     for bad in ("hello", token[:-10], "ipdc2-" + "A" * 40):
         with pytest.raises(TokenError):
             Invite.decode(bad)
-    with pytest.raises(TokenError, match="older IPDC.*ipdc invite"):
+    with pytest.raises(TokenError, match=r"older IPDC.*ipdc invite"):
         Invite.decode("ipdc1-" + "A" * 40)
 
 
@@ -49,7 +49,7 @@ def test_an_invite_carries_no_long_term_secret_and_expires() -> None:
     assert dt.timedelta(hours=23) < invite.expires() - pki.now() <= dt.timedelta(hours=24)
     invite.check_fresh()
     expired, _ = make_invite(dt.timedelta(seconds=-90))
-    with pytest.raises(TokenError, match="expired at .*ago.*ipdc invite"):
+    with pytest.raises(TokenError, match=r"expired at .*ago.*ipdc invite"):
         expired.check_fresh()
 
 
@@ -70,7 +70,7 @@ def test_a_certificate_from_a_csr_is_checked_against_key_name_and_ca() -> None:
     cert = ca.issue("n-00000001", public)
     pki.check_issued(cert, ca.cert, key.public_key(), "n-00000001")
     assert pki.common_name(cert) == "n-00000001"
-    with pytest.raises(TrustError, match="not n-00000002|'n-00000002'"):
+    with pytest.raises(TrustError, match=r"not 'n-00000002'"):
         pki.check_issued(cert, ca.cert, key.public_key(), "n-00000002")
     with pytest.raises(TrustError, match="not for this node's key"):
         pki.check_issued(cert, ca.cert, pki.new_key().public_key(), "n-00000001")
@@ -92,7 +92,8 @@ def test_membership_messages_are_signed_for_one_recipient_and_checked() -> None:
     with pytest.raises(MessageError):
         ENROLL_REPLY.decode(b'{"name": "n-1", "swarm_key": "short"}')
     assert ENROLL_REPLY.decode(ENROLL_REPLY.encode(EnrollReply(error="no"))).error == "no"
-    assert swarm_key_fingerprint(key) != swarm_key_fingerprint("cd" * 32) and key not in swarm_key_fingerprint(key)
+    assert swarm_key_fingerprint(key) != swarm_key_fingerprint("cd" * 32)
+    assert key not in swarm_key_fingerprint(key)
 
 
 def test_private_files_are_0600_created_once_and_replaced_whole(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_the_member_list_records_and_removes(tmp_path: Path) -> None:
     assert roster.by_enroll("enroll-0123abcd") == roster.get("n-00000002")
     assert roster.mark_removed("n-00000002", 5.0).removed == 5.0
     assert roster.mark_removed("n-00000002", 9.0).removed == 5.0  # removing again changes nothing
-    with pytest.raises(NodeError, match="not a member.*n-00000001"):
+    with pytest.raises(NodeError, match=r"not a member.*n-00000001"):
         roster.mark_removed("n-99999999", 6.0)
     assert stat.S_IMODE((tmp_path / "members.json").stat().st_mode) == 0o600
     assert [m.name for m in Roster(tmp_path / "members.json").members() if not m.removed] == ["n-00000001"]

@@ -50,7 +50,8 @@ def test_identifiers_reject_unsafe_values(value: object, cls: type) -> None:
 
 @pytest.mark.parametrize("payload", [
     b"", b"\xff", b"null", b"[]", b'"x"', b"{", json.dumps({"job_id": "../../x", "task": 0}).encode(),
-    json.dumps({"job_id": JOB, "task": "0"}).encode(), json.dumps({"job_id": JOB, "task": 0, "evil": 1}).encode(),
+    json.dumps({"job_id": JOB, "task": "0"}).encode(),
+    json.dumps({"job_id": JOB, "task": 0, "evil": 1}).encode(),
     json.dumps({"job_id": JOB, "partition": 0, "task": 0, "cid": "not-a-cid"}).encode(),
     b"{" + b" " * MAX_PAYLOAD + b"}",
 ])
