@@ -122,7 +122,8 @@ class Bus:
         self._acked_early: set[int] = set()
         self._acks = threading.Condition()
         self._settled = threading.Event()
-        """The first connect ended: with a CONNACK, or with a failure."""
+        """The first connect ended: subscribed (CONNACK and SUBACK), or failed."""
+        self._first_suback: int | None = None
         self._last_error = ""
         self._lock = threading.Lock()
         self._client = mqtt.Client(
@@ -140,11 +141,14 @@ class Bus:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
 
     # -- lifecycle -------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> Bus:
         """Connect, retrying while the broker is unreachable (it may be starting) until
-        ``timeout``. A TLS or identity refusal fails at once, with what to do about it."""
+        ``timeout``; return once the subscriptions made so far are active, so nothing
+        published to them afterwards is missed. A TLS or identity refusal fails at once,
+        with what to do about it."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry
         deadline = time.monotonic() + timeout
@@ -300,11 +304,19 @@ class Bus:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             if self._subscriptions:
-                client.subscribe([(t, q) for t, q in self._subscriptions.items()])
+                _, mid = client.subscribe([(t, q) for t, q in self._subscriptions.items()])
+                if not self._settled.is_set():
+                    self._first_suback = mid  # connect() returns on its SUBACK (_on_subscribe)
         log.debug("%s connected (session present: %s)", self.client_id, flags.session_present)
         if self._on_connected is not None:
             self._on_connected()
-        self._settled.set()
+        if self._first_suback is None:
+            self._settled.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        if mid == self._first_suback:
+            self._settled.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:

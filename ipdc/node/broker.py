@@ -17,7 +17,7 @@ Settings that matter, and why (mosquitto 2.0.11, Debian 12):
   callback, and 2.0.11 runs tick callbacks only for global plugins.
 * ``user <this user>``: started as root without it, mosquitto switches to user
   "mosquitto", which cannot read the node's private keys.
-* Limits (measured: README-broker-notes.md):
+* Limits (measured with the prototype's sweep and bench/broker.py; figures in the README):
 
   - ``max_packet_size 1048576`` (ipdc.wire.channel.MAX_PACKET): a message is at most
     1 MiB, matching the channels' cap (MAX_PAYLOAD is 1 MiB - 16 KiB, leaving room for

@@ -122,12 +122,18 @@ PLUGIN_SOURCE = "broker_plugin/ipdc_auth.c"
 PLUGIN_FLAGS = ["-std=gnu99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra"]
 
 
-def _missing_packages() -> list[str]:
+def _missing_build_deps() -> list[str]:
     return [package for package, probe in PLUGIN_BUILD_DEPS.items()
             if (shutil.which(package) is None if probe is None else not Path(probe).exists())]
 
 
-def _apt_install(packages: list[str]) -> None:
+def _install(packages: list[str]) -> None:
+    """apt-get install ``packages`` as root; otherwise an error that names them."""
+    if not packages:
+        return
+    if os.geteuid() != 0:
+        raise InstallError(f"the broker host needs {', '.join(packages)}: run `sudo apt-get install "
+                           f"{' '.join(packages)}`, then run init again")
     log.warning("installing %s with apt-get", " ".join(packages))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
@@ -136,15 +142,10 @@ def _apt_install(packages: list[str]) -> None:
             raise InstallError(f"`{' '.join(argv)}` failed:\n{done.stderr[-2000:]}")
 
 
-def ensure_mosquitto() -> Path:
-    """mosquitto, and what building its auth plugin needs (the broker host only). As root,
-    installed with apt-get; otherwise an error that names the packages."""
-    missing = ([] if find_mosquitto() else ["mosquitto"]) + _missing_packages()
-    if missing:
-        if os.geteuid() != 0:
-            raise InstallError(f"the broker host needs {', '.join(missing)}: run `sudo apt-get install "
-                               f"{' '.join(missing)}`, then run init again")
-        _apt_install(missing)
+def ensure_mosquitto(build_deps: bool = False) -> Path:
+    """mosquitto (the broker host only), and with ``build_deps`` what building its auth
+    plugin needs: installed with apt-get as root, named in an error otherwise."""
+    _install(([] if find_mosquitto() else ["mosquitto"]) + (_missing_build_deps() if build_deps else []))
     found = find_mosquitto()
     if found is None:
         raise InstallError("apt-get installed mosquitto, but its binary is not on PATH or in /usr/sbin")
@@ -163,7 +164,7 @@ def ensure_plugin() -> Path:
     source = (files("ipdc.node") / PLUGIN_SOURCE).read_bytes()
     tag = hashlib.sha256(source + " ".join(PLUGIN_FLAGS).encode()).hexdigest()[:16]
     target = plugin_cache() / f"ipdc_auth-{tag}.so"
-    ensure_mosquitto()
+    ensure_mosquitto(build_deps=not target.exists())
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
