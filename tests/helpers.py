@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = True,
-            cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would."""
+            cwd: Path | None = None, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would,
+    with ``input`` on stdin."""
     env = {**os.environ, "IPDC_HOME": str(home), **(env or {})}
     argv = ([sys.executable, str(REPO / "deploy.py"), *args[1:]] if args[0] == "deploy.py"
             else [sys.executable, "-m", "ipdc.cli", *args])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or home.parent)
+                          cwd=cwd or home.parent, input=input)
     if check and done.returncode != 0:
         raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\n"
                              f"stderr:\n{done.stderr}")

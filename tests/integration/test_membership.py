@@ -277,6 +277,19 @@ def test_a_copied_home_refuses_to_start_and_names_the_host(swarm: Swarm) -> None
     assert name in peers
 
 
+def test_a_token_on_the_command_line_is_refused_with_what_to_use_instead(swarm: Swarm) -> None:
+    token = swarm.invite("argv").read_text().strip()
+    home = swarm.base / "argv"
+    done = run_cli(["deploy.py", "init", "--join", token], home, check=False)
+    assert done.returncode != 0 and not (home / "ipdc.conf").exists()
+    assert "every user of this machine can read it" in done.stderr
+    assert "--join-file FILE" in done.stderr and "--join -" in done.stderr
+    # the same token through stdin is fine: it was never used
+    done = run_cli(["deploy.py", "init", "--host", "127.0.0.1", "--join", "-"], home, input=token)
+    swarm.homes.append(home)
+    assert "joined the swarm" in done.stdout
+
+
 def test_secrets_are_private_and_never_in_argv(swarm: Swarm) -> None:
     secrets: list[str] = []
     for token in swarm.tokens:
@@ -286,7 +299,7 @@ def test_secrets_are_private_and_never_in_argv(swarm: Swarm) -> None:
         assert stat.S_IMODE(home.stat().st_mode) == 0o700, home
         node = Node(home)
         private = [home / "ipdc.conf", home / "keys" / "node.key", home / "keys" / "submitter.key",
-                   home / "kubo" / "swarm.key"]
+                   home / "kubo" / "swarm.key", home / "kubo" / "config"]  # (kubo's own peer key)
         if node.is_founder:
             private += [node.ca_key, home / "broker" / "broker.key", home / "broker" / "members.json"]
         for path in private:
