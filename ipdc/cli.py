@@ -113,6 +113,8 @@ def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: 
     node = Node()
     click.echo(node.init(host=host, join=invite, slots=slots))
     if invite is not None:
+        err.print(f"pinned the swarm's CA {_ca_fingerprint(invite.ca)} (compare it with the one "
+                  "`ipdc invite` printed)", highlight=False)
         err.print(f"this node runs jobs signed by {len(node.trust.keys())} key(s) it was given. For other "
                   "nodes to run jobs submitted here, run on each of them:\n"
                   f"  ipdc trust add {node.signer.public_key}", highlight=False)
@@ -171,13 +173,23 @@ def invite(ttl: str, output: Path | None) -> None:
                   "this machine; re-init with --host <LAN address> to invite other machines")
     if output is None:
         click.echo(token.encode())
-        return
-    try:
-        write_private(output, token.encode() + "\n")
-    except FileExistsError:
-        raise NodeError(f"{output} exists: choose another file name (a token is written to a new file "
-                        "only, so no one else can have opened it)") from None
-    err.print(f"wrote an invite for one node to {output} (valid until {token.expires():%Y-%m-%d %H:%M} UTC)")
+    else:
+        try:
+            write_private(output, token.encode() + "\n")
+        except FileExistsError:
+            raise NodeError(f"{output} exists: choose another file name (a token is written to a new file "
+                            "only, so no one else can have opened it)") from None
+        err.print(f"wrote an invite for one node to {output}")
+    err.print(f"valid until {token.expires():%Y-%m-%d %H:%M} UTC; swarm CA {_ca_fingerprint(token.ca)}",
+              highlight=False)
+
+
+def _ca_fingerprint(pem: str) -> str:
+    """The SHA-256 fingerprint of the swarm's CA: the joining node pins it, and a user can
+    compare it on both machines (a token changed on the way would show another)."""
+    from ipdc import pki  # cryptography: only when a node is made or invited
+
+    return pki.fingerprint(pki.load_cert(pem))
 
 
 @node.command("remove")

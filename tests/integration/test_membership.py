@@ -58,6 +58,7 @@ class Swarm:
     """Every home made here; all are stopped at the end."""
     argv: ArgvWatch
     tokens: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def founder(self) -> Node:
@@ -68,9 +69,10 @@ class Swarm:
         return Node(self.homes[1])
 
     def invite(self, name: str, *args: str) -> Path:
-        """``ipdc invite -o FILE`` on the founder; the token is kept for the argv check."""
+        """``ipdc invite -o FILE`` on the founder; the token is kept for the argv check, and what
+        the command printed in :attr:`notes`."""
         token = self.base / f"{name}.token"
-        run_cli(["invite", *args, "-o", str(token)], self.homes[0])
+        self.notes[name] = run_cli(["invite", *args, "-o", str(token)], self.homes[0]).stderr
         self.tokens.append(token.read_text().strip())
         return token
 
@@ -204,7 +206,9 @@ def test_an_oversize_message_is_refused_by_the_broker(swarm: Swarm) -> None:
 
 def test_one_token_admits_one_node_and_the_second_join_fails_at_once(swarm: Swarm, tmp_path: Path) -> None:
     token = swarm.invite("once")
-    first, _ = swarm.join("first", token)
+    first, said = swarm.join("first", token)
+    fingerprint = re.search(r"swarm CA ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", swarm.notes["once"])
+    assert fingerprint and f"pinned the swarm's CA {fingerprint[1]}" in said, (swarm.notes["once"], said)
     swarm.start(first)
     started = time.monotonic()
     second, stderr = swarm.join("second", token, check=False)
