@@ -48,9 +48,10 @@ from ipdc.submit.mapreduce import (  # noqa: E402
     check_job_files,
 )
 
-err = Console(stderr=True, soft_wrap=True)
+# emoji=False: ":AB:" in a CA fingerprint must not print as an emoji.
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 #: Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns.
-out = Console() if Console().is_terminal else Console(width=1000)
+out = Console(emoji=False) if Console().is_terminal else Console(width=1000, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
