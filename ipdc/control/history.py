@@ -61,7 +61,7 @@ def _v1(db: sqlite3.Connection) -> None:
             kind TEXT NOT NULL CHECK (kind IN ('map', 'reduce')),
             idx INTEGER NOT NULL,
             state TEXT NOT NULL,
-            output TEXT NOT NULL DEFAULT 'null',
+            output TEXT NOT NULL DEFAULT '[]',
             by_peers TEXT NOT NULL DEFAULT '[]',
             failures INTEGER NOT NULL DEFAULT 0,
             tried TEXT NOT NULL DEFAULT '[]',
@@ -171,7 +171,7 @@ class History:
             statements.append((
                 "INSERT INTO tasks (job_id, kind, idx, state, output, by_peers, failures, tried, story) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, t["kind"], t["index"], t["state"], json.dumps(t["output"] or None), json.dumps(t["by"]),
+                (job_id, t["kind"], t["index"], t["state"], json.dumps(t["output"]), json.dumps(t["by"]),
                  t["failures"], json.dumps(t["tried"]), json.dumps(t["story"]))))
             statements.extend((
                 "INSERT INTO attempts (job_id, kind, idx, number, peer, state, started, ended, error) "

@@ -120,7 +120,7 @@ function timeline(job) {
   const legend = h("div", { class: "legend" }, [["running", "--run"], ["done", "--ok"], ["failed", "--bad"], ["lost", "--lost"], ["superseded", "--gone"]]
     .map(([name, color]) => h("span", { style: { "--c": `var(${color})` } }, name)));
   return [legend, h("div", { class: "timeline", id: "timeline" }, lanes),
-    h("p", { class: "muted" }, `0 → ${secs(span)}; m = map, r = reduce (striped); #n = attempt number`)];
+    h("p", { class: "muted" }, `0 → ${secs(span)} since the job started; top track: map tasks (m), bottom: reduce tasks (r), from assigned to reported; #n = attempt`)];
 }
 
 function loadLogs(id) {
@@ -162,14 +162,22 @@ function jobPage(id) {
     logsSection(job)];
 }
 
+let drawn = "";  // what the page on screen was drawn from: a redraw with the same data is skipped
+
 function render() {
   const r = route();
   connect();
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === r.page));
   if (!state) return;
   document.getElementById("node").textContent = `node ${state.node}`;
-  const pages = { jobs: jobsPage, peers: peersPage, tf: tfPage, job: () => jobPage(r.id) };
-  document.getElementById("main").replaceChildren(...[(pages[r.page] || jobsPage)()].flat(3).filter(Boolean));
+  const pages = { jobs: [jobsPage, state.jobs], peers: [peersPage, state.peers], tf: [tfPage, state.tf],
+                  job: [() => jobPage(r.id), [state.job, logs[r.id]]] };
+  const [page, data] = pages[r.page] || pages.jobs;
+  const running = (state.jobs || []).some((j) => j.state === "running");  // durations tick
+  const key = JSON.stringify([r, data, running ? state.time : 0]);
+  if (key === drawn) return;
+  drawn = key;
+  document.getElementById("main").replaceChildren(...[page()].flat(3).filter(Boolean));
 }
 
 window.addEventListener("hashchange", () => { state = state && { ...state, job: null }; render(); });
