@@ -237,7 +237,8 @@ def peers(as_json: bool) -> None:
     table = _table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
-                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
+                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
+                      f"{r['last_seen_s']:.1f}")
     out.print(table)
     err.print(f"{len(rows)} live peer(s)")
 
@@ -353,16 +354,18 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     """
     spec = {"input": str(input_file.absolute()), "k": k, "map_file": str(map_file.absolute()),
             "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
-            "chunks": chunks, "max_attempts": max_attempts, "verify": verify, "verify_majority": verify_majority}
+            "chunks": chunks, "max_attempts": max_attempts, "verify": verify,
+            "verify_majority": verify_majority}
     if detach:
         client = ControlClient(ipdc_home())
         try:
             client.call("ping")
         except ControlError as exc:
-            raise ControlError(f"--detach hands the job to this node's controller service, and {exc}") from None
+            raise ControlError(f"--detach hands the job to this node's controller service, and {exc}") \
+                from None
         reply = client.call("submit", job=spec, cwd=os.getcwd())
-        click.echo(json.dumps({"job_id": reply["job_id"], "state": "queued", "output": reply["output"]}, indent=2)
-                   if as_json else reply["job_id"])
+        queued = {"job_id": reply["job_id"], "state": "queued", "output": reply["output"]}
+        click.echo(json.dumps(queued, indent=2) if as_json else reply["job_id"])
         return
     show = not quiet and not as_json and err.is_terminal
     with swarm_for(k, quiet or as_json) as home:
@@ -378,7 +381,8 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     _print_result(final["result"], as_json)
 
 
-def _follow(client: ControlClient, job_id: str, progress: Callable[[str, float, float], None]) -> dict[str, Any]:
+def _follow(client: ControlClient, job_id: str,
+            progress: Callable[[str, float, float], None]) -> dict[str, Any]:
     """Show the job's progress until it ends; its last state."""
     final: dict[str, Any] = {}
     for final in client.stream("watch", job_id=job_id):
@@ -482,7 +486,8 @@ def jobs_list(show_all: bool, state: tuple[str, ...], as_json: bool) -> None:
     table = _table("id", "kind", "state", "progress", "submitted", "duration", "workers")
     for r in rows:
         duration = _duration(r)
-        table.add_row(r["id"][:12], r["kind"], f"[{STATE_STYLE[r['state']]}]{r['state']}[/]", _progress_text(r),
+        table.add_row(r["id"][:12], r["kind"], f"[{STATE_STYLE[r['state']]}]{r['state']}[/]",
+                      _progress_text(r),
                       _when(r["submitted_at"]), f"{duration:.1f}s" if duration is not None else "-",
                       ", ".join(str(w[0]) for w in r["workers"]) or "-")
     out.print(table)
@@ -508,7 +513,8 @@ def job_status(job_id: str, as_json: bool) -> None:
     duration = _duration(found)
     click.echo(f"job {found['id']} ({found['kind']}): {found['state']}"
                + (f" after {duration:.1f}s" if duration is not None else ""))
-    click.echo(f"submitted {_when(found['submitted_at'])} by node {found['node']}; output {found['output_dir']}")
+    click.echo(f"submitted {_when(found['submitted_at'])} by node {found['node']}; "
+               f"output {found['output_dir']}")
     if found["result_cid"]:
         click.echo(f"result:  {found['result_cid']}")
     if found["error"]:
@@ -523,7 +529,8 @@ def job_status(job_id: str, as_json: bool) -> None:
             table.add_row(f"{kind} {t['index']}", t["state"], attempts or "-", ", ".join(t["by"]) or "-")
     out.print(table)
     for r in found["reassigned"]:
-        click.echo(f"reassigned {r['kind']} task {r['task']} from {r['from']} to {r['to'] or '(remaining workers)'}")
+        click.echo(f"reassigned {r['kind']} task {r['task']} from {r['from']} "
+                   f"to {r['to'] or '(the remaining workers)'}")
     for peer, why in found["lost"].items():
         click.echo(f"lost worker {peer}: {why}")
 
@@ -543,7 +550,8 @@ def _print_logs(reply: dict[str, Any], shown: dict[str, int]) -> None:
 @job.command("logs")
 @click.argument("job_id", metavar="ID")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: each worker's lines, and who did not answer.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: each worker's lines, and who did not answer.")
 def job_logs(job_id: str, follow: bool, as_json: bool) -> None:
     """Each worker's log lines of job ID, fetched from the workers by CID, and this node's
     controller lines of it."""
@@ -651,14 +659,16 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+            KuboClient(node.config.kubo_api_url) as kubo, \
+            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
         cluster = TfController(client, kubo, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
     table = _table("task", "address", "peer", "runs")
     for t in cluster.tasks:
-        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer, "tf server" if t.server else "your script")
+        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer,
+                      "tf server" if t.server else "your script")
     click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
     out.print(table)
     click.echo(f"run your script as the chief:\n  {cluster.command()}")

@@ -116,7 +116,7 @@ class Config:
         """Plain dicts and built-in types only (validated str subtypes become str)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         """A copy with some fields changed: ``cfg.replace(kubo={"api_port": 5002})``."""
         data = self.to_dict()
         for name, values in sections.items():
@@ -136,7 +136,8 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
-    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl), ("agent.job_lease", cfg.agent.job_lease),
+    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl),
+                         ("agent.job_lease", cfg.agent.job_lease),
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):
         if value <= 0:
             raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")

@@ -83,7 +83,8 @@ class ControlClient:
                                "see its log, logs/control.log in the node's home") from None
         finally:
             sock.close()
-        raise ControlError(f"the controller service closed the connection during {op!r}; see logs/control.log")
+        raise ControlError(f"the controller service closed the connection during {op!r}; "
+                           "see logs/control.log")
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request, one answer."""

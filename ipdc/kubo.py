@@ -22,8 +22,8 @@ from typing import IO, Any
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
-from ipdc.errors import KuboError
-from ipdc.wire.ids import Cid
+from ipdc.errors import KuboError  # noqa: E402
+from ipdc.wire.ids import Cid  # noqa: E402
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
@@ -75,7 +75,7 @@ class KuboClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "KuboClient":
+    def __enter__(self) -> KuboClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -205,7 +205,8 @@ class KuboClient:
 
     def ls(self, cid: str) -> dict[str, Cid]:
         """A UnixFS directory's entries: name -> CID (files only; what a result directory holds)."""
-        objects = self._json("ls", {"arg": str(Cid(cid)), "resolve-type": "false", "size": "false"})["Objects"]
+        params = {"arg": str(Cid(cid)), "resolve-type": "false", "size": "false"}
+        objects = self._json("ls", params)["Objects"]
         return {link["Name"]: Cid(link["Hash"]) for obj in objects for link in obj.get("Links") or []}
 
     def pins(self) -> set[str]:

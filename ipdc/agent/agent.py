@@ -185,7 +185,7 @@ class Agent:
             beat = Heartbeat(name=NodeName(self.name), ts=time.time(), load=_load(), running=self.running)
             try:
                 self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
-            except Exception:  # noqa: BLE001 - a node that stops beating is taken for dead
+            except Exception:  # a node that stops beating is taken for dead
                 log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
@@ -218,7 +218,7 @@ class Agent:
             self.route(msg)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-        except Exception:  # noqa: BLE001 - one bad message must never stop the agent
+        except Exception:  # one bad message must never stop the agent
             log.exception("handler for %s failed", message.topic)
 
     def _authentic(self, msg: Any, channel: str) -> str:
@@ -325,7 +325,7 @@ class Agent:
             job_dir.mkdir(parents=True, exist_ok=True)
             list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
                                    action.manifest.code.items()))
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
+        except Exception as exc:  # whatever it was, the submitter must hear of it
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
             error = f"download of the job's code failed on {self.name}: {exc}"
@@ -356,11 +356,12 @@ class Agent:
             self.running += 1
         try:
             if isinstance(action, RunMap):
-                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key), action.chunk)
+                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
+                                                    action.chunk)
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)
-        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
+        except Exception as exc:  # a task that fails in any way is reported, never lost
             trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
             if not isinstance(exc, IPDCError):
                 log.exception("%s task %d of job %s broke the runner protocol", kind, task, key[1])

@@ -26,13 +26,15 @@ import logging
 import secrets
 import threading
 import time
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from ipdc.control.swarm import fetch_logs
+from ipdc.control.jobrun import moved
+from ipdc.control.swarm import fetch_logs, job_peers
 from ipdc.errors import IPDCError
 from ipdc.submit.tf import cluster_is_up, list_clusters
 
@@ -71,9 +73,10 @@ class Dashboard:
 
     # -- what the pages show ---------------------------------------------------------------
     def peers(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "cores": p.presence.caps.cores,
-                 "mem_free_mb": p.presence.caps.mem_free_mb, "tf": p.presence.caps.tf, "slots": p.presence.slots,
-                 "load": round(p.load, 2), "running": p.running, "last_seen_s": round(p.age(), 1)}
+        return [{"name": p.name, "peer_id": p.peer_id, "host": p.presence.host,
+                 "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
+                 "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
+                 "running": p.running, "last_seen_s": round(p.age(), 1)}
                 for p in sorted(self.service.client.peers.live(), key=lambda p: p.name)]
 
     def jobs(self) -> list[dict[str, Any]]:
@@ -101,7 +104,8 @@ class Dashboard:
     def tf(self) -> list[dict[str, Any]]:
         when, clusters = self._tf
         if time.monotonic() - when > TF_TTL:
-            clusters = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(self.service.node.home)]
+            clusters = [{**c.to_dict(), "up": cluster_is_up(c)}
+                        for c in list_clusters(self.service.node.home)]
             self._tf = (time.monotonic(), clusters)
         return clusters
 
@@ -109,14 +113,12 @@ class Dashboard:
         row = self.service.history.job(job_id)
         if row is None:
             return {"workers": {}, "missing": []}
-        peers = sorted({str(n) for n, _ in row["workers"]} | set(row["lost"])
-                       | {a["peer"] for kind in ("map", "reduce") for t in row["tasks"][kind] for a in t["attempts"]})
-        found, missing = fetch_logs(self.service.client, self.service.kubo, job_id, peers, 10.0)
+        found, missing = fetch_logs(self.service.client, self.service.kubo, job_id, job_peers(row), 10.0)
         return {"workers": found, "missing": missing}
 
     def snapshot(self, job_id: str) -> dict[str, Any]:
-        state: dict[str, Any] = {"node": self.service.config.node.name, "peers": self.peers(), "jobs": self.jobs(),
-                                 "tf": self.tf(), "time": time.time()}
+        state: dict[str, Any] = {"node": self.service.config.node.name, "peers": self.peers(),
+                                 "jobs": self.jobs(), "tf": self.tf(), "time": time.time()}
         if job_id:
             state["job"] = self.job(job_id)
         return state
@@ -129,10 +131,10 @@ class _Handler(BaseHTTPRequestHandler):
     def dashboard(self) -> Dashboard:
         return self.server.dashboard  # type: ignore[attr-defined, no-any-return]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's name
         log.debug("dashboard: " + format, *args)
 
-    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+    def do_GET(self) -> None:  # the name http.server calls
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         host = self.headers.get("Host", "")
@@ -191,5 +193,5 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(1 / MAX_UPDATES)  # a rate limit, not a wait for anything
             with service.changed:  # a job changed, or it is time to show the peers' news
-                service.changed.wait_for(lambda: service.version != seen, timeout=PEERS_EVERY)
+                service.changed.wait_for(partial(moved, service, seen), timeout=PEERS_EVERY)
                 seen = service.version

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ipdc.control.history import History
 from ipdc.control.swarm import publish_record
@@ -85,6 +85,15 @@ def resume_of(row: dict[str, Any]) -> Resume | None:
                   elapsed=time.time() - (row["started_at"] or time.time()), input_bytes=plan["input_bytes"])
 
 
+class Versioned(Protocol):
+    version: int
+
+
+def moved(watched: Versioned, seen: int) -> bool:
+    """For ``Condition.wait_for``: whether ``watched`` changed since its version ``seen``."""
+    return watched.version != seen
+
+
 class JobRun:
     """A job of this node: queued, then run by a controller on a thread of the service."""
 
@@ -128,15 +137,16 @@ class JobRun:
     def run(self) -> None:
         history = self.ctx.history
         if self._cancel.is_set():
-            self._end("cancelled", f"job {self.job_id} was cancelled before it started", JobCancelled.exit_code)
+            self._end("cancelled", f"job {self.job_id} was cancelled before it started",
+                      JobCancelled.exit_code)
             return
         self.started_at = self.started_at or time.time()
         self.state = "running"
         history.update(self.job_id, state="running", started_at=self.started_at)
         self._notify()
         controller = self.controller = MapReduceController(
-            self.ctx.client, self.ctx.kubo, self.job, self.ctx.home, self._progress, job_id=JobId(self.job_id),
-            observer=self, resume=self.resume)
+            self.ctx.client, self.ctx.kubo, self.job, self.ctx.home, self._progress,
+            job_id=JobId(self.job_id), observer=self, resume=self.resume)
         if self._cancel.is_set():
             controller.cancelled.set()
         try:
@@ -145,9 +155,10 @@ class JobRun:
             self._end("cancelled", str(exc), exc.exit_code)
         except IPDCError as exc:
             self._end("failed", str(exc), exc.exit_code)
-        except Exception as exc:  # noqa: BLE001 - a bug in one job must not take the service down
+        except Exception as exc:  # a bug in one job must not take the service down
             log.exception("job %s: the controller crashed", self.job_id)
-            self._end("failed", f"the controller crashed ({type(exc).__name__}: {exc}); see logs/control.log", 1)
+            self._end("failed", f"the controller crashed ({type(exc).__name__}: {exc}); "
+                                "see logs/control.log", 1)
         else:
             self.summary = result.to_dict()
             history.update(self.job_id, result_cid=result.result_cid)

@@ -35,13 +35,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ipdc.agent.joblogs import job_lines
 from ipdc.control.history import DB_NAME, FINISHED, History
-from ipdc.control.jobrun import Context, JobRun, job_of, job_params, resume_of
-from ipdc.control.swarm import fetch_logs, find_record, write_result
+from ipdc.control.jobrun import Context, JobRun, job_of, job_params, moved, resume_of
+from ipdc.control.swarm import fetch_logs, find_record, job_peers, write_result
 from ipdc.ctlsock import socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
@@ -119,10 +120,11 @@ class ControlService:
                              recorded["started_at"] if recorded["plan"] is not None else None)
             except (IPDCError, KeyError, TypeError, ValueError) as exc:
                 log.error("job %s cannot be resumed (%s); marking it failed", job_id, exc)
-                self.history.update(job_id, state="failed", finished_at=time.time(),
-                                    error=f"could not be resumed after the controller service restarted: {exc}")
+                self.history.update(job_id, state="failed", finished_at=time.time(), error=(
+                    f"could not be resumed after the controller service restarted: {exc}"))
                 continue
-            log.info("resuming job %s (%s)", job_id, "from its recorded tasks" if run.resume else "from the start")
+            log.info("resuming job %s (%s)", job_id,
+                     "from its recorded tasks" if run.resume else "from the start")
             self._start(run)
 
     def _start(self, run: JobRun) -> None:
@@ -170,14 +172,15 @@ class ControlService:
         """Stream the job's state and progress until it ends (its last line has ``end``)."""
         run, row = self._run_or_row(request)
         if run is None:
-            send({"job_id": row["id"], "state": row["state"], "progress": row["progress"], "error": row["error"],
-                  "result": row["summary"], "exit_code": 0 if row["state"] == "succeeded" else 1,
-                  "cancelled": row["state"] == "cancelled", "end": True})
+            finished = row["state"]
+            send({"job_id": row["id"], "state": finished, "progress": row["progress"], "error": row["error"],
+                  "result": row["summary"], "exit_code": 0 if finished == "succeeded" else 1,
+                  "cancelled": finished == "cancelled", "end": True})
             return
         seen = -1
         while True:
             with run.changed:
-                run.changed.wait_for(lambda: run.version != seen, timeout=5.0)
+                run.changed.wait_for(partial(moved, run, seen), timeout=5.0)
                 seen = run.version
             snapshot = run.snapshot()
             send({**snapshot, "end": run.finished})
@@ -198,9 +201,7 @@ class ControlService:
         """Every worker's log lines of the job (asked over MQTT, fetched by CID), and this
         service's own lines of it."""
         _, row = self._run_or_row(request)
-        peers = {str(name) for name, _ in row["workers"]} | set(row["lost"])
-        peers |= {a["peer"] for kind in ("map", "reduce") for t in row["tasks"][kind] for a in t["attempts"]}
-        found, missing = fetch_logs(self.client, self.kubo, row["id"], sorted(peers),
+        found, missing = fetch_logs(self.client, self.kubo, row["id"], job_peers(row),
                                     float(request.get("timeout", LOGS_TIMEOUT)))
         send({"job_id": row["id"], "state": row["state"], "workers": found, "missing": missing,
               "controller": job_lines(self.log_dir, row["id"], (("control.log", "controller"),))})
@@ -259,13 +260,14 @@ class _Handler(socketserver.StreamRequestHandler):
             self._fail(str(exc), exc.exit_code)
         except (KeyError, TypeError, ValueError) as exc:
             self._fail(f"malformed request: {type(exc).__name__}: {exc}", 2)
-        except Exception as exc:  # noqa: BLE001 - one request must never stop the service
+        except Exception as exc:  # one request must never stop the service
             log.exception("request failed")
             self._fail(f"the controller service failed: {type(exc).__name__}: {exc}; see logs/control.log", 1)
 
     def _fail(self, message: str, exit_code: int) -> None:
         try:
-            self.wfile.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code}).encode() + b"\n")
+            reply = {"ok": False, "error": message, "exit_code": exit_code}
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass
 

@@ -12,6 +12,7 @@ import queue
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from ipdc.errors import IPDCError, JobError, MessageError
 from ipdc.kubo import KuboClient
@@ -83,6 +84,14 @@ def write_result(kubo: KuboClient, result_cid: str, output: Path, summary: str) 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def job_peers(row: dict[str, Any]) -> list[str]:
+    """Every peer that took part in a recorded job (``History.job``): its workers, the ones
+    it lost, and any that ran an attempt of it."""
+    peers = {str(name) for name, _ in row["workers"]} | set(row["lost"])
+    peers |= {a["peer"] for kind in ("map", "reduce") for t in row["tasks"][kind] for a in t["attempts"]}
+    return sorted(peers)
+
+
 def fetch_logs(client: SwarmClient, kubo: KuboClient, job_id: str, peers: list[str],
                timeout: float) -> tuple[dict[str, list[str]], list[str]]:
     """Each peer's log lines of the job, asked on the Logs channel and fetched by CID; and the
@@ -104,8 +113,10 @@ def fetch_logs(client: SwarmClient, kubo: KuboClient, job_id: str, peers: list[s
             except MessageError as exc:
                 log.warning("job %s: a malformed logs reply from %s: %s", job_id, peer, exc)
                 continue
-            if reply.peer != peer or reply.re != sent.get(peer) or reply.kind != "logs" or len(reply.cids) != 1:
-                log.warning("job %s: ignored a logs reply from %s that answers no request of ours", job_id, peer)
+            if reply.peer != peer or reply.re != sent.get(peer) or reply.kind != "logs" \
+                    or len(reply.cids) != 1:
+                log.warning("job %s: ignored a logs reply from %s that answers no request of ours",
+                            job_id, peer)
                 continue
             try:
                 text = kubo.cat(reply.cids[0])[-MAX_LOG_BYTES:]

@@ -204,8 +204,9 @@ class Node(NodeHome):
         found = ensure_mosquitto()
         service = self.services["mosquitto"]
         service.start([str(found[0]), "-c", str(Broker(self.home).conf)])
-        if not wait_for(lambda: port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None, timeout) \
-                or service.pid() is None:
+        def opened() -> bool:
+            return port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None
+        if not wait_for(opened, timeout) or service.pid() is None:
             raise service.fail(f"did not open {cfg.broker.host}:{cfg.broker.port}")
 
     def _start_kubo(self, cfg: Config, timeout: float) -> None:

@@ -2,10 +2,11 @@
 
 It keeps the live peer table (retained presence plus heartbeats), routes each
 job's GetResult reports to that job's queue, and signs what it sends with the
-node's submitter key, so agents can tell the job's owner from any other member. ``connect`` returns only after every
-retained presence message has arrived: it publishes a marker on its own result
-topic and waits for it to loop back, and the broker delivers that marker after
-the retained messages of the earlier subscription.
+node's submitter key, so agents can tell the job's owner from any other member.
+``connect`` returns only after every retained presence message has arrived: it
+publishes a marker on its own result topic and waits for it to loop back, and the
+broker delivers that marker after the retained messages of the earlier
+subscription (:meth:`SwarmClient.retained` does the same for any topic).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SwarmClient:
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._run, daemon=True, name="swarm-client")
 
-    def connect(self, timeout: float = 10.0) -> "SwarmClient":
+    def connect(self, timeout: float = 10.0) -> SwarmClient:
         self.bus.subscribe(PRESENCE.subscription(), HEARTBEAT.subscription(), self._sync_topic)
         self.bus.connect(timeout)
         self._pump.start()
@@ -68,14 +69,14 @@ class SwarmClient:
         self._stop.set()
         self.bus.close()
 
-    def __enter__(self) -> "SwarmClient":
+    def __enter__(self) -> SwarmClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- jobs ------------------------------------------------------------------------
-    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+    def watch(self, job_id: str) -> queue.Queue[GetResult]:
         """Start receiving the job's GetResult reports (before sending it anything)."""
         results: queue.Queue[GetResult] = queue.Queue()
         self._jobs[job_id] = results
@@ -86,7 +87,7 @@ class SwarmClient:
         self._jobs.pop(job_id, None)
         self.bus.unsubscribe(GETRESULT.subscription(job=job_id))
 
-    def listen(self, topic: str) -> "queue.Queue[Inbound]":
+    def listen(self, topic: str) -> queue.Queue[Inbound]:
         """Start receiving raw messages matching the filter ``topic``."""
         messages: queue.Queue[Inbound] = queue.Queue()
         self._listeners[topic] = messages
@@ -153,7 +154,7 @@ class SwarmClient:
                 self._route(message)
             except MessageError as exc:
                 log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-            except Exception:  # noqa: BLE001 - one bad message must never stop the pump
+            except Exception:  # one bad message must never stop the pump
                 log.exception("dropped a message on %s that could not be handled", message.topic)
 
     def _route(self, message: Inbound) -> None:

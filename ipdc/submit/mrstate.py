@@ -318,10 +318,11 @@ class JobState:
             self._fetched(event, out)
         elif event.peer not in self.workers:
             if isinstance(event, (MapDone, ReduceDone, Failed)):
-                kind = event.phase if isinstance(event, Failed) else "map" if isinstance(event, MapDone) else "reduce"
+                kind = event.phase if isinstance(event, Failed) \
+                    else "map" if isinstance(event, MapDone) else "reduce"
                 number = event.partition if isinstance(event, ReduceDone) else event.task
-                log.info("ignored late %s result for task %d attempt %d from %s (no longer a worker of the job)",
-                         kind, number, event.attempt, event.peer)
+                log.info("ignored late %s result for task %d attempt %d from %s "
+                         "(no longer a worker of the job)", kind, number, event.attempt, event.peer)
             else:
                 log.info("ignored a late %s from %s (no longer a worker of the job)",
                          type(event).__name__.lower(), event.peer)
@@ -350,7 +351,8 @@ class JobState:
     # -- transitions -------------------------------------------------------------------
     def _move(self, task: Task, new: TaskState, why: str) -> None:
         if new not in TRANSITIONS[task.state]:
-            raise AssertionError(f"{task.label}: {task.state.value} -> {new.value} is not a transition ({why})")
+            raise AssertionError(f"{task.label}: {task.state.value} -> {new.value} is not a transition "
+                                 f"({why})")
         task.state = new
         self._note(task, f"{new.value}", why=why)
 
@@ -513,7 +515,8 @@ class JobState:
             return
         tasks = self.reduces if event.phase == "reduce" else self.maps
         if not 0 <= event.task < len(tasks):
-            log.warning("ignored an error for unknown %s task %d from %s", event.phase, event.task, event.peer)
+            log.warning("ignored an error for unknown %s task %d from %s", event.phase, event.task,
+                        event.peer)
             return
         task = tasks[event.task]
         a = self._current(task, event.attempt, event.peer, f"{event.phase} error")

@@ -34,7 +34,8 @@ from ipdc.wire.renew import RENEW
 from ipdc.wire.tf import TF
 
 #: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
-INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW, LOGS)}
+INBOX_CHANNELS: dict[str, Channel[Any]] = {
+    c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW, LOGS)}
 
 __all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
            "LOGS", "PRESENCE", "RENEW", "TF", "Channel"]

@@ -75,7 +75,8 @@ def maps_done(node: Node, job_id: str) -> int:
     return sum(t["state"] == "done" for t in job_row(node, job_id)["tasks"]["map"])
 
 
-def test_a_detached_job_outlives_its_command_and_ipdc_jobs_follows_it(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_a_detached_job_outlives_its_command_and_ipdc_jobs_follows_it(cluster: LocalCluster,
+                                                                       tmp_path: Path) -> None:
     node = cluster.nodes[0]
     data = make_input(tmp_path / "in.txt", seed=1)
     job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 0.4)),
@@ -86,17 +87,22 @@ def test_a_detached_job_outlives_its_command_and_ipdc_jobs_follows_it(cluster: L
         rows = json.loads(run_cli(["jobs", "--json"], node.home).stdout)
         return next(r for r in rows if r["id"] == job_id)
 
-    assert wait_for(lambda: (r := listed())["state"] == "running" and 0 < r["progress"].get("map", [0, 0])[0] < 12,
-                    120, 0.2), listed()
+    def in_progress() -> bool:
+        row = listed()
+        return row["state"] == "running" and 0 < row["progress"].get("map", [0, 0])[0] < 12
+
+    assert wait_for(in_progress, 120, 0.2), listed()
     table = run_cli(["jobs"], node.home).stdout
     assert job_id[:12] in table and "running" in table and "map " in table
     assert wait_for(lambda: listed()["state"] == "succeeded", 180, 0.3), listed()
     assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
     row = listed()
-    assert row["result_cid"] and row["output_dir"] == str(tmp_path / "out") and row["finished_at"] >= row["started_at"]
+    assert row["result_cid"] and row["output_dir"] == str(tmp_path / "out")
+    assert row["finished_at"] >= row["started_at"] >= row["submitted_at"]
 
 
-def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: LocalCluster,
+                                                                  tmp_path: Path) -> None:
     node = cluster.nodes[0]
     data = make_input(tmp_path / "in.txt", seed=2)
     job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 0.5)),
@@ -104,7 +110,8 @@ def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: Local
     assert wait_for(lambda: maps_done(node, job_id) >= 3, 120, 0.05)
     os.kill(node.services["control"].pid() or 0, signal.SIGKILL)
     assert wait_for(lambda: node.services["control"].pid() is None, 10)
-    before = {t["index"]: t["attempts"] for t in job_row(node, job_id)["tasks"]["map"] if t["state"] == "done"}
+    recorded = job_row(node, job_id)["tasks"]["map"]
+    before = {t["index"]: t["attempts"] for t in recorded if t["state"] == "done"}
     assert 3 <= len(before) < 18 and job_row(node, job_id)["state"] == "running"
 
     run_cli(["node", "start"], node.home)  # starts what is missing: the controller service, which resumes
@@ -168,7 +175,8 @@ def test_cancel_leaves_no_runner_work_dir_or_pin_anywhere(cluster: LocalCluster,
     assert status["state"] == "cancelled"
 
 
-def test_logs_come_from_every_worker_and_get_works_on_another_node(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_logs_come_from_every_worker_and_get_works_on_another_node(cluster: LocalCluster,
+                                                                  tmp_path: Path) -> None:
     node, other = cluster.nodes[0], cluster.nodes[2]
     data = make_input(tmp_path / "in.txt", seed=4)
     summary = json.loads(run_cli(["mr", "--k", "3", str(tmp_path / "in.txt"), "--json", "-o",
@@ -187,14 +195,16 @@ def test_logs_come_from_every_worker_and_get_works_on_another_node(cluster: Loca
     got = run_cli(["job", "get", job_id, "-o", str(tmp_path / "got"), "--json"], other.home)
     assert json.loads(got.stdout)["result_cid"] == summary["result_cid"]
     for p in range(3):
-        assert (tmp_path / "got" / f"part-{p:05d}").read_bytes() == (tmp_path / "out" / f"part-{p:05d}").read_bytes()
+        name = f"part-{p:05d}"
+        assert (tmp_path / "got" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
     assert read_output(tmp_path / "got", 3)[0] == reference_counts(data)
     assert (tmp_path / "got" / "_SUCCESS").exists()
     missing = run_cli(["job", "get", "f" * 32], other.home, check=False)
     assert missing.returncode == 1 and "no node of the swarm has published a result" in missing.stderr
 
 
-def test_ctrl_c_on_a_blocking_mr_without_a_terminal_cancels_the_job(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_ctrl_c_on_a_blocking_mr_without_a_terminal_cancels_the_job(cluster: LocalCluster,
+                                                                   tmp_path: Path) -> None:
     node = cluster.nodes[1]
     make_input(tmp_path / "in.txt", seed=5)
     known = {j["id"] for j in history(node).jobs()}
@@ -211,7 +221,7 @@ def test_ctrl_c_on_a_blocking_mr_without_a_terminal_cancels_the_job(cluster: Loc
         assert wait_for(lambda: bool(running()), 120, 0.05)
         job_id = running()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
@@ -253,15 +263,16 @@ def test_dashboard_in_headless_chromium(cluster: LocalCluster, tmp_path: Path,
         row = f'#jobs tr[data-job-id="{job_id}"]'
         # the page redraws on every update: read what it shows in one script, never a stale element
         shown = f'return document.querySelector(\'{row} .state\')?.textContent || ""'
-        WebDriverWait(driver, 60).until(lambda d: d.execute_script(shown) in ("queued", "running", "succeeded"))
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(shown) in ("queued", "running",
+                                                                              "succeeded"))
         WebDriverWait(driver, 180).until(lambda d: d.execute_script(shown) == "succeeded")
         assert driver.execute_script("return window.notReloaded === true"), "the page was reloaded"
         driver.save_screenshot(str(artifacts / "jobs.png"))
 
         WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: d.find_element(By.CSS_SELECTOR, f"{row} a").click() or True)
-        timeline = ("const lanes = {}; document.querySelectorAll('#timeline .worker').forEach("
-                    "(w) => { lanes[w.dataset.worker] = w.querySelectorAll('.attempt').length; }); return lanes;")
+        timeline = ("const lanes = {}; document.querySelectorAll('#timeline .worker').forEach((w) => "
+                    "{ lanes[w.dataset.worker] = w.querySelectorAll('.attempt').length; }); return lanes;")
         workers = {w[0] for w in job_row(node, job_id)["workers"]}
         WebDriverWait(driver, 60).until(lambda d: workers <= set(d.execute_script(timeline)))
         lanes = driver.execute_script(timeline)
@@ -272,7 +283,8 @@ def test_dashboard_in_headless_chromium(cluster: LocalCluster, tmp_path: Path,
         driver.set_window_size(390, 844)  # a phone
         driver.save_screenshot(str(artifacts / "job-phone.png"))
         driver.get(url + "#/peers")
-        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peers tbody tr")) == 3)
+        WebDriverWait(driver, 60).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peers tbody tr")) == 3)
         driver.save_screenshot(str(artifacts / "peers-phone.png"))
     finally:
         driver.quit()

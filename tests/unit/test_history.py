@@ -18,8 +18,9 @@ def version(path: Path) -> int:
 
 
 def task(kind: str, index: int, state: str, attempts: list[tuple[int, str, str]]) -> dict[str, object]:
-    return {"kind": kind, "index": index, "state": state, "output": [f"cid-{kind}{index}"] if state == "done" else [],
-            "by": ["a"] if state == "done" else [], "failures": 0, "tried": [], "story": [{"t": 0.0, "event": state}],
+    done = state == "done"
+    return {"kind": kind, "index": index, "state": state, "output": [f"cid-{kind}{index}"] if done else [],
+            "by": ["a"] if done else [], "failures": 0, "tried": [], "story": [{"t": 0.0, "event": state}],
             "attempts": [{"number": n, "peer": p, "state": s, "started": 0.5 * n, "ended": 0.5 * n + 0.2,
                           "error": "boom" if s == "failed" else ""} for n, p, s in attempts]}
 
@@ -45,7 +46,8 @@ def test_an_old_history_is_migrated_step_by_step_and_keeps_its_jobs(tmp_path: Pa
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs_by_state'").fetchone()
 
 
-def test_a_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_migration_leaves_the_previous_version(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "ipdc.db"
     History(path).close()
 
@@ -75,7 +77,8 @@ def test_jobs_tasks_and_attempts_round_trip(tmp_path: Path) -> None:
     history.add("bb22", "mapreduce", "ed25519:key", "n-1", {"k": 3}, "/out/bb22", submitted_at=20.0)
     history.update("aa11", state="running", started_at=11.0, progress={"map": [1, 2]},
                    workers=[["a", 1], ["b", 1]], lost={"c": "gone"})
-    tasks = [task("map", 0, "done", [(0, "c", "lost"), (1, "a", "done")]), task("map", 1, "running", [(0, "b", "running")]),
+    tasks = [task("map", 0, "done", [(0, "c", "lost"), (1, "a", "done")]),
+             task("map", 1, "running", [(0, "b", "running")]),
              task("reduce", 0, "pending", [(0, "a", "failed"), (1, "b", "running")])]
     history.save_tasks("aa11", tasks)
     history.save_tasks("aa11", tasks)  # written again as the job goes on: replaced, never doubled
