@@ -17,8 +17,10 @@ client: the service holds those connections already).
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,24 @@ MAX_SOCKET_PATH = 107
 
 def socket_path(home: Path) -> Path:
     return home / "run" / SOCKET_NAME
+
+
+@contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits a unix socket's 107 characters: the path itself, or,
+    for a deep node home, the same file reached through an open descriptor of its directory
+    (``/proc/self/fd/N/control.sock``). The socket stays where it is, with its 0600 mode."""
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    try:
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ControlError(f"cannot open {path.parent}: {exc}") from None
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def remote_error(reply: dict[str, Any]) -> JobError:
@@ -47,16 +67,14 @@ class ControlClient:
     def __init__(self, home: Path, timeout: float | None = 30.0) -> None:
         self.path = socket_path(home)
         self.timeout = timeout
-        if len(str(self.path)) > MAX_SOCKET_PATH:
-            raise ControlError(f"the node home {home} is too deep for a unix socket ({self.path} is longer "
-                               f"than {MAX_SOCKET_PATH} characters): use a shorter IPDC_HOME")
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError):
+            with socket_address(self.path) as address:
+                sock.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError, ControlError):
             sock.close()
             raise ControlError(f"the controller service of {self.path.parent.parent} is not running: start "
                                "the node with `python deploy.py start` (it starts what is missing)") from None

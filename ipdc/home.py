@@ -5,8 +5,10 @@ Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``
     ipdc.conf          the node's configuration (YAML, mode 0600)
     kubo/              the kubo repo (IPFS_PATH), with swarm.key
     broker/            mosquitto.conf, the ACL, data/   (broker host only)
-    logs/              agent.log, ipfs.log, mosquitto.log
-    run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
+    logs/              agent.log, ipfs.log, mosquitto.log, control.log, runners.log
+    run/               agent.pid, ipfs.pid, mosquitto.pid, control.pid, nonces (seen manifest
+                       nonces), control.sock (the controller service's socket, 0600)
+    ipdc.db            the job history of the jobs this node submitted (SQLite)
     keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
     trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
     work/<job-id>/     one directory per job, removed by CleanUp

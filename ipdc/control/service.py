@@ -43,7 +43,7 @@ from ipdc.agent.joblogs import job_lines
 from ipdc.control.history import DB_NAME, FINISHED, History
 from ipdc.control.jobrun import Context, JobRun, job_of, job_params, moved, resume_of
 from ipdc.control.swarm import fetch_logs, find_record, job_peers, write_result
-from ipdc.ctlsock import socket_path
+from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
 from ipdc.kubo import KuboClient
@@ -97,7 +97,8 @@ class ControlService:
         path.unlink(missing_ok=True)
         old = os.umask(0o177)  # the socket is born 0600: no moment in which others could connect
         try:
-            server = _Server(str(path), _Handler)
+            with socket_address(path) as address:
+                server = _Server(address, _Handler)
         finally:
             os.umask(old)
         server.service = self

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ipdc.bus import Bus
+from ipdc.control.history import DB_NAME, History
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -60,7 +61,8 @@ def test_a_malformed_retained_presence_breaks_no_other_node(trio: LocalCluster, 
             bus.connect()
             for payload in payloads:  # the ACL lets a node write its own presence, and only that
                 bus.publish(f"ipdc/presence/{name}", payload, retain=True)
-            forged = Heartbeat(NodeName(victim), 1e9, 0.0, 999)  # on its own topic, claiming the victim's name
+            # on its own topic, claiming the victim's name
+            forged = Heartbeat(NodeName(victim), 1e9, 0.0, 999)
             bus.publish(HEARTBEAT.topic(node=name), HEARTBEAT.encode(forged), retain=True)
             assert bus.flush()
         for node in honest:
@@ -98,7 +100,8 @@ def processes_under(root: Path) -> list[int]:
     return found
 
 
-def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster, tmp_path: Path) -> None:
+def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster,
+                                                                       tmp_path: Path) -> None:
     kubos = [KuboClient(node.config.kubo_api_url) for node in trio.nodes]
     try:
         before = [k.pins() for k in kubos]
@@ -107,25 +110,35 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
         (tmp_path / "slow.py").write_text(SLOW_MAP)
         submitter = trio.nodes[0]
         argv = [sys.executable, "-m", "ipdc.cli", "mr", str(tmp_path / "in.txt"), "--k", "3", "--chunks", "6",
-                "--map", str(tmp_path / "slow.py"), "-q", "-o", str(tmp_path / "never")]
+                "--map", str(tmp_path / "slow.py"), "-q", "-o", str(tmp_path / "later")]
         proc = subprocess.Popen(argv, env={**os.environ, "IPDC_HOME": str(submitter.home)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert wait_for(lambda: all(job_dirs(trio).values()), 60), job_dirs(trio)
         job_id = next(iter(job_dirs(trio).values()))[0].split("-", 1)[1]
+        # the job's controller runs in the node's controller service: that is the submitter to kill
+        os.kill(submitter.services["control"].pid() or 0, signal.SIGKILL)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
         def clean() -> bool:
             return (not any(job_dirs(trio).values()) and [k.pins() for k in kubos] == before
                     and all(processes_under(node.work_dir) == [] for node in trio.nodes))
-        assert wait_for(clean, LEASE + 30, 0.2), (job_dirs(trio), [k.pins() - b for k, b in zip(kubos, before)])
+        left = [k.pins() - b for k, b in zip(kubos, before, strict=True)]
+        assert wait_for(clean, LEASE + 30, 0.2), (job_dirs(trio), left)
         for node in trio.nodes:
             log = (node.home / "logs" / "agent.log").read_text()
             assert f"dropped job {job_id}: its submitter has said nothing" in log
-        assert f"unpinned the input and code of job {job_id}" in (submitter.home / "logs" / "agent.log").read_text()
-        assert not (tmp_path / "never").exists()
+        submitter_log = (submitter.home / "logs" / "agent.log").read_text()
+        assert f"unpinned the input and code of job {job_id}" in submitter_log
+        assert not (tmp_path / "later").exists()
+        # a controller service that comes back takes the job up again, with fresh manifests
+        run_cli(["node", "start"], submitter.home)
+        history = History(submitter.home / DB_NAME)
+        assert wait_for(lambda: (history.job(job_id) or {}).get("state") in ("succeeded", "failed"), 120, 0.2)
+        assert read_output(tmp_path / "later", 3)[0] == reference_counts(data)
         # the swarm serves the next job
-        run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"], submitter.home)
+        run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"],
+                submitter.home)
         assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
     finally:
         for k in kubos:

@@ -53,7 +53,7 @@ def test_all_three_nodes_list_each_other(homes: list[Path]) -> None:
     names = {load_config(h / "ipdc.conf").node.name for h in homes}
     assert len(names) == 3
     for home in homes:
-        assert wait_for(lambda: peer_names(home) == names, 20, 0.5), peer_names(home)
+        assert wait_for(lambda home=home: peer_names(home) == names, 20, 0.5), peer_names(home)
     rows = json.loads(run_cli(["peers", "--json"], homes[2]).stdout)
     for row in rows:
         assert row["peer_id"].startswith("12D3KooW") and row["cores"] >= 1
@@ -122,7 +122,8 @@ def test_mqtt_client_with_wrong_credentials_is_refused(homes: list[Path], user: 
 
 def test_init_twice_changes_nothing(homes: list[Path]) -> None:
     home = homes[1]
-    before = {p: p.read_bytes() for p in (home / "ipdc.conf", home / "kubo" / "config", home / "kubo" / "swarm.key")}
+    files = (home / "ipdc.conf", home / "kubo" / "config", home / "kubo" / "swarm.key")
+    before = {p: p.read_bytes() for p in files}
     out = run_cli(["deploy.py", "init", "--host", "127.0.0.1"], home).stdout
     assert "already initialised" in out and "nothing changed" in out
     assert {p: p.read_bytes() for p in before} == before
@@ -179,7 +180,7 @@ def test_stop_leaves_no_process_and_restart_keeps_peer_id(homes: list[Path]) -> 
     node = Node(homes[2])
     peer_id = node.peer_id()
     pids = [s.pid for s in node.status() if s.pid]
-    assert len(pids) == 2  # kubo and agent; node 3 does not host the broker
+    assert len(pids) == 3  # kubo, agent and the controller service; node 3 does not host the broker
     children = _descendants(pids)
     run_cli(["deploy.py", "stop"], homes[2])
     assert not [p for p in pids + children if pid_alive(p)]
