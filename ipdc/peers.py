@@ -96,8 +96,8 @@ class LivePeers(list[Peer]):
 
     __slots__ = ("_points",)
 
-    append = extend = insert = remove = pop = clear = sort = reverse = _read_only  # type: ignore[assignment]
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only  # type: ignore[assignment]
+    append = extend = insert = remove = pop = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
 
     def __init__(self, peers: list[Peer], points: list[int]) -> None:
         super().__init__(peers)

@@ -25,7 +25,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import SigningKey, VerifyKey
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ed25519:"
 SEED_PREFIX = "ed25519-seed:"
-M = TypeVar("M")
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def _b64(raw: bytes) -> str:
@@ -93,11 +96,11 @@ class Signer:
         self.public_key = KEY_PREFIX + _b64(private.verify_key.encode())
 
     @classmethod
-    def generate(cls) -> "Signer":
+    def generate(cls) -> Signer:
         return cls(SigningKey.generate())
 
     @classmethod
-    def load_or_create(cls, path: Path) -> "Signer":
+    def load_or_create(cls, path: Path) -> Signer:
         """Read the key at ``path`` (``ed25519-seed:<base64url>``); make one, mode 0600, if
         there is none yet."""
         if path.exists():
@@ -117,12 +120,12 @@ class Signer:
             f.write(SEED_PREFIX + _b64(signer._private.encode()) + "\n")
         return signer
 
-    def sign(self, message: M, channel: str, to: str) -> M:
+    def sign(self, message: D, channel: str, to: str) -> D:
         """A copy of ``message`` for ``to`` on ``channel``, carrying this key as submitter
         (where it has the field) and a signature."""
-        if any(f.name == "submitter" for f in dataclasses.fields(message)):  # type: ignore[arg-type]
-            message = dataclasses.replace(message, submitter=self.public_key)  # type: ignore[type-var]
-        unsigned = dataclasses.replace(message, sig="")  # type: ignore[type-var]
+        if any(f.name == "submitter" for f in dataclasses.fields(message)):
+            message = dataclasses.replace(message, submitter=self.public_key)
+        unsigned = dataclasses.replace(message, sig="")
         signature = self._private.sign(canonical(unsigned, channel, to)).signature
         return dataclasses.replace(unsigned, sig=_b64(signature))
 

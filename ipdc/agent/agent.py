@@ -62,6 +62,7 @@ from ipdc.agent.jobs import (  # noqa: E402
     Unpin,
     key_of,
 )
+from ipdc.agent.membership import Membership, check_identity  # noqa: E402
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
 from ipdc.home import NodeHome, SubmittedJobs  # noqa: E402
@@ -135,19 +136,26 @@ class Agent:
                             lambda r: self.bus.publish(LOGS_REPLY.topic(node=self.name, job=r.job_id),
                                                        LOGS_REPLY.encode(r)))
         self.presence_topic = PRESENCE.topic(node=self.name)
-        self.bus = Bus(cfg.broker, f"{self.name}-agent", session_expiry=3600,
+        self.bus = Bus(cfg.broker, f"{self.name}.agent", session_expiry=3600,
                        will=Will(self.presence_topic), on_connected=self.announce)
+        self.membership = Membership(node, self.bus, self.announce, self.stop)
+        self.stopped_because = ""
+        """Why the agent stopped by itself (removed, revoked, identity taken); "" otherwise."""
 
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.peer_id = self.kubo.id()["ID"]
-        self.bus.subscribe(f"ipdc/peer/{self.name}/+")
+        check_identity(self.node)
+        self.bus.subscribe(f"ipdc/peer/{self.name}/+", *self.membership.topics())
         self.bus.connect(timeout=30)
         log.info("agent %s (peer %s) serving %d slots", self.name, self.peer_id, self.config.slots)
         threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat").start()
         while not self._stop.is_set():
+            if self.bus.failure is not None:
+                self.stop(str(self.bus.failure))
+                break
             try:
                 message = self.bus.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -155,10 +163,17 @@ class Agent:
             self.dispatch(message)
         self.shutdown()
 
+    def stop(self, why: str) -> None:
+        """Stop for a reason of the swarm's (see :mod:`ipdc.agent.membership`), saying why."""
+        log.error("agent %s stops: %s", self.name, why)
+        self.stopped_because = why
+        self._stop.set()
+
     def shutdown(self) -> None:
         log.info("agent %s stopping", self.name)
-        self.bus.publish(self.presence_topic, b"", retain=True)
-        self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
+        if self.bus.failure is None:
+            self.bus.publish(self.presence_topic, b"", retain=True)
+            self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.executor.close()
         if self._tf is not None:
             self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
@@ -173,6 +188,7 @@ class Agent:
             name=NodeName(self.name), peer_id=self.peer_id, host=cfg.node.host,
             addrs=[self.node.swarm_multiaddr()], caps=capabilities(cfg.node.tf), slots=cfg.slots,
             load=_load(), ts=time.time(), version=__version__, lease=cfg.agent.job_lease,
+            instance=self.node.instance, extra=self.membership.presence_extra(),
         )
         self.bus.publish(self.presence_topic, PRESENCE.encode(presence), retain=True)
 
@@ -204,6 +220,9 @@ class Agent:
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self, message: Inbound) -> None:
         """Decode, authenticate and route one message; nothing it holds can stop the agent."""
+        if self.membership.handles(message.topic):
+            self.membership.handle(message)
+            return
         channel_name = message.topic.rsplit("/", 1)[-1]
         channel = INBOX_CHANNELS.get(channel_name)
         if channel is None:
@@ -227,6 +246,8 @@ class Agent:
         key = signer_of(msg)
         if not msg.sig:
             return "it is unsigned"
+        if refused := self.membership.refusal(key):
+            return refused
         if key not in self.trust:
             return (f"its submitter key is not trusted here: to run its jobs on {self.name}, run "
                     f"`ipdc trust add {key}` there")
@@ -416,4 +437,11 @@ def main() -> None:
     node = NodeHome()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    Agent(node).run()
+    try:
+        agent = Agent(node)
+        agent.run()
+    except IPDCError as exc:  # refused to start: say why in agent.log, which `deploy.py start` shows
+        log.error("agent refuses to start: %s", exc)
+        sys.exit(exc.exit_code)
+    if agent.stopped_because:
+        sys.exit(1)

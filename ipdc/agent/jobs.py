@@ -236,8 +236,8 @@ class JobTable:
             if now - job.last_heard > lease:
                 del self.jobs[key]
                 self._remember(key)
-                actions.append(Drop(key, tuple(job.created), f"its submitter has said nothing for "
-                                                              f"{now - job.last_heard:.0f} s (agent.job_lease)"))
+                silence = f"its submitter has said nothing for {now - job.last_heard:.0f} s (agent.job_lease)"
+                actions.append(Drop(key, tuple(job.created), silence))
         return actions
 
     def _remember(self, key: JobKey) -> None:
@@ -258,7 +258,8 @@ class JobTable:
             job.reduces[(task, attempt)] = cids
         return [self._result(key, kind, re, task=task, attempt=attempt, cids=cids, stats=stats)]
 
-    def task_failed(self, key: JobKey, kind: str, task: int, attempt: int, error: str, re: str) -> list[Action]:
+    def task_failed(self, key: JobKey, kind: str, task: int, attempt: int, error: str,
+                    re: str) -> list[Action]:
         job = self.jobs.get(key)
         if job is None:
             return []

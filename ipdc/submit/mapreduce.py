@@ -329,7 +329,7 @@ class MapReduceController:
         if len(workers) < k:
             raise NotEnoughPeers(
                 f"the job asks for {k} workers (--k {k}) but {len(live)} peer(s) are live; "
-                "start more nodes (`python deploy.py init --join TOKEN && python deploy.py start`) "
+                "start more nodes (`python deploy.py init --join-file FILE && python deploy.py start`) "
                 "or lower --k"
             )
         log.info("job %s: workers %s", self.job_id, ", ".join(p.name for p in workers))
@@ -472,7 +472,8 @@ class MapReduceController:
         state = self.state
         names = {f"part-{r.index:05d}": Cid(r.output[0]) for r in state.reduces if r.output}
         sizes = {name: (self.staging / name).stat().st_size if single_block(cid)
-                 else self.kubo.cumulative_size(cid) for name, cid in names.items()}
+                 else self.kubo.cumulative_size(cid)
+                 for name, cid in names.items()}
         result_cid = self.kubo.make_directory(names, sizes)
         return JobResult(
             job_id=self.job_id, output=output.absolute(), result_cid=result_cid,

@@ -318,11 +318,11 @@ class JobState:
             self._fetched(event, out)
         elif event.peer not in self.workers:
             if isinstance(event, (MapDone, ReduceDone, Failed)):
-                kind = event.phase if isinstance(event, Failed) \
-                    else "map" if isinstance(event, MapDone) else "reduce"
+                kind = "reduce" if isinstance(event, ReduceDone) else "map"
+                kind = event.phase if isinstance(event, Failed) else kind
                 number = event.partition if isinstance(event, ReduceDone) else event.task
-                log.info("ignored late %s result for task %d attempt %d from %s "
-                         "(no longer a worker of the job)", kind, number, event.attempt, event.peer)
+                log.info("ignored late %s result for task %d attempt %d from %s (no longer a worker of the "
+                         "job)", kind, number, event.attempt, event.peer)
             else:
                 log.info("ignored a late %s from %s (no longer a worker of the job)",
                          type(event).__name__.lower(), event.peer)

@@ -8,6 +8,7 @@ anything uses it: no path separator, no ``..``, no wildcard, no control characte
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from typing import ClassVar
 
@@ -21,9 +22,9 @@ class _Checked(str):
     pattern: ClassVar[re.Pattern[str]]
     what: ClassVar[str]
 
-    def __new__(cls, value: object) -> "_Checked":
+    def __new__(cls, value: object) -> _Checked:
         if type(value) is cls:
-            return value  # type: ignore[return-value]
+            return value
         if not isinstance(value, str) or not cls.pattern.fullmatch(value):
             raise MessageError(f"not a {cls.what}: {str(value)[:80]!r}")
         return super().__new__(cls, value)
@@ -45,7 +46,7 @@ class JobId(_Checked):
     what = "job id"
 
     @classmethod
-    def new(cls) -> "JobId":
+    def new(cls) -> JobId:
         return cls(uuid.uuid4().hex)
 
 
@@ -55,3 +56,8 @@ class NodeName(_Checked):
     __slots__ = ()
     pattern = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
     what = "node name"
+
+    @classmethod
+    def new(cls) -> NodeName:
+        """A fresh name, ``n-`` and 8 random hex digits: the founder names each new member."""
+        return cls(f"n-{secrets.token_hex(4)}")

@@ -55,7 +55,7 @@ class JobManifest:
         in_range("manifest.chunks", len(self.chunks), 0, MAX_TASKS, MessageError)
         in_range("manifest.workers", len(self.workers), 0, MAX_PARTITIONS, MessageError)
 
-    def reissued(self, workers: list[NodeName]) -> "JobManifest":
+    def reissued(self, workers: list[NodeName]) -> JobManifest:
         """The same job with a fresh time and nonce and the current workers, for a peer
         that joins it late or must be asked again."""
         return replace(self, workers=list(workers), submitted_at=time.time(), nonce=secrets.token_hex(16))

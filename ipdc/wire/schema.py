@@ -39,7 +39,7 @@ def _check(value: Any, hint: Any, where: str, error: type[IPDCError]) -> Any:
             _check(k, key_hint, f"{where} key", error): _check(v, item, f"{where}.{k}", error)
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, where, error)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

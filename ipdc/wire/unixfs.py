@@ -364,7 +364,8 @@ def directory_cid(entries: Mapping[str, Link] | Iterable[tuple[str, Link]]) -> s
         if i and encoded[i - 1][0] == name:
             raise ValueError(f"duplicate directory entry name: {name!r}")
         estimate += len(name) + len(link.cid)
-        body = b"".join((_LINK_HEAD, link.cid, b"\x12", _varint(len(name)), name, b"\x18", _varint(link.tsize)))
+        body = b"".join((_LINK_HEAD, link.cid, b"\x12", _varint(len(name)), name, b"\x18",
+                         _varint(link.tsize)))
         parts.append(b"\x12" + _varint(len(body)) + body)
     if estimate >= 256 * 1024:
         raise ValueError("directory large enough for kubo to shard it (HAMT): not supported")

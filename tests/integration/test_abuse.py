@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.bus import Bus
+from ipdc.bus import Bus, client_id
 from ipdc.control.history import DB_NAME, History
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
@@ -57,7 +56,7 @@ def test_a_malformed_retained_presence_breaks_no_other_node(trio: LocalCluster, 
     payloads = [deep, b'{"name": "%s", "ts": ' % name.encode() + b"9" * 5000 + b"}",
                 b'{"name": "%s", "ts": NaN}' % name.encode()]
     try:
-        with Bus(liar.config.broker, f"{name}-liar-{secrets.token_hex(3)}") as bus:
+        with Bus(liar.config.broker, client_id(name, "liar")) as bus:
             bus.connect()
             for payload in payloads:  # the ACL lets a node write its own presence, and only that
                 bus.publish(f"ipdc/presence/{name}", payload, retain=True)
