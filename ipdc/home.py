@@ -170,9 +170,11 @@ class NodeHome:
 
 def _process_start(pid: int) -> str:
     """A process's start time in clock ticks since boot: with the pid, it names one process
-    even after the pid is reused. "" when there is no such process."""
+    even after the pid is reused. "" when there is no such process, or only its zombie (a
+    killed controller service whose parent has not reaped it yet is gone all the same)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return "" if fields[0] == "Z" else fields[19]
     except (OSError, IndexError):
         return ""
 
