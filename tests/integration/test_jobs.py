@@ -124,8 +124,10 @@ def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: Local
         assert after[index] == attempts, f"map task {index} was accepted before the kill, yet ran again"
     assert any(a["state"] == "superseded" for t in final["tasks"]["reduce"] for a in t["attempts"])
     # and from the workers' side: each map task accepted before the kill ran once in the whole swarm
-    lines = [line for n in cluster.nodes for line in (n.home / "logs" / "agent.log").read_text().splitlines()]
-    runs = [int(line.split("map task ")[1].split()[0]) for line in lines if f"job {job_id}: map task " in line]
+    lines = [line for n in cluster.nodes
+             for line in (n.home / "logs" / "agent.log").read_text().splitlines()]
+    mark = f"job {job_id}: map task "
+    runs = [int(line.split(mark)[1].split()[0]) for line in lines if mark in line]
     assert all(runs.count(index) == 1 for index in before), sorted(runs)
 
 
