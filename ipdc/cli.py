@@ -3,6 +3,11 @@
 Errors from the IPDC hierarchy print as one clear message (plus a remote
 traceback where there is one) and a non-zero exit; progress and tables go to
 stderr through rich, results to stdout, so ``--json`` output pipes cleanly.
+
+Imports are late: each command loads what it uses, so ``ipdc --help`` loads click
+alone and ``ipdc mr`` only what talks to the node's controller service (the
+service holds the broker and kubo connections). ``Node``, ``SwarmClient`` and
+``KuboClient`` below are stand-ins that import their class on first call.
 """
 
 from __future__ import annotations
@@ -15,44 +20,87 @@ sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, TypeVar  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import click  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.progress import (  # noqa: E402
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table  # noqa: E402
 
-from ipdc import __version__  # noqa: E402
-from ipdc.errors import IPDCError, NodeError, TokenError  # noqa: E402
-from ipdc.kubo import KuboClient  # noqa: E402
-from ipdc.node import membership  # noqa: E402
-from ipdc.node.invite import Invite  # noqa: E402
-from ipdc.node.lifecycle import Node  # noqa: E402
+from ipdc import __version__, ipdc_home  # noqa: E402
+from ipdc.ctlsock import ControlClient, remote_error  # noqa: E402
+from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError  # noqa: E402
+from ipdc.jobs import shipped  # noqa: E402
 from ipdc.private import write_private  # noqa: E402
-from ipdc.submit.client import SwarmClient  # noqa: E402
-from ipdc.submit.mapreduce import (  # noqa: E402
-    JOBS_DIR,
-    JobResult,
-    MapReduceController,
-    MapReduceJob,
-    check_job_files,
-)
 
-# emoji=False: ":AB:" in a CA fingerprint must not print as an emoji.
-err = Console(stderr=True, soft_wrap=True, emoji=False)
-#: Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns.
-out = Console(emoji=False) if Console().is_terminal else Console(width=1000, emoji=False)
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ipdc.config import Config
+    from ipdc.control.history import History
+    from ipdc.kubo import KuboClient as KuboClientT
+    from ipdc.node.lifecycle import Node as NodeT
+    from ipdc.submit.client import SwarmClient as SwarmClientT
+    from ipdc.trust import Signer
+
+JOBS_DIR = shipped("mapreduce")
+
+
+class _LazyConsole:
+    """A rich Console made on first use: rich costs tens of milliseconds to import, and
+    ``ipdc --help`` or a detached ``ipdc mr`` print nothing through it."""
+
+    def __init__(self, make: Callable[[], Console]) -> None:
+        self._make = make
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            self._console = self._make()
+        return getattr(self._console, name)
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True, emoji=False)  # ":AB:" in a fingerprint is not an emoji
+
+
+def _stdout_console() -> Console:
+    """Tables go to stdout; in a pipe, print them whole rather than cut at 80 columns."""
+    from rich.console import Console
+
+    return Console(emoji=False) if Console().is_terminal else Console(width=1000, emoji=False)
+
+
+err: Console = _LazyConsole(_stderr_console)  # type: ignore[assignment]
+out: Console = _LazyConsole(_stdout_console)  # type: ignore[assignment]
+
+
+def Node(home: Path | None = None) -> NodeT:
+    from ipdc.node.lifecycle import Node as _Node
+
+    return _Node(home)
+
+
+def SwarmClient(config: Config, signer: Signer | None = None) -> SwarmClientT:
+    from ipdc.submit.client import SwarmClient as _SwarmClient
+
+    return _SwarmClient(config, signer)
+
+
+def KuboClient(api_url: str) -> KuboClientT:
+    from ipdc.kubo import KuboClient as _KuboClient
+
+    return _KuboClient(api_url)
+
+
+def _table(*columns: str) -> Any:
+    from rich.table import Table
+
+    return Table(*columns)
 
 
 class IPDCGroup(click.Group):
@@ -62,6 +110,8 @@ class IPDCGroup(click.Group):
         try:
             return super().invoke(ctx)
         except IPDCError as exc:
+            from rich.markup import escape
+
             err.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
             sys.exit(exc.exit_code)
 
@@ -103,6 +153,8 @@ def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: 
     swarm's certificate authority, and a broker hosted by this node. Running it again
     changes nothing.
     """
+    from ipdc.node.invite import Invite
+
     if join_stdin is not None and join_stdin != "-":
         raise TokenError("--join takes no token on the command line: there every user of this machine can "
                          "read it (ps, /proc/<pid>/cmdline) and it stays in your shell history. Use "
@@ -147,7 +199,7 @@ main.add_command(node_status, "status")
 
 
 def _print_status(rows: list[Any]) -> None:
-    table = Table("service", "state", "pid", "address")
+    table = _table("service", "state", "pid", "address")
     for row in rows:
         style = "green" if row.pid else "red"
         table.add_row(row.name, f"[{style}]{row.state}[/]", str(row.pid or "-"), row.address)
@@ -167,6 +219,8 @@ def invite(ttl: str, output: Path | None) -> None:
     until it is used it is a credential: keep it out of other users' reach. Run this
     on the node that hosts the broker.
     """
+    from ipdc.node import membership
+
     node = Node()
     token = membership.invite(node, membership.parse_duration(ttl))
     if node.config.node.host.startswith("127."):
@@ -202,6 +256,8 @@ def node_remove(name: str) -> None:
     stops trusting its submitter key. Run `ipdc swarm rotate-key` afterwards so its
     kubo can no longer reach any member.
     """
+    from ipdc.node import membership
+
     member = membership.remove(Node(), name)
     click.echo(f"removed {member.name}: its broker identity is revoked and every node drops its "
                "submitter key")
@@ -223,6 +279,8 @@ def swarm_rotate_key(timeout: float) -> None:
     writes kubo/swarm.key and restarts its kubo. A removed node keeps the old key and
     can no longer connect to any member.
     """
+    from ipdc.node import membership
+
     with err.status("sending the new swarm key and waiting for the members to restart kubo..."):
         done = membership.rotate_swarm_key(Node(), timeout)
     click.echo(f"rotated the swarm key (fingerprint {done.fingerprint}): {len(done.switched)} live member(s) "
@@ -250,7 +308,7 @@ def peers(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
+    table = _table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
                       "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
@@ -301,22 +359,27 @@ def trust_list() -> None:
 
 # -- mapreduce -------------------------------------------------------------------------
 @contextmanager
-def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
-    """This node's swarm if it runs; else a temporary local cluster of K nodes."""
-    node = Node()
-    if node.initialised and node.running():
-        yield node
+def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
+    """The home of the node whose controller service runs the job: this node's when it
+    runs, else the first node of a temporary local cluster of K nodes."""
+    home = ipdc_home()
+    try:
+        ControlClient(home, timeout=5).call("ping")
+    except ControlError:
+        pass
+    else:
+        yield home
         return
     n = k or 2
     if not quiet:
-        err.print(f"[yellow]no IPDC node is running for {node.home}: starting a temporary local "
+        err.print(f"[yellow]no IPDC node is running for {home}: starting a temporary local "
                   f"cluster of {n} nodes (mosquitto, kubo and an agent each) for this job[/]")
     from ipdc.node.cluster import (
         LocalCluster,  # only for the embedded default: 50 ms of imports
     )
 
     with LocalCluster(n) as cluster:
-        yield cluster.nodes[0]
+        yield cluster.nodes[0].home
     if not quiet:
         err.print("[yellow]the temporary cluster was stopped and removed[/]")
 
@@ -339,10 +402,13 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Node]:
                    "their CIDs agree; on disagreement the job fails and names the peers.")
 @click.option("--verify-majority", is_flag=True,
               help="With --verify N: take the output most replicas agree on instead of failing.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Print the job id and return at once; the node's controller service runs the job "
+                   "(see `ipdc jobs`, `ipdc job status ID`).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
 def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
-       chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, quiet: bool,
+       chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, detach: bool, quiet: bool,
        as_json: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
 
@@ -355,18 +421,66 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     XOR-nearest live peer; a task is tried --max-attempts times in all. With
     --verify N every task runs on N peers whose outputs must agree (by CID).
 
-    With no running node for $IPDC_HOME, a temporary local cluster is started for
-    the job and removed afterwards.
+    The job runs in this node's controller service, so it outlives this command:
+    Ctrl-C asks whether to cancel it (no: it goes on, detached). With no running
+    node for $IPDC_HOME, a temporary local cluster is started for the job and
+    removed afterwards.
     """
-    job = MapReduceJob(input=input_file, k=k, map_file=map_file, reduce_file=reduce_file,
-                       output=output, chunks=chunks, max_attempts=max_attempts, verify=verify,
-                       verify_majority=verify_majority)
-    check_job_files(job)
+    spec = {"input": str(input_file.absolute()), "k": k, "map_file": str(map_file.absolute()),
+            "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
+            "chunks": chunks, "max_attempts": max_attempts, "verify": verify,
+            "verify_majority": verify_majority}
+    if detach:
+        client = ControlClient(ipdc_home())
+        try:
+            client.call("ping")
+        except ControlError as exc:
+            raise ControlError(f"--detach hands the job to this node's controller service, and {exc}") \
+                from None
+        reply = client.call("submit", job=spec, cwd=os.getcwd())
+        queued = {"job_id": reply["job_id"], "state": "queued", "output": reply["output"]}
+        click.echo(json.dumps(queued, indent=2) if as_json else reply["job_id"])
+        return
     show = not quiet and not as_json and err.is_terminal
-    with swarm_for(k, quiet or as_json) as node, SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, _progress(show) as progress:
-        result = MapReduceController(client, kubo, job, node.home, progress).run()
-    _print_result(result, as_json)
+    with swarm_for(k, quiet or as_json) as home:
+        client = ControlClient(home, timeout=None)
+        job_id = client.call("submit", job=spec, cwd=os.getcwd())["job_id"]
+        try:
+            with _progress(show) as progress:
+                final = _follow(client, job_id, progress)
+        except KeyboardInterrupt:
+            final = _interrupted(client, job_id)
+    if final["state"] != "succeeded":
+        raise remote_error(final)
+    _print_result(final["result"], as_json)
+
+
+def _follow(client: ControlClient, job_id: str,
+            progress: Callable[[str, float, float], None]) -> dict[str, Any]:
+    """Show the job's progress until it ends; its last state."""
+    final: dict[str, Any] = {}
+    for final in client.stream("watch", job_id=job_id):
+        for phase, (done, total) in final["progress"].items():
+            progress(phase, done, total)
+    return final
+
+
+def _interrupted(client: ControlClient, job_id: str) -> dict[str, Any]:
+    """Ctrl-C on a running job: cancel it, or leave it running detached. Without a terminal
+    to ask on, cancel: nobody would be left to follow the job."""
+    keep = False
+    if sys.stdin.isatty():
+        try:
+            keep = not click.confirm(f"\ncancel job {job_id}? (no: it keeps running, detached)", default=True,
+                                     err=True)
+        except click.Abort:
+            keep = True
+    if keep:
+        err.print(f"job {job_id} keeps running; follow it with `ipdc job status {job_id}`", highlight=False)
+        sys.exit(0)
+    err.print(f"cancelling job {job_id}...", highlight=False)
+    client.call("cancel", job_id=job_id)
+    raise JobCancelled(f"job {job_id} was cancelled")
 
 
 @contextmanager
@@ -374,6 +488,8 @@ def _progress(show: bool) -> Iterator[Callable[[str, float, float], None]]:
     if not show:
         yield lambda phase, done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bars = Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=err, transient=True)
     ids: dict[str, Any] = {}
@@ -387,14 +503,194 @@ def _progress(show: bool) -> Iterator[Callable[[str, float, float], None]]:
         yield update
 
 
-def _print_result(result: JobResult, as_json: bool) -> None:
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"job {result.job_id} succeeded in {result.timings['total']:.2f}s")
-    click.echo(f"output:  {result.output}")
-    click.echo(f"result:  {result.result_cid}")
-    click.echo(f"workers: {', '.join(w['name'] for w in result.workers)}")
+    click.echo(f"job {result['job_id']} succeeded in {result['timings']['total']:.2f}s")
+    click.echo(f"output:  {result['output']}")
+    click.echo(f"result:  {result['result_cid']}")
+    click.echo(f"workers: {', '.join(w['name'] for w in result['workers'])}")
+
+
+# -- jobs ------------------------------------------------------------------------------
+def _history() -> History:
+    from ipdc.control.history import DB_NAME, History
+
+    return History(ipdc_home() / DB_NAME)
+
+
+def _job_id(history: History, prefix: str) -> str:
+    return history.resolve(prefix.strip().lower())
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(job: dict[str, Any]) -> float | None:
+    if not job["started_at"]:
+        return None
+    return float((job["finished_at"] or time.time()) - job["started_at"])
+
+
+def _progress_text(job: dict[str, Any]) -> str:
+    progress = job["progress"]
+    return "  ".join(f"{phase} {int(progress[phase][0])}/{int(progress[phase][1])}"
+                     for phase in ("map", "reduce") if phase in progress) or "-"
+
+
+STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
+               "cancelled": "magenta"}
+
+
+@main.command("jobs")
+@click.option("--all", "show_all", is_flag=True, help="Every job in the history, not only the 20 newest.")
+@click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+              multiple=True, help="Only jobs in this state (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def jobs_list(show_all: bool, state: tuple[str, ...], as_json: bool) -> None:
+    """The jobs submitted from this node, newest first: id, kind, state, progress,
+    submitted, duration, workers. Read from the job history ($IPDC_HOME/ipdc.db), so it
+    works whether or not the node runs."""
+    rows = _history().jobs(states=state, limit=0 if show_all else 20)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "plan"} for r in rows], indent=2))
+        return
+    table = _table("id", "kind", "state", "progress", "submitted", "duration", "workers")
+    for r in rows:
+        duration = _duration(r)
+        table.add_row(r["id"][:12], r["kind"], f"[{STATE_STYLE[r['state']]}]{r['state']}[/]",
+                      _progress_text(r),
+                      _when(r["submitted_at"]), f"{duration:.1f}s" if duration is not None else "-",
+                      ", ".join(str(w[0]) for w in r["workers"]) or "-")
+    out.print(table)
+
+
+@main.group()
+def job() -> None:
+    """One job of this node: `status`, `logs`, `cancel`, `get` (any node's job). ID may be
+    the first digits of a job id, as `ipdc jobs` shows them."""
+
+
+@job.command("status")
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the job, its tasks and attempts as JSON.")
+def job_status(job_id: str, as_json: bool) -> None:
+    """Per-task states, attempts (peer, time, outcome) and reassignments of job ID."""
+    history = _history()
+    found = history.job(_job_id(history, job_id))
+    assert found is not None
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in found.items() if k != "plan"}, indent=2))
+        return
+    duration = _duration(found)
+    click.echo(f"job {found['id']} ({found['kind']}): {found['state']}"
+               + (f" after {duration:.1f}s" if duration is not None else ""))
+    click.echo(f"submitted {_when(found['submitted_at'])} by node {found['node']}; "
+               f"output {found['output_dir']}")
+    if found["result_cid"]:
+        click.echo(f"result:  {found['result_cid']}")
+    if found["error"]:
+        click.echo(f"error:   {found['error']}")
+    table = _table("task", "state", "attempts (peer: outcome, seconds)", "output by")
+    for kind in ("map", "reduce"):
+        for t in found["tasks"][kind]:
+            attempts = "; ".join(
+                f"#{a['number']} {a['peer']}: {a['state']}"
+                + (f" {a['ended'] - a['started']:.2f}s" if a["ended"] is not None else "")
+                + (f" ({a['error']})" if a["error"] else "") for a in t["attempts"])
+            table.add_row(f"{kind} {t['index']}", t["state"], attempts or "-", ", ".join(t["by"]) or "-")
+    out.print(table)
+    for r in found["reassigned"]:
+        click.echo(f"reassigned {r['kind']} task {r['task']} from {r['from']} "
+                   f"to {r['to'] or '(the remaining workers)'}")
+    for peer, why in found["lost"].items():
+        click.echo(f"lost worker {peer}: {why}")
+
+
+def _print_logs(reply: dict[str, Any], shown: dict[str, int]) -> None:
+    """Lines not shown yet, by source; ``shown`` counts what was printed of each."""
+    sources = {"controller": reply["controller"], **reply["workers"]}
+    for source, lines in sources.items():
+        new = lines[shown.get(source, 0):]
+        if new:
+            click.echo(f"== {source} ==")
+            for line in new:
+                click.echo(line)
+            shown[source] = len(lines)
+
+
+@job.command("logs")
+@click.argument("job_id", metavar="ID")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: each worker's lines, and who did not answer.")
+def job_logs(job_id: str, follow: bool, as_json: bool) -> None:
+    """Each worker's log lines of job ID, fetched from the workers by CID, and this node's
+    controller lines of it."""
+    full_id = _job_id(_history(), job_id)
+    client = ControlClient(ipdc_home(), timeout=None)
+    shown: dict[str, int] = {}
+    while True:
+        reply = client.call("logs", job_id=full_id)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in reply.items() if k not in ("ok", "end")}, indent=2))
+            return
+        _print_logs(reply, shown)
+        if not follow or reply["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(2.0)
+    if reply["missing"]:
+        err.print(f"no answer from {', '.join(reply['missing'])} (asleep, gone, or restarted since)",
+                  highlight=False)
+
+
+@job.command("cancel")
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def job_cancel(job_id: str, as_json: bool) -> None:
+    """Cancel job ID: every peer that took part drops its runners, work dir and pins."""
+    reply = ControlClient(ipdc_home(), timeout=None).call("cancel", job_id=_job_id(_history(), job_id))
+    click.echo(json.dumps({"job_id": reply["job_id"], "state": reply["state"]}, indent=2) if as_json
+               else f"job {reply['job_id']} {reply['state']}")
+
+
+@job.command("get")
+@click.argument("job_id", metavar="ID")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Directory to write (default ./ipdc-out/<job-id>); must not hold files.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def job_get(job_id: str, output: Path | None, as_json: bool) -> None:
+    """Write the output directory of finished job ID from its result CID. Works on any node
+    of the swarm: the job's signed result record is found on the broker, and accepted when
+    a key this node trusts signed it. ID is the whole job id for another node's job."""
+    try:
+        full_id = _job_id(_history(), job_id)
+    except IPDCError:
+        full_id = job_id.strip().lower()
+    reply = ControlClient(ipdc_home(), timeout=None).call(
+        "get", job_id=full_id, output=str(output.absolute()) if output else None, cwd=os.getcwd())
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in reply.items() if k not in ("ok", "end")}, indent=2))
+        return
+    click.echo(f"job {reply['job_id']} (from node {reply['owner']}): wrote {reply['output']}")
+    click.echo(f"result:  {reply['result_cid']}")
+
+
+@main.command()
+@click.option("--port", type=int, default=0, help="Port on 127.0.0.1 (default: a free one). Only the first "
+              "call of a service's life chooses it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def dashboard(port: int, as_json: bool) -> None:
+    """Serve the live web dashboard from this node's controller service; print its URL.
+
+    The URL carries a token, as Jupyter's does: only who has it (this node's user)
+    can look. It listens on 127.0.0.1 only; from another machine, forward a port
+    (ssh -L). It keeps running until the node stops.
+    """
+    url = ControlClient(ipdc_home()).call("dashboard", port=port)["url"]
+    click.echo(json.dumps({"url": url}) if as_json else f"IPDC dashboard: {url}")
 
 
 # -- tensorflow ------------------------------------------------------------------------
@@ -407,7 +703,7 @@ class TfGroup(IPDCGroup):
         return super().parse_args(ctx, args)
 
 
-def _running_node() -> Node:
+def _running_node() -> NodeT:
     """A TF cluster outlives the command that starts it, so it needs this machine's node."""
     node = Node()
     if not (node.initialised and node.running()):
@@ -443,7 +739,7 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
-    table = Table("task", "address", "peer", "runs")
+    table = _table("task", "address", "peer", "runs")
     for t in cluster.tasks:
         table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer,
                       "tf server" if t.server else "your script")
@@ -477,7 +773,7 @@ def tf_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("name", "state", "tasks", "peers")
+    table = _table("name", "state", "tasks", "peers")
     for r in rows:
         table.add_row(r["name"], "[green]up[/]" if r["up"] else "[red]down[/]",
                       ", ".join(f"{t['job']}:{t['index']}" for t in r["tasks"]),

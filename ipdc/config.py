@@ -16,16 +16,13 @@ from typing import Any
 
 import yaml
 
+from ipdc import ipdc_home
 from ipdc.errors import ConfigError
 from ipdc.private import write_private
 from ipdc.wire.schema import build
 
 CONFIG_NAME = "ipdc.conf"
-
-
-def ipdc_home() -> Path:
-    """The node home: ``$IPDC_HOME``, or ``~/.ipdc``."""
-    return Path(os.environ.get("IPDC_HOME") or Path.home() / ".ipdc").expanduser().absolute()
+__all__ = ["CONFIG_NAME", "Config", "ipdc_home", "load_config", "save_config"]
 
 
 @dataclass(frozen=True)

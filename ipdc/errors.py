@@ -92,3 +92,17 @@ class SpecError(IPDCError):
     """A TensorFlow cluster spec is malformed."""
 
     exit_code = 2
+
+
+class HistoryError(IPDCError):
+    """The job history ($IPDC_HOME/ipdc.db) cannot be read or written, or names no such job."""
+
+
+class ControlError(IPDCError):
+    """The node's controller service is not running, or refused a request."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled (``ipdc job cancel``, or Ctrl-C answered with yes)."""
+
+    exit_code = 130

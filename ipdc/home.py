@@ -6,8 +6,10 @@ Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``
     kubo/              the kubo repo (IPFS_PATH), with swarm.key (0600)
     broker/            mosquitto.conf, acl, broker.crt/.key, revoked, enroll-used,
                        members.json, data/                (broker host only)
-    logs/              agent.log, ipfs.log, mosquitto.log
-    run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
+    logs/              agent.log, ipfs.log, mosquitto.log, control.log, runners.log
+    run/               agent.pid, ipfs.pid, mosquitto.pid, control.pid, nonces (seen manifest
+                       nonces), control.sock (the controller service's socket, 0600)
+    ipdc.db            the job history of the jobs this node submitted (SQLite)
     keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
     keys/node.crt|key  its broker identity (ECDSA P-256, CN = node name), ca.crt the swarm's CA
     keys/ca.key        the swarm's CA key                   (founding node only)
@@ -168,9 +170,11 @@ class NodeHome:
 
 def _process_start(pid: int) -> str:
     """A process's start time in clock ticks since boot: with the pid, it names one process
-    even after the pid is reused. "" when there is no such process."""
+    even after the pid is reused. "" when there is no such process, or only its zombie (a
+    killed controller service whose parent has not reaped it yet is gone all the same)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return "" if fields[0] == "Z" else fields[19]
     except (OSError, IndexError):
         return ""
 

@@ -22,8 +22,8 @@ from typing import IO, Any
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
-from ipdc.errors import KuboError
-from ipdc.wire.ids import Cid
+from ipdc.errors import KuboError  # noqa: E402
+from ipdc.wire.ids import Cid  # noqa: E402
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
@@ -75,7 +75,7 @@ class KuboClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "KuboClient":
+    def __enter__(self) -> KuboClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,8 +113,10 @@ class KuboClient:
         self._post("swarm/connect", {"arg": multiaddr})
 
     # -- content ---------------------------------------------------------------------
-    def add_bytes(self, data: bytes, name: str = "data") -> Cid:
-        return self.add_streams([(name, io.BytesIO(data))])[0]
+    def add_bytes(self, data: bytes, name: str = "data", *, pin: bool = True) -> Cid:
+        """``pin=False`` for content that only has to live until someone fetched it: it stays
+        in the blockstore until a garbage collection."""
+        return self.add_streams([(name, io.BytesIO(data))], pin=pin)[0]
 
     def add_ranges(self, path: Path, ranges: Iterable[tuple[int, int]]) -> list[Cid]:
         """Add several byte ranges of one file in one request, one CID per range."""
@@ -125,11 +127,12 @@ class KuboClient:
             for _, window in windows:
                 window.close()
 
-    def add_streams(self, streams: Sequence[tuple[str, IO[bytes] | io.RawIOBase]]) -> list[Cid]:
+    def add_streams(self, streams: Sequence[tuple[str, IO[bytes] | io.RawIOBase]], *,
+                    pin: bool = True) -> list[Cid]:
         if not streams:
             return []
         files = [("file", (name, stream, "application/octet-stream")) for name, stream in streams]
-        response = self._post("add", ADD_PARAMS, files=files)
+        response = self._post("add", {**ADD_PARAMS, "pin": str(pin).lower()}, files=files)
         cids = [Cid(json.loads(line)["Hash"]) for line in response.text.splitlines() if line]
         if len(cids) != len(streams):
             raise KuboError(f"kubo add answered {len(cids)} CIDs for {len(streams)} files")
@@ -200,10 +203,22 @@ class KuboClient:
             archive.extractall(dest, filter="data")
         return dest / str(cid)
 
+    def ls(self, cid: str) -> dict[str, Cid]:
+        """A UnixFS directory's entries: name -> CID (files only; what a result directory holds)."""
+        params = {"arg": str(Cid(cid)), "resolve-type": "false", "size": "false"}
+        objects = self._json("ls", params)["Objects"]
+        return {link["Name"]: Cid(link["Hash"]) for obj in objects for link in obj.get("Links") or []}
+
     def pins(self) -> set[str]:
         """The CIDs pinned recursively (what ``add`` and ``dag/put`` pin)."""
         keys = self._json("pin/ls", {"type": "recursive"}).get("Keys") or {}
         return set(keys)
+
+    def pin_add(self, *cids: str) -> None:
+        """Pin (again) content this node holds, or fetches now from the swarm."""
+        unique = list(dict.fromkeys(str(Cid(c)) for c in cids if c != EMPTY_CID))
+        if unique:
+            self._post("pin/add", [("arg", c) for c in unique])
 
     def pin_rm(self, *cids: str) -> None:
         """Unpin, in one call; a CID that is not pinned is not an error (CleanUp may run twice)."""

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from ipdc import __version__  # noqa: E402
 from ipdc.agent.execute import Executor  # noqa: E402
+from ipdc.agent.joblogs import JobLogs  # noqa: E402
 from ipdc.agent.jobs import (  # noqa: E402
     Action,
     Drop,
@@ -75,6 +76,7 @@ from ipdc.wire.download import Download  # noqa: E402
 from ipdc.wire.getresult import GETRESULT, GetResult  # noqa: E402
 from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
 from ipdc.wire.ids import JobId, NodeName  # noqa: E402
+from ipdc.wire.logs import LOGS_REPLY, Logs  # noqa: E402
 from ipdc.wire.manifest import JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
 from ipdc.wire.renew import Renew  # noqa: E402
@@ -130,6 +132,9 @@ class Agent:
         """A job's code files are fetched at once, each from wherever the swarm has it."""
         self.executor = Executor(cfg.sandbox, cfg.kubo_api_url, node.home / "logs", cfg.agent.warm_runners)
         self._tf: TfHost | None = None
+        self.logs = JobLogs(self.name, node.home / "logs", self.kubo, self.io,
+                            lambda r: self.bus.publish(LOGS_REPLY.topic(node=self.name, job=r.job_id),
+                                                       LOGS_REPLY.encode(r)))
         self.presence_topic = PRESENCE.topic(node=self.name)
         self.bus = Bus(cfg.broker, f"{self.name}.agent", session_expiry=3600,
                        will=Will(self.presence_topic), on_connected=self.announce)
@@ -266,6 +271,9 @@ class Agent:
                 actions = self.table.renew((msg.submitter, msg.job_id), now)
             elif isinstance(msg, CleanUp):
                 actions = self.table.cleanup((msg.submitter, msg.job_id))
+            elif isinstance(msg, Logs):
+                refused = self.logs.request(msg, re, [*self.table.jobs, *self.table.finished])
+                actions = [Note(refused)] if refused else []
             else:
                 actions = self._tf_request(msg, re, now)
         self.perform(actions)
@@ -342,6 +350,8 @@ class Agent:
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
             error = f"download of the job's code failed on {self.name}: {exc}"
+        else:
+            log.info("job %s: code fetched into %s, ready", action.key[1], job_dir)
         with self._lock:
             actions = self.table.fetched(action.key, error, time.time())
         self.perform(actions)
@@ -382,6 +392,8 @@ class Agent:
                                                  f"{kind} task {task} failed on {self.name}: {exc}\n{trace}",
                                                  action.re)
         else:
+            log.info("job %s: %s task %d attempt %d done (%d output(s))", key[1], kind, task, action.attempt,
+                     len(cids))
             with self._lock:
                 actions = self.table.task_done(key, kind, task, action.attempt, cids, stats, action.re)
         finally:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ipdc.bus import Bus, client_id
 from ipdc.config import CERT_FILE, KEY_FILE, BrokerSection, Config, KuboSection, NodeSection, save_config
-from ipdc.errors import NodeError
+from ipdc.ctlsock import ControlClient, socket_path
+from ipdc.errors import ControlError, NodeError
 from ipdc.home import NodeHome
 from ipdc.net import free_port, port_in_use, port_open
 from ipdc.node.broker import Broker
@@ -32,7 +33,7 @@ from ipdc.wire.presence import PRESENCE
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("mosquitto", "ipfs", "agent")
+SERVICES = ("mosquitto", "ipfs", "agent", "control")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class Node(NodeHome):
         self.services = {name: Service(self.home, name) for name in SERVICES}
 
     def running(self) -> bool:
-        return self.services["agent"].pid() is not None
+        """Whether the node serves jobs: its agent runs, and its controller service for
+        the jobs submitted here."""
+        return all(self.services[name].pid() is not None for name in ("agent", "control"))
 
     # -- init ------------------------------------------------------------------------
     def init(self, host: str = "127.0.0.1", join: Invite | None = None, slots: int = 0,
@@ -154,7 +157,8 @@ class Node(NodeHome):
             raise NodeError(f"node {self.home} is already running ({', '.join(wanted)}); "
                             "stop it first with `python deploy.py stop`")
         self._check_ports(cfg, down)
-        starters = {"mosquitto": self._start_broker, "ipfs": self._start_kubo, "agent": self._start_agent}
+        starters = {"mosquitto": self._start_broker, "ipfs": self._start_kubo, "agent": self._start_agent,
+                    "control": self._start_control}
         for name in down:
             starters[name](cfg, timeout)
         return self.status()
@@ -204,8 +208,25 @@ class Node(NodeHome):
             if not wait_for(announced, timeout) or service.pid() is None:
                 raise service.fail("did not announce itself on the broker")
 
+    def _start_control(self, cfg: Config, timeout: float) -> None:
+        """The controller service answers on its socket once it is connected and has taken up
+        the jobs it was running when it stopped."""
+        service = self.services["control"]
+        service.start([sys.executable, "-m", "ipdc.control"], env={**os.environ, "IPDC_HOME": str(self.home)})
+        client = ControlClient(self.home, timeout=5)
+
+        def answers() -> bool:
+            try:
+                client.call("ping")
+                return True
+            except ControlError:
+                return service.pid() is None
+        if not wait_for(answers, timeout) or service.pid() is None:
+            raise service.fail("did not answer on its socket")
+
     def stop(self, timeout: float = 10.0) -> list[str]:
-        """Stop agent, kubo, broker (in that order, so the agent can say goodbye)."""
+        """Stop the controller service, agent, kubo, broker (in that order, so the agent can
+        say goodbye)."""
         return [name for name in reversed(SERVICES) if self.services[name].stop(timeout)]
 
     def status(self) -> list[ServiceStatus]:
@@ -215,6 +236,7 @@ class Node(NodeHome):
             "mosquitto": f"{cfg.broker.host}:{cfg.broker.port}",
             "ipfs": f"api {cfg.kubo_api_url}, swarm {cfg.node.host}:{cfg.kubo.swarm_port}",
             "agent": f"node {cfg.node.name}, peer {self.peer_id()}",
+            "control": str(socket_path(self.home)),
         }
         for name, service in self.services.items():
             if name == "mosquitto" and not cfg.broker.hosted:

@@ -4,17 +4,20 @@ It keeps the live peer table (retained presence plus heartbeats), routes each
 job's GetResult reports to that job's queue, and signs what it sends with the
 node's submitter key, so agents can tell the job's owner from any other member.
 ``connect`` returns only after every retained presence message has arrived
-(:meth:`ipdc.bus.Bus.sync`).
+(:meth:`ipdc.bus.Bus.sync`); :meth:`SwarmClient.retained` does the same for any topic.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import fields
 from typing import Any
+
+from paho.mqtt.client import topic_matches_sub
 
 from ipdc.bus import Bus, Inbound, client_id
 from ipdc.config import Config
@@ -43,6 +46,8 @@ class SwarmClient:
         knows it was cut off, and sends again what may have been lost meanwhile."""
         self.bus = Bus(config.broker, self.client_id, session_expiry=600, on_connected=self._on_connected)
         self._jobs: dict[str, queue.Queue[GetResult]] = {}
+        self._listeners: dict[str, queue.Queue[Inbound]] = {}
+        """Topic filter -> raw messages matching it (retained job records, log replies)."""
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._run, daemon=True, name="swarm-client")
 
@@ -76,6 +81,38 @@ class SwarmClient:
     def unwatch(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
         self.bus.unsubscribe(GETRESULT.subscription(job=job_id))
+
+    def listen(self, topic: str) -> queue.Queue[Inbound]:
+        """Start receiving raw messages matching the filter ``topic``."""
+        messages: queue.Queue[Inbound] = queue.Queue()
+        self._listeners[topic] = messages
+        self.bus.subscribe(topic)
+        return messages
+
+    def unlisten(self, topic: str) -> None:
+        self._listeners.pop(topic, None)
+        self.bus.unsubscribe(topic)
+
+    def retained(self, topic: str, timeout: float = 10.0) -> list[Inbound]:
+        """The retained messages matching ``topic`` now. As in :meth:`connect`: a marker
+        published after the subscription comes back after every retained message."""
+        marker = f"ipdc/result/{self.name}/sync-{secrets.token_hex(6)}"
+        found = self.listen(topic)
+        echo = self.listen(marker)
+        try:
+            self.bus.publish(marker, b"sync")
+            try:
+                echo.get(timeout=timeout)
+            except queue.Empty:
+                raise BusError(f"the broker did not echo a marker within {timeout:g} s: check the broker "
+                               "ACL and that it runs (`python deploy.py status`)") from None
+            messages = []
+            while not found.empty():
+                messages.append(found.get())
+            return [m for m in messages if m.payload]
+        finally:
+            self.unlisten(marker)
+            self.unlisten(topic)
 
     def _signer(self) -> Signer:
         if self.signer is None:
@@ -119,6 +156,9 @@ class SwarmClient:
 
     def _route(self, message: Inbound) -> None:
         parts = message.topic.split("/")
+        for topic, messages in list(self._listeners.items()):
+            if topic_matches_sub(topic, message.topic):
+                messages.put(message)
         if len(parts) < 3:
             return
         elif parts[1] == "presence":

@@ -33,20 +33,22 @@ import math
 import os
 import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ipdc.errors import IPDCError, JobError, NotEnoughPeers
+from ipdc.errors import IPDCError, JobCancelled, JobError, NotEnoughPeers
 from ipdc.home import SubmittedJobs
 from ipdc.jobs import shipped
 from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mrstate import (
+    Attempt,
     Command,
     Event,
     Failed,
@@ -61,6 +63,7 @@ from ipdc.submit.mrstate import (
     SendRenew,
     Settings,
     Task,
+    TaskState,
     Tick,
 )
 from ipdc.wire.buffer import BUFFER, Buffer
@@ -105,6 +108,34 @@ class MapReduceJob:
     """Distinct peers that run every task; an output counts only when they agree."""
     verify_majority: bool = False
     """With verify > 1: take the output most replicas agree on instead of failing."""
+
+
+@dataclass
+class Resume:
+    """What a controller needs to take up a job it ran before it was stopped (see
+    :meth:`ipdc.submit.mrstate.JobState.restore`): its manifest, its workers, and its tasks
+    as recorded."""
+
+    manifest: JobManifest
+    workers: list[tuple[str, int]]
+    """(name, slots) of the job's workers when it stopped, nearest the job first."""
+    maps: list[Task]
+    reduces: list[Task]
+    lost: dict[str, str]
+    reassigned: list[dict[str, Any]]
+    elapsed: float
+    """Seconds since the job started, downtime included."""
+    input_bytes: int
+
+
+class Observer(Protocol):
+    """Who follows a controller from outside: the controller service records each job."""
+
+    def planned(self, controller: MapReduceController) -> None:
+        """The input and code are uploaded and the manifest is made: what a resume needs."""
+
+    def progressed(self, controller: MapReduceController) -> None:
+        """Called after each round of the event loop (about ten times a second)."""
 
 
 @dataclass
@@ -212,15 +243,23 @@ class MapReduceController:
     """Runs one MapReduce job from the submitting node: an event loop around a JobState."""
 
     def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, *, job_id: JobId | None = None,
+                 observer: Observer | None = None, resume: Resume | None = None) -> None:
         """``home``: the submitting node's home, where the job's uploads are recorded until
-        they are unpinned (its agent unpins them if this process dies first)."""
+        they are unpinned (its agent unpins them if this process dies first). ``resume``:
+        take up the job ``job_id`` from what an earlier controller recorded."""
         self.client = client
         self.uploads = SubmittedJobs(home)
         self.kubo = kubo
         self.job = job
         self.progress = progress or (lambda phase, done, total: None)
-        self.job_id = JobId.new()
+        self.job_id = job_id or JobId.new()
+        self.observer = observer
+        self.resume = resume
+        self.cancelled = threading.Event()
+        """Set from another thread to cancel the job: the loop raises JobCancelled, and the
+        usual way out unpins the job's uploads and sends CleanUp to every peer."""
+        self.input_bytes = 0
         self.timings: dict[str, float] = {}
         self.peers: dict[str, Peer] = {}
         """Every peer that took part, by name."""
@@ -235,10 +274,15 @@ class MapReduceController:
         sleeps on news that has come."""
 
     def run(self) -> JobResult:
-        check_job_files(self.job)
         started = time.monotonic()
-        workers = self.choose_workers()
-        self.peers = {p.name: p for p in workers}
+        if self.resume is None:
+            check_job_files(self.job)
+            peers = self.choose_workers()
+            self.peers = {p.name: p for p in peers}
+            workers = [(p.name, p.presence.slots) for p in peers]
+        else:
+            self.peers = {p.name: p for p in self.client.peers.live()}
+            workers = self.resume.workers
         output = self.job.output or Path("ipdc-out") / self.job_id
         self.staging = output.with_name(f".{output.name}.partial")
         fetcher = ThreadPoolExecutor(2, thread_name_prefix="fetch")
@@ -247,10 +291,15 @@ class MapReduceController:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
             t = time.monotonic()
-            ranges = self.upload(workers)
+            if self.resume is None:
+                self.upload(len(workers))
+            else:
+                self.reclaim(self.resume)
             self.timings["upload"] = time.monotonic() - t
+            if self.observer is not None:
+                self.observer.planned(self)
             self.execute(workers, fetcher)
-            result = self.describe(output, ranges)
+            result = self.describe(output)
             self.timings["total"] = time.monotonic() - started
             result.timings = self.timings
             self.finish(result)
@@ -286,9 +335,9 @@ class MapReduceController:
         log.info("job %s: workers %s", self.job_id, ", ".join(p.name for p in workers))
         return workers
 
-    def upload(self, workers: list[Peer]) -> list[tuple[int, int]]:
-        size = self.job.input.stat().st_size
-        ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, len(workers)))
+    def upload(self, workers: int) -> None:
+        size = self.input_bytes = self.job.input.stat().st_size
+        ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, workers))
         self.progress("upload", 0, size)
         with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
             code_cids = self.kubo.add_streams([("Map.py", m), ("Reduce.py", r)])
@@ -299,14 +348,24 @@ class MapReduceController:
         self.manifest = JobManifest(
             job_id=self.job_id, owner=NodeName(self.client.name),
             code={"Map.py": code_cids[0], "Reduce.py": code_cids[1]},
-            chunks=chunk_cids, partitions=len(workers), workers=[NodeName(p.name) for p in workers],
+            chunks=chunk_cids, partitions=workers, workers=[NodeName(p) for p in self.peers],
             submitter=self.client.submitter,
         )
-        return ranges
+
+    def reclaim(self, resume: Resume) -> None:
+        """Hold on to a resumed job's uploads again: while no submitter lived, the node's
+        agent may have unpinned them (the blocks stay until a GC, so pinning is cheap)."""
+        self.manifest = resume.manifest
+        self.input_bytes = resume.input_bytes
+        cids = [str(c) for c in (*resume.manifest.code.values(), *resume.manifest.chunks)]
+        self.uploads.record(self.job_id, cids)
+        self.kubo.pin_add(*cids)
 
     # -- the event loop --------------------------------------------------------------
-    def execute(self, workers: list[Peer], fetcher: ThreadPoolExecutor) -> None:
-        """Run every task to an accepted, fetched result, whatever peers are lost meanwhile."""
+    def execute(self, workers: list[tuple[str, int]], fetcher: ThreadPoolExecutor) -> None:
+        """Run every task to an accepted, fetched result, whatever peers are lost meanwhile.
+
+        ``workers``: (name, slots), nearest the job first."""
         assert self.manifest is not None
         cfg = self.client.config
         live = self.client.peers.live()
@@ -317,13 +376,18 @@ class MapReduceController:
             renew_every=max(0.5, min((p.presence.lease for p in live), default=120.0) / 4),
         )
         t = time.monotonic()
-        state = self.state = JobState([(p.name, p.presence.slots) for p in workers],
-                                      len(self.manifest.chunks), settings, t)
-        self.perform(state.start(), fetcher)
+        state = self.state = JobState(workers, len(self.manifest.chunks), settings, t)
+        restored: list[Command] = []
+        if self.resume is not None:
+            r = self.resume
+            restored = state.restore(r.maps, r.reduces, r.lost, r.reassigned, r.elapsed)
+        self.perform(state.start() + restored, fetcher)
         self.progress("map", 0, len(state.maps))
         self.progress("reduce", 0, len(state.reduces))
         next_tick = 0.0
         while not state.done:
+            if self.cancelled.is_set():
+                raise JobCancelled(f"job {self.job_id} was cancelled")
             try:
                 result = self.wake.get(timeout=0.1)
             except queue.Empty:
@@ -342,6 +406,8 @@ class MapReduceController:
             self.progress("map", state.maps_done, len(state.maps))
             self.progress("reduce", state.reduces_done, len(state.reduces))
             self.note_times(state, t)
+            if self.observer is not None:
+                self.observer.progressed(self)
         computing = sum(self.timings.get(k, 0.0) for k in ("map", "reduce"))
         self.timings["fetch"] = time.monotonic() - t - computing
 
@@ -401,7 +467,7 @@ class MapReduceController:
         self.sent.setdefault(peer, set()).add(self.client.send(channel, peer, message))
 
     # -- results ---------------------------------------------------------------------
-    def describe(self, output: Path, ranges: list[tuple[int, int]]) -> JobResult:
+    def describe(self, output: Path) -> JobResult:
         assert self.manifest is not None and self.state is not None
         state = self.state
         names = {f"part-{r.index:05d}": Cid(r.output[0]) for r in state.reduces if r.output}
@@ -411,10 +477,11 @@ class MapReduceController:
         result_cid = self.kubo.make_directory(names, sizes)
         return JobResult(
             job_id=self.job_id, output=output.absolute(), result_cid=result_cid,
-            workers=[{"name": n, "peer_id": self.peers[n].peer_id} for n in state.workers],
+            workers=[{"name": n, "peer_id": self.peers[n].peer_id if n in self.peers else ""}
+                     for n in state.workers],
             code=dict(self.manifest.code), chunks=list(self.manifest.chunks),
             parts=list(names.values()), map_tasks={m.index: m.by[0] for m in state.maps if m.by},
-            input=str(self.job.input.absolute()), input_bytes=sum(n for _, n in ranges),
+            input=str(self.job.input.absolute()), input_bytes=self.input_bytes,
             submitted_at=self.manifest.submitted_at, reassigned=state.reassigned,
             lost=sorted(state.lost), verify=self.job.verify,
             tasks={"map": [task_record(t) for t in state.maps],
@@ -432,8 +499,21 @@ class MapReduceController:
 
 
 def task_record(task: Task) -> dict[str, Any]:
-    """What job.json says of one task: its final state, every attempt, and its story."""
-    return {"index": task.index, "state": task.state.value, "output": list(task.output or ()),
-            "by": list(task.by), "failures": task.failures,
-            "attempts": [{"number": a.number, "peer": a.peer, "state": a.state} for a in task.attempts],
+    """What job.json and the job history say of one task: its final state, every attempt
+    (times in seconds since the job started), and its story."""
+    return {"kind": task.kind, "index": task.index, "state": task.state.value,
+            "output": list(task.output or ()), "by": list(task.by), "failures": task.failures,
+            "tried": list(task.tried),
+            "attempts": [{"number": a.number, "peer": a.peer, "state": a.state, "started": a.started,
+                          "ended": a.ended, "error": a.error} for a in task.attempts],
             "story": task.story}
+
+
+def task_of(record: dict[str, Any]) -> Task:
+    """The task a :func:`task_record` describes, for a controller that resumes the job."""
+    return Task(record["kind"], record["index"], TaskState(record["state"]),
+                [Attempt(a["number"], a["peer"], a["state"], started=a["started"], ended=a["ended"],
+                         error=a["error"]) for a in record["attempts"]],
+                failures=record["failures"], tried=list(record["tried"]),
+                output=tuple(record["output"]) if record["output"] else None, by=tuple(record["by"]),
+                story=list(record["story"]))

@@ -175,6 +175,12 @@ class Attempt:
     cids: tuple[str, ...] = ()
     fed: dict[int, str] = field(default_factory=dict)
     """Reduce only: map task -> the mapper whose output was sent to this attempt."""
+    started: float = 0.0
+    """Seconds since the job started when the attempt was made (a task timeline's bar)."""
+    ended: float | None = None
+    """When it stopped running (reported, failed, lost or superseded); None while it runs."""
+    error: str = ""
+    """Why it failed or was lost (first line)."""
 
 
 @dataclass
@@ -263,6 +269,45 @@ class JobState:
         """The job's first commands: its manifest to every worker."""
         return [SendDownload(name, tuple(self.workers)) for name in self.workers]
 
+    def restore(self, maps: list[Task], reduces: list[Task], lost: dict[str, str],
+                reassigned: list[dict[str, Any]], elapsed: float) -> list[Command]:
+        """Take up a job whose controller stopped (a crash, a kill -9) from what it recorded.
+
+        Call it right after the constructor, with the workers the job had. Accepted
+        outputs stay accepted, so an accepted map task is never sent again, and an
+        accepted part is only fetched again by CID (the new staging directory is
+        empty). Attempts that were running are superseded, since their requests died
+        with the old controller; the next attempt of a task gets the next number, so a
+        worker that still holds the job (within its lease) tells old from new, and
+        answers a DoMap for a map it computed already from memory. States are set, not
+        moved through TRANSITIONS: this recreates what was, it is not a step of the job.
+        Returns the part fetches to make along with :meth:`start`'s Downloads.
+        """
+        self.started = self.now - elapsed
+        self.lost, self.reassigned = dict(lost), list(reassigned)
+        out: list[Command] = []
+        for task in [*maps, *reduces]:
+            for a in task.running():
+                self._end(a, "superseded")
+            task.reserved_for = ""
+            reported = [a for a in task.attempts if a.state == "done"]
+            if task.output is not None:
+                task.state = TaskState.DONE
+            elif task.kind == "map":
+                task.state = TaskState.RUNNING if reported else TaskState.PENDING
+            else:
+                task.state = TaskState.PENDING
+            self._note(task, "resumed", state=task.state.value)
+            if task.kind == "reduce" and task.output is not None:
+                out.append(FetchPart(task.index, task.output[0], task.by[0]))
+            elif task.kind == "reduce":  # as planned at the start: partition p on the p-th worker
+                names = list(self.workers)
+                for r in range(len(reported), self.settings.verify):
+                    self._new_reduce_attempt(task, names[(task.index + r) % len(names)],
+                                             "the controller restarted")
+        self.maps, self.reduces = list(maps), list(reduces)
+        return out
+
     def handle(self, event: Event) -> list[Command]:
         """Apply one event; return what to do. Raises TaskFailed, VerificationFailed or
         JobError when the job can no longer succeed."""
@@ -312,7 +357,20 @@ class JobState:
         self._note(task, f"{new.value}", why=why)
 
     def _note(self, task: Task, event: str, **details: Any) -> None:
-        task.story.append({"t": round(self.now - self.started, 3), "event": event, **details})
+        task.story.append({"t": self.elapsed, "event": event, **details})
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the job started, as stories and attempts count time."""
+        return round(self.now - self.started, 3)
+
+    def _end(self, a: Attempt, state: str, error: str = "") -> None:
+        """An attempt leaves ``running`` (or a reported one is set aside)."""
+        if a.state == "running":
+            a.ended = self.elapsed
+        a.state = state
+        if error:
+            a.error = error.splitlines()[0][:200]
 
     # -- the clock: liveness, timeouts, renewals, reconnects ----------------------------
     def _tick(self, tick: Tick, out: list[Command]) -> None:
@@ -388,12 +446,13 @@ class JobState:
             self._fail_attempt(task, a, f"{task.label} returned {len(event.cids)} partitions, "
                                         f"not {self.settings.partitions}", out)
             return
-        a.state, a.cids = "done", event.cids
+        self._end(a, "done")
+        a.cids = event.cids
         self._note(task, "reported", peer=a.peer, attempt=a.number)
         if task.state is TaskState.RUNNING and self._settle(task, out):
             self._move(task, TaskState.DONE, "output accepted")
             for other in task.running():  # a replica still running is not needed any more
-                other.state = "superseded"
+                self._end(other, "superseded")
             self._feed(out)
         self._dispatch(out)
 
@@ -412,7 +471,8 @@ class JobState:
             log.warning("ignored a reduce result from %s for partition %d attempt %d, which was not sent "
                         "all its inputs", event.peer, task.index, a.number)
             return
-        a.state, a.cids = "done", event.cids
+        self._end(a, "done")
+        a.cids = event.cids
         self._note(task, "reported", peer=a.peer, attempt=a.number)
         if task.state is TaskState.RUNNING and self._settle(task, out):
             self._move(task, TaskState.DONE, "output accepted")
@@ -473,7 +533,7 @@ class JobState:
         peer = task.by[0]
         for a in task.attempts:
             if a.state == "done":
-                a.state = "superseded"
+                self._end(a, "superseded")
         task.output, task.by = None, ()
         self._move(task, TaskState.PENDING, f"could not fetch the part from {peer}")
         self._count(task, peer, f"could not fetch part {task.index} from {peer}: {event.error}")
@@ -494,7 +554,7 @@ class JobState:
 
     def _fail_attempt(self, task: Task, a: Attempt, error: str, out: list[Command]) -> None:
         """An attempt failed: retry elsewhere, or fail the job after max_attempts."""
-        a.state = "failed"
+        self._end(a, "failed", error)
         self._count(task, a.peer, error)
         log.warning("%s attempt %d failed on %s; retrying (%d of %d)", task.label, a.number, a.peer,
                     task.failures + 1, self.settings.max_attempts)
@@ -533,7 +593,7 @@ class JobState:
         for task in self.maps:
             for a in task.running():
                 if a.peer == name:
-                    a.state = "lost"
+                    self._end(a, "lost", reason)
                     self._count(task, name, f"its worker {name} was lost while running it ({reason}); like "
                                             "Dask's KilledWorker, the task may be what kills workers")
                     self._reassign(task, name, replacement, a.number)
@@ -545,7 +605,7 @@ class JobState:
                 self._reassign(task, name, replacement, None)
                 for a in task.attempts:
                     if a.state == "done":
-                        a.state = "superseded"
+                        self._end(a, "superseded")
                 task.output, task.by = None, ()
                 self._move(task, TaskState.PENDING, f"its output was on {name}, which was lost")
                 lost_outputs.add(task.index)
@@ -554,13 +614,13 @@ class JobState:
                 continue
             for a in task.running():
                 if a.peer == name:
-                    a.state = "lost"
+                    self._end(a, "lost", reason)
                     if len(a.fed) == len(self.maps):  # it was reducing when it was lost
                         self._count(task, name, f"its worker {name} was lost while reducing ({reason})")
                     self._reassign(task, name, replacement, a.number)
                     self._new_reduce_attempt(task, replacement or self._reducer_for(task), f"{name} was lost")
                 elif lost_outputs & set(a.fed):
-                    a.state = "superseded"  # it holds output of the lost mapper: start it over
+                    self._end(a, "superseded")  # it holds output of the lost mapper: start it over
                     self._new_reduce_attempt(task, a.peer, f"it was fed output of {name}, which was lost")
             if task.state is TaskState.RUNNING and any(len(a.fed) < len(self.maps) for a in task.running()):
                 self._move(task, TaskState.PENDING, f"an attempt restarted after {name} was lost")
@@ -599,7 +659,7 @@ class JobState:
     # -- work to hand out -----------------------------------------------------------------
     def _new_reduce_attempt(self, task: Task, peer: str, why: str) -> None:
         number = max((a.number for a in task.attempts), default=-1) + 1
-        task.attempts.append(Attempt(number, peer))
+        task.attempts.append(Attempt(number, peer, started=self.elapsed))
         self._note(task, "assigned", peer=peer, attempt=number, why=why)
 
     def _buffer(self, task: Task, a: Attempt, source: Task) -> SendBuffer:
@@ -634,7 +694,7 @@ class JobState:
                 if task is None:
                     break
                 number = max((a.number for a in task.attempts), default=-1) + 1
-                task.attempts.append(Attempt(number, name))
+                task.attempts.append(Attempt(number, name, started=self.elapsed))
                 if task.state is TaskState.PENDING:
                     self._move(task, TaskState.RUNNING, f"attempt {number} sent to {name}")
                 else:

@@ -11,7 +11,10 @@ Topics:
     ipdc/peer/<node>/cleanup      CleanUp    drop a finished job's files and runners
     ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
     ipdc/peer/<node>/renew        Renew      the job's owner is alive: its lease goes on
+    ipdc/peer/<node>/logs         Logs       send your log lines of a job (answered by CID)
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
+    ipdc/result/<node>/<job>/logs GetResult  a worker's log lines of the job, as a CID
+    ipdc/result/<node>/<job>/record JobRecord retained: a finished job's signed result CID
 
 Membership (:mod:`ipdc.wire.membership`): ``ipdc/enroll/<id>/request|reply``,
 ``ipdc/removed/<node>`` and ``ipdc/swarmkey/<node>``.
@@ -28,12 +31,14 @@ from ipdc.wire.domap import DOMAP
 from ipdc.wire.download import DOWNLOAD
 from ipdc.wire.getresult import GETRESULT
 from ipdc.wire.heartbeat import HEARTBEAT
+from ipdc.wire.logs import LOGS
 from ipdc.wire.presence import PRESENCE
 from ipdc.wire.renew import RENEW
 from ipdc.wire.tf import TF
 
 #: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
-INBOX_CHANNELS: dict[str, Channel[Any]] = {c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW)}
+INBOX_CHANNELS: dict[str, Channel[Any]] = {
+    c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW, LOGS)}
 
 __all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
-           "PRESENCE", "RENEW", "TF", "Channel"]
+           "LOGS", "PRESENCE", "RENEW", "TF", "Channel"]

@@ -21,7 +21,7 @@ MAX_ERROR = 8192
 #: Attempts of one task: far more than any --max-attempts.
 MAX_ATTEMPT = 1 << 16
 
-KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped")
+KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped", "logs")
 PHASES = ("", "download", "map", "reduce")
 
 
@@ -31,7 +31,7 @@ class GetResult:
     peer: NodeName
     kind: str
     """One of KINDS: ``ready`` after Download, ``map``/``reduce`` after a task, ``error``;
-    ``port``/``started``/``stopped`` answer the Tf channel's ops."""
+    ``port``/``started``/``stopped`` answer the Tf channel's ops; ``logs`` answers Logs."""
     task: int = 0
     attempt: int = 0
     cids: list[Cid] = field(default_factory=list)

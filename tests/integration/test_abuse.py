@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ipdc.bus import Bus, client_id
+from ipdc.control.history import DB_NAME, History
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -108,25 +109,34 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
         (tmp_path / "slow.py").write_text(SLOW_MAP)
         submitter = trio.nodes[0]
         argv = [sys.executable, "-m", "ipdc.cli", "mr", str(tmp_path / "in.txt"), "--k", "3", "--chunks", "6",
-                "--map", str(tmp_path / "slow.py"), "-q", "-o", str(tmp_path / "never")]
+                "--map", str(tmp_path / "slow.py"), "-q", "-o", str(tmp_path / "later")]
         proc = subprocess.Popen(argv, env={**os.environ, "IPDC_HOME": str(submitter.home)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert wait_for(lambda: all(job_dirs(trio).values()), 60), job_dirs(trio)
         job_id = next(iter(job_dirs(trio).values()))[0].split("-", 1)[1]
+        # the job's controller runs in the node's controller service: that is the submitter to kill
+        os.kill(submitter.services["control"].pid() or 0, signal.SIGKILL)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
         def clean() -> bool:
             return (not any(job_dirs(trio).values()) and [k.pins() for k in kubos] == before
                     and all(processes_under(node.work_dir) == [] for node in trio.nodes))
-        assert wait_for(clean, LEASE + 30, 0.2), \
-            (job_dirs(trio), [k.pins() - b for k, b in zip(kubos, before, strict=True)])
+        left = [k.pins() - b for k, b in zip(kubos, before, strict=True)]
+        assert wait_for(clean, LEASE + 30, 0.2), (job_dirs(trio), left)
         for node in trio.nodes:
             log = (node.home / "logs" / "agent.log").read_text()
             assert f"dropped job {job_id}: its submitter has said nothing" in log
-        agent_log = (submitter.home / "logs" / "agent.log").read_text()
-        assert f"unpinned the input and code of job {job_id}" in agent_log
-        assert not (tmp_path / "never").exists()
+        submitter_log = (submitter.home / "logs" / "agent.log").read_text()
+        assert f"unpinned the input and code of job {job_id}" in submitter_log
+        assert not (tmp_path / "later").exists()
+        # a controller service that comes back after the lease takes the job up, but the workers
+        # dropped it for good: it ends failed rather than hanging, and leaves nothing behind
+        run_cli(["node", "start"], submitter.home)
+        history = History(submitter.home / DB_NAME)
+        assert wait_for(lambda: (history.job(job_id) or {}).get("state") in ("succeeded", "failed"), 120, 0.2)
+        assert (history.job(job_id) or {})["state"] == "failed" and not (tmp_path / "later").exists()
+        assert wait_for(clean, 30, 0.2)
         # the swarm serves the next job
         run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"],
                 submitter.home)

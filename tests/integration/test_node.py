@@ -173,7 +173,7 @@ def test_stop_leaves_no_process_and_restart_keeps_peer_id(homes: list[Path]) -> 
     node = Node(homes[2])
     peer_id = node.peer_id()
     pids = [s.pid for s in node.status() if s.pid]
-    assert len(pids) == 2  # kubo and agent; node 3 does not host the broker
+    assert len(pids) == 3  # kubo, agent and the controller service; node 3 does not host the broker
     children = _descendants(pids)
     run_cli(["deploy.py", "stop"], homes[2])
     assert not [p for p in pids + children if pid_alive(p)]
