@@ -47,6 +47,20 @@ host_mirror() {
   } | head -n 1 | sed 's:/$::'
 }
 
+# Delete a debootstrap target. debootstrap mounts proc and sys inside it and leaves them mounted
+# when it fails: unmount them first, so that rm never walks into the host's /proc or /sys.
+remove_rootfs() {
+  local rootfs=$1 mount
+  while IFS= read -r mount; do
+    umount -l "$mount" || true
+  done < <(awk -v r="$rootfs/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r)
+  if awk -v r="$rootfs/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
+    log "WARNING: mounts remain under $rootfs; it was not deleted"
+  else
+    rm -rf --one-file-system "$rootfs"
+  fi
+}
+
 build_base() {
   if [ "${FORCE:-0}" != 1 ] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
     log "base image $IMAGE exists (FORCE=1 rebuilds it)"
@@ -60,8 +74,6 @@ build_base() {
   security=${SECURITY_MIRROR:-$(host_mirror /debian-security)}
   security=${security:-${mirror%/debian}/debian-security}
   rootfs=$(mktemp -d /var/tmp/ipdc-rootfs.XXXXXX)
-  # debootstrap mounts proc and sys inside the rootfs, and leaves them mounted when it fails:
-  # unmount them before deleting, so rm never walks into the host's /proc or /sys.
   # shellcheck disable=SC2064  # expand $rootfs now: it is local to this function
   trap "remove_rootfs '$rootfs'" EXIT
   log "debootstrap --variant=minbase $SUITE from $mirror (about a minute)"
@@ -98,7 +110,8 @@ EOF
   printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
   chmod 755 "$rootfs/usr/sbin/policy-rc.d"
   # Docker provides /dev, resolv.conf, hostname and hosts; drop the host's copies and caches.
-  rm -rf "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/* \
+         "$rootfs"/var/log/*.log
   mkdir -p "$rootfs/var/lib/apt/lists/partial"
   find "$rootfs/dev" -mindepth 1 -delete
   : >"$rootfs/etc/resolv.conf"
@@ -110,18 +123,6 @@ EOF
     || die "docker import of $rootfs failed"
   docker run --rm "$IMAGE" test -s /etc/debian_version || die "the new image $IMAGE does not run"
   log "built $IMAGE in $((SECONDS - started)) s"
-}
-
-remove_rootfs() {
-  local rootfs=$1 mount
-  for mount in $(awk -v r="$rootfs/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r); do
-    umount -l "$mount" || true
-  done
-  if awk -v r="$rootfs/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
-    log "WARNING: mounts remain under $rootfs; it was not deleted"
-  else
-    rm -rf --one-file-system "$rootfs"
-  fi
 }
 
 prepare_context() {
