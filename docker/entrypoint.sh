@@ -22,6 +22,14 @@ READY=/run/ipdc-ready
 HOST=$(hostname -i | awk '{print $1}')
 
 log() { printf '[%s] %s\n' "$(hostname)" "$*" >&2; }
+# Set before the node starts, so that a stop during set-up stops it too (bash runs the trap once
+# the command in progress has returned).
+stop() {
+  rm -f "$READY"
+  ipdc node stop
+  exit 0
+}
+trap stop TERM INT
 
 rm -f "$READY"
 # The agent's log is the container's log: from its end (the volume keeps earlier runs' lines),
@@ -47,10 +55,8 @@ case "$ROLE" in
   joiner)
     : "${NAME:?set NAME, the file name of the invite for this node}"
     if [ ! -f "$IPDC_HOME/ipdc.conf" ]; then
-      until [ -s "/invites/$NAME" ]; do
-        log "waiting for the invite /invites/$NAME from the founder"
-        sleep 1
-      done
+      [ -s "/invites/$NAME" ] || log "waiting for the invite /invites/$NAME from the founder"
+      until [ -s "/invites/$NAME" ]; do sleep 1; done
       ipdc node init --host "$HOST" --join-file "/invites/$NAME"
       # Used: it must not lie around where other containers can read it.
       rm -f "/invites/$NAME"
@@ -64,12 +70,6 @@ case "$ROLE" in
     ;;
 esac
 
-stop() {
-  rm -f "$READY"
-  ipdc node stop
-  exit 0
-}
-trap stop TERM INT
 touch "$READY"
 # `wait` returns when a signal arrives, so the trap runs.
 wait
