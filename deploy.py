@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Install, start and stop this machine's IPDC node.
 
-    python deploy.py init [--host ADDR] [--join TOKEN] [--with-tf]
+    python deploy.py init [--host ADDR] [--join-file FILE | --join -] [--with-tf]
     python deploy.py start | stop | status
-    python deploy.py install          # binaries only (mosquitto, kubo), no node
+    python deploy.py install          # binaries only (mosquitto, its plugin, kubo), no node
 
 The node lives in $IPDC_HOME (default ~/.ipdc). These are the `ipdc node ...`
 commands; this script exists so a fresh clone works before `ipdc` is on PATH.
@@ -35,10 +35,10 @@ def main() -> None:
     _ensure_python_deps(with_tf)
     sys.path.insert(0, str(HERE))
     from ipdc.cli import main as cli
-    from ipdc.node.install import ensure_kubo, ensure_mosquitto
+    from ipdc.node.install import ensure_kubo, ensure_plugin
 
     if args[:1] == ["install"]:
-        ensure_mosquitto()
+        print(f"broker plugin: {ensure_plugin()}")  # installs mosquitto and the build tools first
         print(f"kubo: {ensure_kubo()}")
         return
     cli.main(args=["node", *args], prog_name="deploy.py")

@@ -88,7 +88,7 @@ class TreeRSS:
             self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> TreeRSS:
         self._thread.start()
         return self
 
@@ -106,9 +106,8 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
     :class:`TreeRSS` over our children sees them.
     """
     sys.path.insert(0, str(REPO))
-    from ipdc.client import SwarmClient
-
     from ipdc.node.cluster import LocalCluster
+    from ipdc.submit.client import SwarmClient
 
     with LocalCluster(n, **cluster_args) as cluster:
         with SwarmClient(cluster.nodes[0].config).connect() as client:
@@ -168,10 +167,10 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print(f"\n### {title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
     sys.stdout.flush()
 
 

@@ -57,20 +57,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess  # noqa: E402
-from ipdc.bus import Bus  # noqa: E402
-from ipdc.config import SandboxSection  # noqa: E402
-from ipdc.kubo import KuboClient  # noqa: E402
-from ipdc.peers import Peer  # noqa: E402
-from ipdc.submit.client import SwarmClient  # noqa: E402
-from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob  # noqa: E402
-from ipdc.wire.getresult import GetResult  # noqa: E402
+from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess
+from ipdc.bus import Bus, client_id
+from ipdc.config import SandboxSection
+from ipdc.kubo import KuboClient
+from ipdc.peers import Peer
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
+from ipdc.wire.getresult import GetResult
 
 MILESTONES = ("check+select", "upload", "download", "map", "reduce", "fetch", "describe", "finish", "cleanup")
-SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice", "upload": "subscribe, IPFS add code + input",
+SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice",
+           "upload": "subscribe, IPFS add code + input",
            "download": "Download -> last ready", "map": "last ready -> last map result",
            "reduce": "last map result -> last reduce result", "fetch": "last reduce result -> parts fetched",
            "describe": "result dir CID + pin", "finish": "job.json, _SUCCESS, rename",
@@ -137,7 +138,7 @@ class TimedClient:
         self._rec.call(f"send {channel.name}", t, end)
         self._rec.sends.append((channel.name, node, end))
 
-    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+    def watch(self, job_id: str) -> queue.Queue[GetResult]:
         results = self._client.watch(job_id)
         put = results.put
 
@@ -263,7 +264,7 @@ def mqtt_round_trips(config: Any, n: int) -> list[float]:
     """QoS 1 publish -> delivery back to the same client, through the swarm's broker."""
     topic = f"ipdc/result/{config.node.name}/bench-rtt"
     samples = []
-    with Bus(config.broker, f"{config.node.name}-bench-rtt", session_expiry=0) as bus:
+    with Bus(config.broker, client_id(config.node.name, "bench-rtt"), session_expiry=0) as bus:
         bus.subscribe(topic)
         bus.connect()
         for _ in range(n):
@@ -355,7 +356,8 @@ def row(name: str, samples: list[float], what: str = "") -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="jobs run first and not counted")
@@ -406,14 +408,17 @@ def main() -> None:
     common.print_table("Tiny-job latency: critical path (ms; segments add up to each job's wall)",
                        ["what", "p50", "p95", "p99", "n", "measures"], rows)
     totals = {k: v for k, v in inner.items() if k.startswith("per job:")}
-    rows = [row(name, inner[name], "per task") for name in inner if not name.startswith(("per job:", "controller"))]
-    rows += [row("controller queue wait", inner["controller queue wait"], "report queued -> taken, per report")]
+    rows = [row(name, inner[name], "per task") for name in inner
+            if not name.startswith(("per job:", "controller"))]
+    rows += [row("controller queue wait", inner["controller queue wait"],
+                 "report queued -> taken, per report")]
     rows += [row(name, values, "per call") for name, values in sorted(per_call.items())]
     rows += [row(name, values, "sum over a job's calls (2 fetches run at a time)")
              for name, values in sorted(totals.items())]
     rows += [row("MQTT QoS 1 round trip", rtts, "publish -> own delivery, swarm broker")]
     rows += [row(name, values, "without a warm spare") for name, values in starts.items()]
-    rows += [row(name, values, "fresh process / new connection, warm cluster") for name, values in cli.items()]
+    rows += [row(name, values, "fresh process / new connection, warm cluster")
+             for name, values in cli.items()]
     if dask:
         rows.append(row("dask client.submit", dask, "2-worker LocalCluster, submit(...).result()"))
     common.print_table("Inside the steps (ms)", ["what", "p50", "p95", "p99", "n", "measures"], rows)

@@ -15,30 +15,32 @@ sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
 import json  # noqa: E402
 import logging  # noqa: E402
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
 
-import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.progress import (  # noqa: E402
     BarColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Table  # noqa: E402
 
-from ipdc import __version__
-from ipdc.errors import IPDCError, NodeError
-from ipdc.kubo import KuboClient
-from ipdc.node.invite import Invite
-from ipdc.node.lifecycle import Node
-from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import (
+from ipdc import __version__  # noqa: E402
+from ipdc.errors import IPDCError, NodeError, TokenError  # noqa: E402
+from ipdc.kubo import KuboClient  # noqa: E402
+from ipdc.node import membership  # noqa: E402
+from ipdc.node.invite import Invite  # noqa: E402
+from ipdc.node.lifecycle import Node  # noqa: E402
+from ipdc.private import write_private  # noqa: E402
+from ipdc.submit.client import SwarmClient  # noqa: E402
+from ipdc.submit.mapreduce import (  # noqa: E402
     JOBS_DIR,
     JobResult,
     MapReduceController,
@@ -88,23 +90,32 @@ def node() -> None:
 @node.command("init")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the node binds and advertises; use the LAN address to serve other machines.")
-@click.option("--join", "token", metavar="TOKEN", help="Join an existing swarm (token from `ipdc invite`).")
+@click.option("--join", "join_stdin", metavar="-",
+              help="Join an existing swarm, reading the invite token from stdin (`--join -`).")
 @click.option("--join-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the invite token from a file.")
+              help="Join an existing swarm with the invite token in this file (from `ipdc invite -o FILE`).")
 @click.option("--slots", type=int, default=0, help="Tasks run at once (default: one per core).")
-def node_init(host: str, token: str | None, join_file: Path | None, slots: int) -> None:
+def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: int) -> None:
     """Install what is missing (mosquitto, kubo) and create the node.
 
-    Without --join this founds a new private swarm: a fresh swarm key, and a broker
-    hosted by this node. Running it again changes nothing.
+    Without --join/--join-file this founds a new private swarm: a fresh swarm key, the
+    swarm's certificate authority, and a broker hosted by this node. Running it again
+    changes nothing.
     """
-    if join_file is not None:
-        token = join_file.read_text()
-    invite = Invite.decode(token) if token else None
+    if join_stdin is not None and join_stdin != "-":
+        raise TokenError("--join takes no token on the command line: there every user of this machine can "
+                         "read it (ps, /proc/<pid>/cmdline) and it stays in your shell history. Use "
+                         "--join-file FILE (written by `ipdc invite -o FILE`), or --join - to read it from "
+                         "stdin." + (" If other people use this machine, ask for a new token: this one may "
+                                     "have been seen." if join_stdin.startswith("ipdc") else ""))
+    token = join_file.read_text() if join_file is not None else sys.stdin.read() if join_stdin else None
+    invite = Invite.decode(token) if token is not None else None
     node = Node()
     click.echo(node.init(host=host, join=invite, slots=slots))
     if invite is not None:
-        err.print(f"this node runs jobs signed by {len(invite.trusted)} key(s) from the invite. For other "
+        err.print(f"pinned the swarm's CA {_ca_fingerprint(invite.ca)} (compare it with the one "
+                  "`ipdc invite` printed)", highlight=False)
+        err.print(f"this node runs jobs signed by {len(node.trust.keys())} key(s) it was given. For other "
                   "nodes to run jobs submitted here, run on each of them:\n"
                   f"  ipdc trust add {node.signer.public_key}", highlight=False)
 
@@ -143,25 +154,83 @@ def _print_status(rows: list[Any]) -> None:
 
 
 @main.command()
+@click.option("--ttl", default="24h", show_default=True,
+              help="How long the token can be used: 90s, 30m, 24h, 7d (it admits one node, once).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the token to this file (mode 0600) instead of printing it.")
-def invite(output: Path | None) -> None:
-    """Print an invite token for one new node: `python deploy.py init --join TOKEN`.
+              help="Write the token to this new file (mode 0600) instead of printing it.")
+def invite(ttl: str, output: Path | None) -> None:
+    """Make an invite token for one new node: `python deploy.py init --join-file FILE`.
 
-    The token holds the swarm key and fresh broker credentials: treat it like a
-    password. Run this on the node that hosts the broker.
+    The token admits one node, once, until it expires. It holds no long-term secret
+    (the new node gets the swarm key from this node's agent when it joins), but
+    until it is used it is a credential: keep it out of other users' reach. Run this
+    on the node that hosts the broker.
     """
     node = Node()
-    token = node.invite()
+    token = membership.invite(node, membership.parse_duration(ttl))
     if node.config.node.host.startswith("127."):
         err.print("[yellow]note:[/] this node listens on 127.0.0.1 only, so the token works on "
                   "this machine; re-init with --host <LAN address> to invite other machines")
     if output is None:
-        click.echo(token)
+        click.echo(token.encode())
     else:
-        output.write_text(token + "\n")
-        output.chmod(0o600)
-        err.print(f"wrote the invite token to {output}")
+        try:
+            write_private(output, token.encode() + "\n")
+        except FileExistsError:
+            raise NodeError(f"{output} exists: choose another file name (a token is written to a new file "
+                            "only, so no one else can have opened it)") from None
+        err.print(f"wrote an invite for one node to {output}")
+    err.print(f"valid until {token.expires():%Y-%m-%d %H:%M} UTC; swarm CA {_ca_fingerprint(token.ca)}",
+              highlight=False)
+
+
+def _ca_fingerprint(pem: str) -> str:
+    """The SHA-256 fingerprint of the swarm's CA: the joining node pins it, and a user can
+    compare it on both machines (a token changed on the way would show another)."""
+    from ipdc import pki  # cryptography: only when a node is made or invited
+
+    return pki.fingerprint(pki.load_cert(pem))
+
+
+@node.command("remove")
+@click.argument("name")
+def node_remove(name: str) -> None:
+    """Remove node NAME from the swarm (run on the broker host).
+
+    Its broker identity is revoked at once (its connections close), and every node
+    stops trusting its submitter key. Run `ipdc swarm rotate-key` afterwards so its
+    kubo can no longer reach any member.
+    """
+    member = membership.remove(Node(), name)
+    click.echo(f"removed {member.name}: its broker identity is revoked and every node drops its "
+               "submitter key")
+    err.print("next: `ipdc swarm rotate-key`, so that it can no longer reach the members' kubo either")
+
+
+@main.group()
+def swarm() -> None:
+    """Swarm-wide operations of the founding node."""
+
+
+@swarm.command("rotate-key")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="Seconds to wait for every live member to switch.")
+def swarm_rotate_key(timeout: float) -> None:
+    """Give every member a new kubo swarm key (run on the broker host).
+
+    Each member's agent receives the key (signed by this node, for that member only),
+    writes kubo/swarm.key and restarts its kubo. A removed node keeps the old key and
+    can no longer connect to any member.
+    """
+    with err.status("sending the new swarm key and waiting for the members to restart kubo..."):
+        done = membership.rotate_swarm_key(Node(), timeout)
+    click.echo(f"rotated the swarm key (fingerprint {done.fingerprint}): {len(done.switched)} live member(s) "
+               f"switched in {done.seconds:.2f} s")
+    if done.offline:
+        click.echo(f"not live now, they switch when they come back: {', '.join(done.offline)}")
+    if done.pending:
+        raise NodeError(f"these members did not confirm within {timeout:.0f} s: {', '.join(done.pending)}; "
+                        "check their agent.log (they keep the key and apply it when they can)")
 
 
 # -- peers -----------------------------------------------------------------------------
@@ -183,7 +252,8 @@ def peers(as_json: bool) -> None:
     table = Table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
-                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
+                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
+                      f"{r['last_seen_s']:.1f}")
     out.print(table)
     err.print(f"{len(rows)} live peer(s)")
 
@@ -366,14 +436,16 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+            KuboClient(node.config.kubo_api_url) as kubo, \
+            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
         cluster = TfController(client, kubo, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
     table = Table("task", "address", "peer", "runs")
     for t in cluster.tasks:
-        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer, "tf server" if t.server else "your script")
+        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer,
+                      "tf server" if t.server else "your script")
     click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
     out.print(table)
     click.echo(f"run your script as the chief:\n  {cluster.command()}")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ipdc.errors import ConfigError
+from ipdc.private import write_private
 from ipdc.wire.schema import build
 
 CONFIG_NAME = "ipdc.conf"
@@ -30,7 +31,8 @@ def ipdc_home() -> Path:
 @dataclass(frozen=True)
 class NodeSection:
     name: str = ""
-    """MQTT user name, and the key of this node's topics (``ipdc/peer/<name>/...``)."""
+    """The node's identity: the CN of its broker certificate, its MQTT user name, and the key
+    of its topics (``ipdc/peer/<name>/...``). The founder gives it when the node joins."""
     host: str = "127.0.0.1"
     """Address the node's services bind to and advertise to other nodes."""
     slots: int = 0
@@ -39,14 +41,26 @@ class NodeSection:
     """Offer TensorFlow tasks: ``auto`` (when tensorflow is installed), ``yes`` or ``no``."""
 
 
+#: Where ``init`` puts a node's broker credentials; relative paths are under the node's home.
+CA_FILE = "keys/ca.crt"
+CERT_FILE = "keys/node.crt"
+KEY_FILE = "keys/node.key"
+
+
 @dataclass(frozen=True)
 class BrokerSection:
     host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = ""
-    password: str = ""
+    port: int = 8883
+    """MQTT over TLS (8883 is its registered port); the broker has no plaintext listener."""
     hosted: bool = False
     """True when this node runs the swarm's mosquitto."""
+    ca_file: str = CA_FILE
+    """The swarm's CA certificate. It is the only issuer this node accepts for the broker's
+    certificate: pinned when the node joined, from its invite."""
+    cert_file: str = CERT_FILE
+    """This node's certificate (CN = node.name), signed by the swarm's CA."""
+    key_file: str = KEY_FILE
+    """Its private key (0600); it never leaves the node."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +131,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and built-in types only (validated str subtypes become str)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return data
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         """A copy with some fields changed: ``cfg.replace(kubo={"api_port": 5002})``."""
         data = self.to_dict()
         for name, values in sections.items():
@@ -139,10 +154,14 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
-    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl), ("agent.job_lease", cfg.agent.job_lease),
+    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl),
+                         ("agent.job_lease", cfg.agent.job_lease),
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):
         if value <= 0:
             raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")
+    for key in ("ca_file", "cert_file", "key_file"):
+        if not getattr(cfg.broker, key):
+            raise ConfigError(f"broker.{key}: must name a file (relative paths are under the node's home)")
     if cfg.node.tf not in ("auto", "yes", "no"):
         raise ConfigError(f"node.tf: {cfg.node.tf!r} is not one of auto, yes, no")
     if cfg.node.slots < 0:
@@ -176,13 +195,28 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def resolve_broker_files(cfg: Config, path: Path) -> Config:
+    """``cfg`` (read from ``path``) with the broker's TLS files made absolute: relative ones
+    are under the config's own directory, the node's home, so a home can move. They are
+    checked here, naming the key, rather than at the first connect."""
+    files = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        file = (path.parent / getattr(cfg.broker, key)).absolute()
+        if not file.is_file():
+            raise ConfigError(f"{path}: broker.{key}: {file} does not exist (the node's broker credentials "
+                              "are written by `python deploy.py init`)")
+        files[key] = str(file)
+    mode = Path(files["key_file"]).stat().st_mode & 0o077
+    if mode:
+        raise ConfigError(f"{path}: broker.key_file: {files['key_file']} is readable by other users "
+                          f"(mode {mode:#o} for group/others): run `chmod 600 {files['key_file']}`")
+    broker = dataclasses.replace(cfg.broker, ca_file=files["ca_file"], cert_file=files["cert_file"],
+                                 key_file=files["key_file"])
+    return dataclasses.replace(cfg, broker=broker)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    """Write atomically, readable by the owner only: the file holds the broker password."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        "# IPDC node configuration. Written by `ipdc node init`; see ipdc.conf in the\n"
-        "# IPDC repository for what each key means.\n"
-        + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    )
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    """Write atomically, readable by the owner only."""
+    write_private(path, "# IPDC node configuration. Written by `ipdc node init`; see ipdc.conf in the\n"
+                        "# IPDC repository for what each key means.\n"
+                        + yaml.safe_dump(cfg.to_dict(), sort_keys=False), replace=True)

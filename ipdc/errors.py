@@ -42,6 +42,12 @@ class BusError(IPDCError):
     """The MQTT broker refused us or could not be reached."""
 
 
+class IdentityRefused(BusError):
+    """The broker refused this node's identity for good (CONNACK 135/140, DISCONNECT 152):
+    its certificate was revoked, or it used a client id that is not its own. Retrying
+    cannot help, so the connection is not retried."""
+
+
 class MessageError(IPDCError):
     """A message on a channel is malformed. The agent logs and drops it."""
 

@@ -3,29 +3,39 @@
 Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``):
 
     ipdc.conf          the node's configuration (YAML, mode 0600)
-    kubo/              the kubo repo (IPFS_PATH), with swarm.key
-    broker/            mosquitto.conf, the ACL, data/   (broker host only)
+    kubo/              the kubo repo (IPFS_PATH), with swarm.key (0600)
+    broker/            mosquitto.conf, acl, broker.crt/.key, revoked, enroll-used,
+                       members.json, data/                (broker host only)
     logs/              agent.log, ipfs.log, mosquitto.log
     run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
     keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
+    keys/node.crt|key  its broker identity (ECDSA P-256, CN = node name), ca.crt the swarm's CA
+    keys/ca.key        the swarm's CA key                   (founding node only)
+    keys/founder.pub   the founder's submitter key: it signs membership changes
     trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
     work/<job-id>/     one directory per job, removed by CleanUp
 
 so several nodes can share one machine, each with its own home. Both the running
 agent and the node tooling read it; only the tooling (:mod:`ipdc.node`) creates it.
+The home is 0700 and every secret in it 0600 (:mod:`ipdc.private`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
-from ipdc.config import CONFIG_NAME, Config, ipdc_home, load_config
+from ipdc.config import CONFIG_NAME, Config, ipdc_home, load_config, resolve_broker_files
 from ipdc.errors import KuboError, NodeError
 from ipdc.kubo import KuboClient
+from ipdc.private import write_private
+from ipdc.spawn import Service, wait_for
 from ipdc.trust import NonceLog, Signer, TrustStore
+from ipdc.wire.membership import check_swarm_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,11 @@ class NodeHome:
         self.conf_path = self.home / CONFIG_NAME
         self.kubo_repo = self.home / "kubo"
         self.work_dir = self.home / "work"
+        self.keys_dir = self.home / "keys"
+        self.broker_dir = self.home / "broker"
+        self.ca_key = self.keys_dir / "ca.key"
+        """The swarm CA's key: only the founding node has one."""
+        self.founder_file = self.keys_dir / "founder.pub"
         self._config: Config | None = None
 
     @property
@@ -47,7 +62,7 @@ class NodeHome:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(self.conf_path)
+            self._config = resolve_broker_files(load_config(self.conf_path), self.conf_path)
         return self._config
 
     def peer_id(self) -> str:
@@ -76,16 +91,79 @@ class NodeHome:
     def nonces(self) -> NonceLog:
         return NonceLog(self.home / "run" / "nonces", self.config.agent.manifest_ttl)
 
-    def connect_swarm(self, kubo: KuboClient) -> None:
-        """Dial the bootstrap peers we are not connected to (again after a partition)."""
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def is_founder(self) -> bool:
+        return self.ca_key.exists()
+
+    def founder_key(self) -> str:
+        """The founder's submitter key: the only key whose removals and swarm keys this node
+        obeys. A joined node keeps it from its invite."""
+        if self.is_founder:
+            return self.signer.public_key
+        try:
+            return self.founder_file.read_text().strip()
+        except OSError as exc:
+            raise NodeError(f"cannot read the founder's key {self.founder_file}: {exc}") from None
+
+    @property
+    def instance(self) -> str:
+        """Which home on which machine this is (a hash of the machine id and the home's path):
+        announced in presence, so a copy of this home started elsewhere is told apart."""
+        machine = ""
+        for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+            try:
+                machine = Path(path).read_text().strip()
+                break
+            except OSError:
+                continue
+        seed = f"{machine or socket.gethostname()}\0{self.home}"
+        return hashlib.sha256(seed.encode()).hexdigest()[:16]
+
+    # -- kubo ----------------------------------------------------------------------------
+    def swarm_key(self) -> str:
+        """The kubo private-network key, 64 hex digits."""
+        try:
+            return check_swarm_key((self.kubo_repo / "swarm.key").read_text().split()[-1])
+        except (OSError, IndexError) as exc:
+            raise NodeError(f"cannot read the swarm key in {self.kubo_repo}: {exc}") from None
+
+    def write_swarm_key(self, key: str) -> None:
+        """Write (or replace) ``kubo/swarm.key``, 0600; kubo reads it when it starts."""
+        text = f"/key/swarm/psk/1.0.0/\n/base16/\n{check_swarm_key(key)}\n"
+        write_private(self.kubo_repo / "swarm.key", text, replace=True)
+
+    def start_kubo(self, timeout: float) -> None:
+        """Start this home's kubo daemon, wait until its API answers, and dial the bootstrap
+        peers; NodeError with the end of its log when it does not come up."""
+        cfg = self.config
+        service = Service(self.home, "ipfs")
+        service.start([cfg.kubo.binary, "daemon", "--migrate=false"], env=self.kubo_env())
+        with KuboClient(cfg.kubo_api_url, timeout=5) as kubo:
+            def healthy() -> bool:
+                try:
+                    kubo.id()
+                    return True
+                except KuboError:
+                    return service.pid() is None
+            if not wait_for(healthy, timeout, 0.1) or service.pid() is None:
+                raise service.fail(f"did not answer on {cfg.kubo_api_url}")
+            self.connect_swarm(kubo)
+
+    def connect_swarm(self, kubo: KuboClient) -> bool:
+        """Dial the bootstrap peers we are not connected to (again after a partition); True
+        when we are connected to all of them."""
         cfg = self.config
         connected = {a.rsplit("/p2p/", 1)[1] for a in kubo.swarm_peers()}
+        reached = True
         for addr in cfg.kubo.bootstrap:
             if addr.rsplit("/p2p/", 1)[1] not in connected:
                 try:
                     kubo.swarm_connect(addr)
                 except KuboError as exc:
+                    reached = False
                     log.warning("cannot reach bootstrap peer %s yet (%s)", addr, exc)
+        return reached
 
 
 def _process_start(pid: int) -> str:

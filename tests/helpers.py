@@ -1,10 +1,15 @@
-"""Helpers for tests: run the CLI as a user would, and an independent WordCount."""
+"""Helpers for tests: run the CLI as a user would, an independent WordCount, a raw MQTT
+probe, and a watch on every process's argv."""
 
 from __future__ import annotations
 
 import os
+import socket
+import ssl
+import struct
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -12,15 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = True,
-            cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would."""
+            cwd: Path | None = None, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``ipdc ARGS`` (or ``deploy.py`` when args[0] == 'deploy.py') as a user would,
+    with ``input`` on stdin."""
     env = {**os.environ, "IPDC_HOME": str(home), **(env or {})}
     argv = ([sys.executable, str(REPO / "deploy.py"), *args[1:]] if args[0] == "deploy.py"
             else [sys.executable, "-m", "ipdc.cli", *args])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or home.parent)
+                          cwd=cwd or home.parent, input=input)
     if check and done.returncode != 0:
-        raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\n"
+                             f"stderr:\n{done.stderr}")
     return done
 
 
@@ -56,10 +64,97 @@ def read_output(output: Path, k: int) -> tuple[Counter[bytes], list[list[bytes]]
 BAD_BODIES = {
     "infinite loop": "    while True:\n        pass\n",
     "10 GB": "    block = bytearray(10 << 30)\n    return []\n",
-    "fork bomb": "    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
+    "fork bomb": ("    while True:\n        try:\n            os.fork()\n        except OSError:\n"
+                  "            pass\n"),
 }
 
 
 def bad_map(name: str, chunk: bool) -> str:
     signature = "def map_chunk(text):" if chunk else "def map(line):"
     return f"import os\n\n{signature}\n{BAD_BODIES[name]}"
+
+
+def mqtt_connect_packet(client_id: str) -> bytes:
+    """A minimal MQTT 5 CONNECT (clean start, keepalive 30 s, no username)."""
+    name = client_id.encode()
+    body = (b"\x00\x04MQTT" + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x00"
+            + struct.pack("!H", len(name)) + name)
+    return bytes([0x10, len(body)]) + body
+
+
+def mqtt_probe(host: str, port: int, context: ssl.SSLContext | None, client_id: str,
+               timeout: float = 5.0) -> tuple[str, str]:
+    """Open a connection (TLS with ``context``, else plaintext), send CONNECT, and say how it
+    ended: ("connack", reason code) when the broker answered, else ("handshake" | "alert" |
+    "closed" | "reset", detail): refused before MQTT.
+
+    With TLS 1.3 the server judges the client's certificate after the client's side of the
+    handshake is done, so this waits briefly for an alert before sending CONNECT (sent at
+    once, the alert is often lost to a TCP reset)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_hostname=host)
+            except ssl.SSLError as exc:
+                return "handshake", exc.reason or str(exc)
+            sock.settimeout(0.5)
+            try:
+                if not sock.recv(1024):
+                    return "closed", ""
+            except ssl.SSLError as exc:
+                return "alert", exc.reason or str(exc)
+            except TimeoutError:
+                pass
+            except ConnectionError:
+                return "reset", ""
+            sock.settimeout(timeout)
+        try:
+            sock.sendall(mqtt_connect_packet(client_id))
+            data = sock.recv(1024)
+        except ssl.SSLError as exc:
+            return "alert", exc.reason or str(exc)
+        except ConnectionError:
+            return "reset", ""
+        if not data:
+            return "closed", ""
+        if data[0] == 0x20 and len(data) >= 4:
+            return "connack", str(data[3])
+        return "other", data[:16].hex()
+    finally:
+        sock.close()
+
+
+class ArgvWatch:
+    """Every command line (/proc/*/cmdline) seen on this machine while the ``with`` block
+    runs, sampled every few milliseconds: a secret passed in argv would show up here."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.seen: set[str] = set()
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    self.seen.add(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    continue
+
+    def __enter__(self) -> ArgvWatch:
+        """Watch (again): one watch may cover several separate blocks."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def leaks(self, secrets: list[str]) -> list[tuple[str, str]]:
+        """(secret, command line) for every command line that holds one of ``secrets``."""
+        return [(s, line) for line in self.seen for s in secrets if s and s in line]

@@ -61,6 +61,7 @@ from ipdc.agent.jobs import (  # noqa: E402
     Unpin,
     key_of,
 )
+from ipdc.agent.membership import Membership, check_identity  # noqa: E402
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
 from ipdc.home import NodeHome, SubmittedJobs  # noqa: E402
@@ -130,19 +131,26 @@ class Agent:
         self.executor = Executor(cfg.sandbox, cfg.kubo_api_url, node.home / "logs", cfg.agent.warm_runners)
         self._tf: TfHost | None = None
         self.presence_topic = PRESENCE.topic(node=self.name)
-        self.bus = Bus(cfg.broker, f"{self.name}-agent", session_expiry=3600,
+        self.bus = Bus(cfg.broker, f"{self.name}.agent", session_expiry=3600,
                        will=Will(self.presence_topic), on_connected=self.announce)
+        self.membership = Membership(node, self.bus, self.announce, self.stop)
+        self.stopped_because = ""
+        """Why the agent stopped by itself (removed, revoked, identity taken); "" otherwise."""
 
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.peer_id = self.kubo.id()["ID"]
-        self.bus.subscribe(f"ipdc/peer/{self.name}/+")
+        check_identity(self.node)
+        self.bus.subscribe(f"ipdc/peer/{self.name}/+", *self.membership.topics())
         self.bus.connect(timeout=30)
         log.info("agent %s (peer %s) serving %d slots", self.name, self.peer_id, self.config.slots)
         threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat").start()
         while not self._stop.is_set():
+            if self.bus.failure is not None:
+                self.stop(str(self.bus.failure))
+                break
             try:
                 message = self.bus.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -150,10 +158,17 @@ class Agent:
             self.dispatch(message)
         self.shutdown()
 
+    def stop(self, why: str) -> None:
+        """Stop for a reason of the swarm's (see :mod:`ipdc.agent.membership`), saying why."""
+        log.error("agent %s stops: %s", self.name, why)
+        self.stopped_because = why
+        self._stop.set()
+
     def shutdown(self) -> None:
         log.info("agent %s stopping", self.name)
-        self.bus.publish(self.presence_topic, b"", retain=True)
-        self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
+        if self.bus.failure is None:
+            self.bus.publish(self.presence_topic, b"", retain=True)
+            self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.executor.close()
         if self._tf is not None:
             self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
@@ -168,6 +183,7 @@ class Agent:
             name=NodeName(self.name), peer_id=self.peer_id, host=cfg.node.host,
             addrs=[self.node.swarm_multiaddr()], caps=capabilities(cfg.node.tf), slots=cfg.slots,
             load=_load(), ts=time.time(), version=__version__, lease=cfg.agent.job_lease,
+            instance=self.node.instance, extra=self.membership.presence_extra(),
         )
         self.bus.publish(self.presence_topic, PRESENCE.encode(presence), retain=True)
 
@@ -180,7 +196,7 @@ class Agent:
             beat = Heartbeat(name=NodeName(self.name), ts=time.time(), load=_load(), running=self.running)
             try:
                 self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
-            except Exception:  # noqa: BLE001 - a node that stops beating is taken for dead
+            except Exception:  # a node that stops beating is taken for dead
                 log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
@@ -199,6 +215,9 @@ class Agent:
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self, message: Inbound) -> None:
         """Decode, authenticate and route one message; nothing it holds can stop the agent."""
+        if self.membership.handles(message.topic):
+            self.membership.handle(message)
+            return
         channel_name = message.topic.rsplit("/", 1)[-1]
         channel = INBOX_CHANNELS.get(channel_name)
         if channel is None:
@@ -213,7 +232,7 @@ class Agent:
             self.route(msg)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-        except Exception:  # noqa: BLE001 - one bad message must never stop the agent
+        except Exception:  # one bad message must never stop the agent
             log.exception("handler for %s failed", message.topic)
 
     def _authentic(self, msg: Any, channel: str) -> str:
@@ -222,6 +241,8 @@ class Agent:
         key = signer_of(msg)
         if not msg.sig:
             return "it is unsigned"
+        if refused := self.membership.refusal(key):
+            return refused
         if key not in self.trust:
             return (f"its submitter key is not trusted here: to run its jobs on {self.name}, run "
                     f"`ipdc trust add {key}` there")
@@ -317,7 +338,7 @@ class Agent:
             job_dir.mkdir(parents=True, exist_ok=True)
             list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
                                    action.manifest.code.items()))
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
+        except Exception as exc:  # whatever it was, the submitter must hear of it
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
             error = f"download of the job's code failed on {self.name}: {exc}"
@@ -346,11 +367,12 @@ class Agent:
             self.running += 1
         try:
             if isinstance(action, RunMap):
-                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key), action.chunk)
+                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
+                                                    action.chunk)
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)
-        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
+        except Exception as exc:  # a task that fails in any way is reported, never lost
             trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
             if not isinstance(exc, IPDCError):
                 log.exception("%s task %d of job %s broke the runner protocol", kind, task, key[1])
@@ -403,4 +425,11 @@ def main() -> None:
     node = NodeHome()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    Agent(node).run()
+    try:
+        agent = Agent(node)
+        agent.run()
+    except IPDCError as exc:  # refused to start: say why in agent.log, which `deploy.py start` shows
+        log.error("agent refuses to start: %s", exc)
+        sys.exit(exc.exit_code)
+    if agent.stopped_because:
+        sys.exit(1)

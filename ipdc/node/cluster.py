@@ -2,8 +2,9 @@
 
 ``ipdc mr`` starts one when no node runs for the current IPDC_HOME, so a
 newcomer's first command works with nothing set up; tests and benchmarks use it
-too. The nodes are real: the first founds the swarm and hosts the broker, the
-others join it with invite tokens, exactly as ``deploy.py init --join`` does.
+too. The nodes are real: the first founds the swarm (its CA) and hosts the broker,
+the others join it with invite tokens, exactly as ``deploy.py init --join-file``
+does: each enrolls with the founder's agent over MQTT/TLS.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from ipdc.config import save_config
 from ipdc.net import free_port
-from ipdc.node.invite import Invite
 from ipdc.node.lifecycle import Node
+from ipdc.node.membership import invite
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LocalCluster:
         self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
         self.nodes: list[Node] = []
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         taken: set[int] = set()
 
         def ports() -> dict[str, int]:
@@ -74,8 +75,7 @@ class LocalCluster:
             others = [Node(self.base / f"node-{i}") for i in range(1, self.n)]
             self.nodes.extend(others)
             for node in others:
-                node.init(host="127.0.0.1", slots=self.slots, ports=ports(),
-                          join=Invite.decode(first.invite()))
+                node.init(host="127.0.0.1", slots=self.slots, ports=ports(), join=invite(first))
             for i in range(1, self.n):
                 self._configure(i)
             # One person's machine: every node runs jobs submitted from any of them.
@@ -106,7 +106,7 @@ class LocalCluster:
         if not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

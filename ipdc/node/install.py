@@ -1,4 +1,5 @@
-"""Install what a node runs: mosquitto from apt, kubo built from source with Go.
+"""Install what a node runs: mosquitto from apt, kubo built from source with Go, and the
+broker's auth plugin built from IPDC's own C source with gcc.
 
 No registry reachable from a typical lab network ships a kubo binary, so kubo is
 built from the Go module proxy at a pinned version. An existing binary (on PATH,
@@ -8,11 +9,14 @@ takes minutes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 from ipdc.errors import InstallError
@@ -99,26 +103,81 @@ def ensure_kubo() -> Path:
     return build_kubo()
 
 
-def find_mosquitto() -> tuple[Path, Path] | None:
-    """(mosquitto, mosquitto_passwd), looking in sbin too: Debian puts the broker there."""
+def find_mosquitto() -> Path | None:
+    """The mosquitto binary, looking in sbin too: Debian puts the broker there."""
     path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin"
-    broker, passwd = shutil.which("mosquitto", path=path), shutil.which("mosquitto_passwd", path=path)
-    return (Path(broker), Path(passwd)) if broker and passwd else None
+    found = shutil.which("mosquitto", path=path)
+    return Path(found) if found else None
 
 
-def ensure_mosquitto() -> tuple[Path, Path]:
-    found = find_mosquitto()
-    if found is not None:
-        return found
+#: What building the broker's auth plugin needs: Debian package -> a file it provides.
+PLUGIN_BUILD_DEPS = {
+    "gcc": None,  # found on PATH
+    "libc6-dev": "/usr/include/stdio.h",  # only recommended by gcc, so missing on slim systems
+    "mosquitto-dev": "/usr/include/mosquitto_broker.h",
+    "libmosquitto-dev": "/usr/include/mosquitto.h",
+    "libssl-dev": "/usr/include/openssl/x509.h",
+}
+PLUGIN_SOURCE = "broker_plugin/ipdc_auth.c"
+PLUGIN_FLAGS = ["-std=gnu99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra"]
+
+
+def _missing_build_deps() -> list[str]:
+    return [package for package, probe in PLUGIN_BUILD_DEPS.items()
+            if (shutil.which(package) is None if probe is None else not Path(probe).exists())]
+
+
+def _install(packages: list[str]) -> None:
+    """apt-get install ``packages`` as root; otherwise an error that names them."""
+    if not packages:
+        return
     if os.geteuid() != 0:
-        raise InstallError("mosquitto is missing: run `sudo apt-get install mosquitto`, then init again")
-    log.warning("installing mosquitto with apt-get")
+        raise InstallError(f"the broker host needs {', '.join(packages)}: run `sudo apt-get install "
+                           f"{' '.join(packages)}`, then run init again")
+    log.warning("installing %s with apt-get", " ".join(packages))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "mosquitto"]):
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise InstallError(f"`{' '.join(argv)}` failed:\n{done.stderr[-2000:]}")
+
+
+def ensure_mosquitto(build_deps: bool = False) -> Path:
+    """mosquitto (the broker host only), and with ``build_deps`` what building its auth
+    plugin needs: installed with apt-get as root, named in an error otherwise."""
+    _install(([] if find_mosquitto() else ["mosquitto"]) + (_missing_build_deps() if build_deps else []))
     found = find_mosquitto()
     if found is None:
-        raise InstallError("apt-get installed mosquitto, but its binaries are not on PATH or in /usr/sbin")
+        raise InstallError("apt-get installed mosquitto, but its binary is not on PATH or in /usr/sbin")
     return found
+
+
+def plugin_cache() -> Path:
+    """Built plugins are shared by every node home of this user: ``$XDG_CACHE_HOME/ipdc``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ipdc"
+
+
+def ensure_plugin() -> Path:
+    """The broker's auth plugin (``ipdc_auth.so``), built from the shipped source with gcc
+    the first time and reused after: its file name carries a hash of the source and flags,
+    so a changed source is built again and an old build is never loaded."""
+    source = (files("ipdc.node") / PLUGIN_SOURCE).read_bytes()
+    tag = hashlib.sha256(source + " ".join(PLUGIN_FLAGS).encode()).hexdigest()[:16]
+    target = plugin_cache() / f"ipdc_auth-{tag}.so"
+    ensure_mosquitto(build_deps=not target.exists())
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix="ipdc-plugin-", dir=target.parent))
+    try:
+        (build_dir / "ipdc_auth.c").write_bytes(source)
+        done = subprocess.run(["gcc", *PLUGIN_FLAGS, "-o", "ipdc_auth.so", "ipdc_auth.c", "-lcrypto"],
+                              cwd=build_dir, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise InstallError(f"building the broker's auth plugin failed (gcc, with the packages "
+                               f"{', '.join(PLUGIN_BUILD_DEPS)}):\n{done.stderr[-3000:]}")
+        os.replace(build_dir / "ipdc_auth.so", target)  # atomic: a concurrent build wins or loses whole
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    log.info("built the broker's auth plugin %s", target)
+    return target

@@ -1,6 +1,7 @@
-"""A node's lifecycle: init (found or join a swarm), invite, start, stop, status.
+"""A node's lifecycle: init (found or join a swarm), start, stop, status.
 
-The files it creates are described in :mod:`ipdc.home`.
+The files it creates are described in :mod:`ipdc.home`; founding, invites and joining
+are in :mod:`ipdc.node.membership`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipdc.bus import Bus
-from ipdc.config import BrokerSection, Config, KuboSection, NodeSection, save_config
-from ipdc.errors import KuboError, NodeError
+from ipdc.bus import Bus, client_id
+from ipdc.config import CERT_FILE, KEY_FILE, BrokerSection, Config, KuboSection, NodeSection, save_config
+from ipdc.errors import NodeError
 from ipdc.home import NodeHome
-from ipdc.kubo import KuboClient
 from ipdc.net import free_port, port_in_use, port_open
 from ipdc.node.broker import Broker
-from ipdc.node.install import ensure_kubo, ensure_mosquitto, find_mosquitto
+from ipdc.node.install import ensure_kubo, ensure_mosquitto, ensure_plugin
 from ipdc.node.invite import Invite
+from ipdc.node.membership import enroll, found
+from ipdc.private import private_dir, write_private
 from ipdc.spawn import Service, wait_for
 from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import PRESENCE
@@ -44,10 +46,6 @@ class ServiceStatus:
         return "running" if self.pid else "stopped"
 
 
-def new_node_name() -> NodeName:
-    return NodeName(f"n-{secrets.token_hex(4)}")
-
-
 class Node(NodeHome):
     """The node whose state lives in ``home``, with its services."""
 
@@ -61,52 +59,54 @@ class Node(NodeHome):
     # -- init ------------------------------------------------------------------------
     def init(self, host: str = "127.0.0.1", join: Invite | None = None, slots: int = 0,
              ports: dict[str, int] | None = None) -> str:
-        """Create the node. Idempotent: on an initialised home it changes nothing."""
+        """Create the node: found a swarm (CA, broker, the first member), or join one with an
+        invite. Idempotent: on an initialised home it changes nothing."""
         if self.initialised:
             return (f"{self.home} is already initialised (node {self.config.node.name}, "
                     f"peer {self.peer_id()}); nothing changed")
         kubo_binary = ensure_kubo()
-        hosted = join is None
-        passwd_binary = ensure_mosquitto()[1] if hosted else None
+        plugin = ensure_plugin() if join is None else None
         taken: set[int] = set()
-        wanted = {"broker": 1883, "api": 5001, "gateway": 8080, "swarm": 4001, **(ports or {})}
+        wanted = {"broker": 8883, "api": 5001, "gateway": 8080, "swarm": 4001, **(ports or {})}
         chosen = {}
         for key, preferred in wanted.items():
             bind = "127.0.0.1" if key in ("api", "gateway") else host
             chosen[key] = free_port(bind, preferred, taken)
             taken.add(chosen[key])
 
-        self.home.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", "run", "work", "keys"):
+        private_dir(self.home)
+        for sub in ("logs", "run", "work"):
             (self.home / sub).mkdir(exist_ok=True)
-        swarm_key = join.swarm_key if join else secrets.token_hex(32)
-        bootstrap = join.bootstrap if join else []
-        self._init_kubo(kubo_binary, swarm_key, host, chosen, bootstrap)
-
+        private_dir(self.keys_dir)
         if join is None:
-            name, password = new_node_name(), secrets.token_urlsafe(24)
-            broker = BrokerSection(host=host, port=chosen["broker"], username=name,
-                                   password=password, hosted=True)
-            Broker(self.home).write_config(host, chosen["broker"])
-            assert passwd_binary is not None
-            Broker(self.home).add_user(passwd_binary, name, password)
+            assert plugin is not None
+            name = NodeName.new()
+            found(self, name, host, chosen["broker"], plugin)
+            swarm_key, bootstrap, trusted = secrets.token_hex(32), [], []
+            broker = BrokerSection(host=host, port=chosen["broker"], hosted=True)
         else:
-            broker = BrokerSection(host=join.broker_host, port=join.broker_port,
-                                   username=join.username, password=join.password, hosted=False)
+            enrolled = enroll(self, join, host)
+            name = NodeName(enrolled.name)
+            write_private(self.home / KEY_FILE, enrolled.key_pem)
+            (self.home / CERT_FILE).write_bytes(enrolled.cert_pem)
+            self.founder_file.write_text(join.founder + "\n")
+            swarm_key, bootstrap, trusted = enrolled.swarm_key, enrolled.bootstrap, enrolled.trusted
+            broker = BrokerSection(host=join.broker_host, port=join.broker_port, hosted=False)
+        self._init_kubo(kubo_binary, swarm_key, host, chosen, bootstrap)
         cfg = Config(
-            node=NodeSection(name=broker.username, host=host, slots=slots),
+            node=NodeSection(name=name, host=host, slots=slots),
             broker=broker,
             kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"],
                              gateway_port=chosen["gateway"], swarm_port=chosen["swarm"],
                              bootstrap=bootstrap),
         )
         save_config(cfg, self.conf_path)
-        self._config = cfg
-        self.trust.add(self.signer.public_key, f"{cfg.node.name} (this node)")
-        for key in join.trusted if join else []:
-            self.trust.add(key, "from the invite")
+        self._config = None  # loaded again: the broker's files become absolute paths
+        self.trust.add(self.signer.public_key, f"{name} (this node)")
+        for key in trusted:
+            self.trust.add(key, "from the founder, at join")
         role = "joined the swarm" if join else "founded a new private swarm (this node hosts the broker)"
-        return f"initialised {self.home}: node {cfg.node.name}, peer {self.peer_id()}, {role}"
+        return f"initialised {self.home}: node {name}, peer {self.peer_id()}, {role}"
 
     def _init_kubo(self, binary: Path, swarm_key: str, host: str, ports: dict[str, int],
                    bootstrap: list[str]) -> None:
@@ -114,9 +114,7 @@ class Node(NodeHome):
                               env=self.kubo_env(), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise NodeError(f"`ipfs init` failed in {self.kubo_repo}: {done.stderr.strip()}")
-        key_file = self.kubo_repo / "swarm.key"
-        key_file.write_text(f"/key/swarm/psk/1.0.0/\n/base16/\n{swarm_key}\n")
-        key_file.chmod(0o600)
+        self.write_swarm_key(swarm_key)
         config_file = self.kubo_repo / "config"
         kc = json.loads(config_file.read_text())
         kc["Addresses"].update(
@@ -145,31 +143,6 @@ class Node(NodeHome):
         }
         config_file.write_text(json.dumps(kc, indent=2))
 
-    # -- invite ----------------------------------------------------------------------
-    def invite(self) -> str:
-        """Mint credentials for one new node and return its invite token."""
-        cfg = self.config
-        if not cfg.broker.hosted:
-            raise NodeError(
-                f"node {cfg.node.name} does not host the broker, so it cannot create broker "
-                f"credentials: run `ipdc invite` on the broker host ({cfg.broker.host})"
-            )
-        found = find_mosquitto()
-        if found is None:
-            raise NodeError("mosquitto_passwd is missing: run `python deploy.py init` again")
-        name, password = new_node_name(), secrets.token_urlsafe(24)
-        broker = Broker(self.home)
-        broker.add_user(found[1], name, password)
-        if (pid := self.services["mosquitto"].pid()) is not None:
-            broker.reload(pid)
-        return Invite(
-            swarm_key=(self.kubo_repo / "swarm.key").read_text().split()[-1],
-            broker_host=cfg.broker.host, broker_port=cfg.broker.port,
-            username=name, password=password,
-            bootstrap=[self.swarm_multiaddr()],
-            trusted=list(self.trust.keys()),
-        ).encode()
-
     # -- start / stop / status -------------------------------------------------------
     def start(self, timeout: float = 60.0) -> list[ServiceStatus]:
         """Start the node's services that are not running: after a crash of one (say the
@@ -197,31 +170,25 @@ class Node(NodeHome):
                                 "process: stop that process or change the port, then start again")
 
     def _start_broker(self, cfg: Config, timeout: float) -> None:
-        found = ensure_mosquitto()
+        binary = ensure_mosquitto()
+        broker = Broker(self.home)
+        plugin = ensure_plugin()  # built again if the cache was cleared or IPDC's source changed
+        if broker.plugin() != plugin:
+            broker.set_plugin(plugin)
         service = self.services["mosquitto"]
-        service.start([str(found[0]), "-c", str(Broker(self.home).conf)])
-        if not wait_for(lambda: port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None, timeout) \
-                or service.pid() is None:
+        service.start([str(binary), "-c", str(broker.conf)])
+        address = (cfg.broker.host, cfg.broker.port)
+        opened = wait_for(lambda: port_open(*address) or service.pid() is None, timeout)
+        if not opened or service.pid() is None:
             raise service.fail(f"did not open {cfg.broker.host}:{cfg.broker.port}")
 
     def _start_kubo(self, cfg: Config, timeout: float) -> None:
-        service = self.services["ipfs"]
-        service.start([cfg.kubo.binary, "daemon", "--migrate=false"], env=self.kubo_env())
-        with KuboClient(cfg.kubo_api_url, timeout=5) as kubo:
-            def healthy() -> bool:
-                try:
-                    kubo.id()
-                    return True
-                except KuboError:
-                    return service.pid() is None
-            if not wait_for(healthy, timeout, 0.1) or service.pid() is None:
-                raise service.fail(f"did not answer on {cfg.kubo_api_url}")
-            self.connect_swarm(kubo)
+        self.start_kubo(timeout)
 
     def _start_agent(self, cfg: Config, timeout: float) -> None:
         service = self.services["agent"]
         env = {**os.environ, "IPDC_HOME": str(self.home)}
-        with Bus(cfg.broker, f"{cfg.node.name}-start-{secrets.token_hex(3)}", session_expiry=0) as bus:
+        with Bus(cfg.broker, client_id(cfg.node.name, "start"), session_expiry=0) as bus:
             bus.connect(timeout)
             topic = PRESENCE.topic(node=cfg.node.name)
             started = time.time()

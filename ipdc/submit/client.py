@@ -2,23 +2,21 @@
 
 It keeps the live peer table (retained presence plus heartbeats), routes each
 job's GetResult reports to that job's queue, and signs what it sends with the
-node's submitter key, so agents can tell the job's owner from any other member. ``connect`` returns only after every
-retained presence message has arrived: it publishes a marker on its own result
-topic and waits for it to loop back, and the broker delivers that marker after
-the retained messages of the earlier subscription.
+node's submitter key, so agents can tell the job's owner from any other member.
+``connect`` returns only after every retained presence message has arrived
+(:meth:`ipdc.bus.Bus.sync`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 import time
 from dataclasses import fields
 from typing import Any
 
-from ipdc.bus import Bus, Inbound
+from ipdc.bus import Bus, Inbound, client_id
 from ipdc.config import Config
 from ipdc.errors import BusError, MessageError
 from ipdc.peers import PeerTable
@@ -38,40 +36,37 @@ class SwarmClient:
         self.config = config
         self.name = config.node.name
         self.signer = signer
-        self.client_id = f"{self.name}-client-{secrets.token_hex(4)}"
+        self.client_id = client_id(self.name, "cli")
         self.peers = PeerTable(config.agent.peer_timeout)
         self.connections = 0
         """How many times the broker connection was made: a controller that sees it grow
         knows it was cut off, and sends again what may have been lost meanwhile."""
         self.bus = Bus(config.broker, self.client_id, session_expiry=600, on_connected=self._on_connected)
         self._jobs: dict[str, queue.Queue[GetResult]] = {}
-        self._synced = threading.Event()
-        self._sync_topic = f"ipdc/result/{self.name}/sync-{secrets.token_hex(6)}"
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._run, daemon=True, name="swarm-client")
 
-    def connect(self, timeout: float = 10.0) -> "SwarmClient":
-        self.bus.subscribe(PRESENCE.subscription(), HEARTBEAT.subscription(), self._sync_topic)
+    def connect(self, timeout: float = 10.0) -> SwarmClient:
+        self.bus.subscribe(PRESENCE.subscription(), HEARTBEAT.subscription())
         self.bus.connect(timeout)
+        self.bus.sync(timeout)
+        while not self.bus.inbox.empty():  # the retained presences, before anyone reads the table
+            self._handle(self.bus.inbox.get_nowait())
         self._pump.start()
-        self.bus.publish(self._sync_topic, b"sync")
-        if not self._synced.wait(timeout):
-            raise BusError(f"the broker at {self.config.broker.host}:{self.config.broker.port} "
-                           "accepted us but delivers nothing: check the broker ACL")
         return self
 
     def close(self) -> None:
         self._stop.set()
         self.bus.close()
 
-    def __enter__(self) -> "SwarmClient":
+    def __enter__(self) -> SwarmClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- jobs ------------------------------------------------------------------------
-    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+    def watch(self, job_id: str) -> queue.Queue[GetResult]:
         """Start receiving the job's GetResult reports (before sending it anything)."""
         results: queue.Queue[GetResult] = queue.Queue()
         self._jobs[job_id] = results
@@ -110,21 +105,21 @@ class SwarmClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                message = self.bus.inbox.get(timeout=0.2)
+                self._handle(self.bus.inbox.get(timeout=0.2))
             except queue.Empty:
                 continue
-            try:
-                self._route(message)
-            except MessageError as exc:
-                log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-            except Exception:  # noqa: BLE001 - one bad message must never stop the pump
-                log.exception("dropped a message on %s that could not be handled", message.topic)
+
+    def _handle(self, message: Inbound) -> None:
+        try:
+            self._route(message)
+        except MessageError as exc:
+            log.warning("dropped a malformed message on %s: %s", message.topic, exc)
+        except Exception:  # one bad message must never stop the pump
+            log.exception("dropped a message on %s that could not be handled", message.topic)
 
     def _route(self, message: Inbound) -> None:
         parts = message.topic.split("/")
-        if message.topic == self._sync_topic:
-            self._synced.set()
-        elif len(parts) < 3:
+        if len(parts) < 3:
             return
         elif parts[1] == "presence":
             presence = PRESENCE.decode(message.payload) if message.payload else None

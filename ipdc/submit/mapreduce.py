@@ -26,6 +26,7 @@ It also checks that every report answers a request it really sent to that peer
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import logging
 import math
@@ -152,7 +153,7 @@ def plan_chunks(path: Path, chunks: int) -> list[tuple[int, int]]:
             if bounds[-1] < end < size:
                 bounds.append(end)
     bounds.append(size)
-    return [(a, b - a) for a, b in zip(bounds, bounds[1:])] or [(0, 0)]
+    return [(a, b - a) for a, b in itertools.pairwise(bounds)] or [(0, 0)]
 
 
 def default_chunks(size: int, k: int) -> int:
@@ -187,7 +188,8 @@ def check_job_files(job: MapReduceJob) -> None:
             tree = ast.parse(source, str(path))
         except SyntaxError as exc:
             raise JobError(f"job file {path} has a syntax error, line {exc.lineno}: {exc.msg}") from None
-        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        defined = {node.name for node in tree.body
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
         defined |= {t.id for node in tree.body if isinstance(node, ast.Assign)
                     for t in node.targets if isinstance(t, ast.Name)}
         if not defined & set(needed):
@@ -278,7 +280,7 @@ class MapReduceController:
         if len(workers) < k:
             raise NotEnoughPeers(
                 f"the job asks for {k} workers (--k {k}) but {len(live)} peer(s) are live; "
-                "start more nodes (`python deploy.py init --join TOKEN && python deploy.py start`) "
+                "start more nodes (`python deploy.py init --join-file FILE && python deploy.py start`) "
                 "or lower --k"
             )
         log.info("job %s: workers %s", self.job_id, ", ".join(p.name for p in workers))
@@ -340,7 +342,8 @@ class MapReduceController:
             self.progress("map", state.maps_done, len(state.maps))
             self.progress("reduce", state.reduces_done, len(state.reduces))
             self.note_times(state, t)
-        self.timings["fetch"] = time.monotonic() - t - sum(self.timings.get(k, 0.0) for k in ("map", "reduce"))
+        computing = sum(self.timings.get(k, 0.0) for k in ("map", "reduce"))
+        self.timings["fetch"] = time.monotonic() - t - computing
 
     def tick(self, now: float) -> Tick:
         live = self.client.peers.live()
@@ -402,7 +405,8 @@ class MapReduceController:
         assert self.manifest is not None and self.state is not None
         state = self.state
         names = {f"part-{r.index:05d}": Cid(r.output[0]) for r in state.reduces if r.output}
-        sizes = {name: (self.staging / name).stat().st_size if single_block(cid) else self.kubo.cumulative_size(cid)
+        sizes = {name: (self.staging / name).stat().st_size if single_block(cid)
+                 else self.kubo.cumulative_size(cid)
                  for name, cid in names.items()}
         result_cid = self.kubo.make_directory(names, sizes)
         return JobResult(

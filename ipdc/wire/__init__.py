@@ -12,6 +12,9 @@ Topics:
     ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
     ipdc/peer/<node>/renew        Renew      the job's owner is alive: its lease goes on
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
+
+Membership (:mod:`ipdc.wire.membership`): ``ipdc/enroll/<id>/request|reply``,
+``ipdc/removed/<node>`` and ``ipdc/swarmkey/<node>``.
 """
 
 from __future__ import annotations

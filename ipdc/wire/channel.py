@@ -22,9 +22,11 @@ from ipdc.wire.schema import build
 
 M = TypeVar("M")
 
-#: Larger payloads are refused: only CIDs and small metadata travel on MQTT. The broker's
-#: ``max_packet_size`` is 1 MiB; this leaves room for the topic and MQTT's own headers.
-MAX_PAYLOAD = (1 << 20) - (16 << 10)
+#: The broker's ``max_packet_size``: it disconnects a client that sends a larger packet.
+MAX_PACKET = 1 << 20
+#: Larger payloads are refused: only CIDs and small metadata travel on MQTT. This leaves
+#: room under MAX_PACKET for the topic and MQTT's own headers.
+MAX_PAYLOAD = MAX_PACKET - (16 << 10)
 #: Lists and objects nested deeper than this are refused (IPDC's own messages nest 4 deep).
 MAX_DEPTH = 16
 #: Digits of the longest integer accepted: 64-bit values and no more.

@@ -8,6 +8,7 @@ anything uses it: no path separator, no ``..``, no wildcard, no control characte
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from typing import ClassVar
 
@@ -55,3 +56,8 @@ class NodeName(_Checked):
     __slots__ = ()
     pattern = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
     what = "node name"
+
+    @classmethod
+    def new(cls) -> NodeName:
+        """A fresh name, ``n-`` and 8 random hex digits: the founder names each new member."""
+        return cls(f"n-{secrets.token_hex(4)}")

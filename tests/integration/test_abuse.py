@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.bus import Bus
+from ipdc.bus import Bus, client_id
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -56,11 +55,12 @@ def test_a_malformed_retained_presence_breaks_no_other_node(trio: LocalCluster, 
     payloads = [deep, b'{"name": "%s", "ts": ' % name.encode() + b"9" * 5000 + b"}",
                 b'{"name": "%s", "ts": NaN}' % name.encode()]
     try:
-        with Bus(liar.config.broker, f"{name}-liar-{secrets.token_hex(3)}") as bus:
+        with Bus(liar.config.broker, client_id(name, "liar")) as bus:
             bus.connect()
             for payload in payloads:  # the ACL lets a node write its own presence, and only that
                 bus.publish(f"ipdc/presence/{name}", payload, retain=True)
-            forged = Heartbeat(NodeName(victim), 1e9, 0.0, 999)  # on its own topic, claiming the victim's name
+            # on its own topic, claiming the victim's name
+            forged = Heartbeat(NodeName(victim), 1e9, 0.0, 999)
             bus.publish(HEARTBEAT.topic(node=name), HEARTBEAT.encode(forged), retain=True)
             assert bus.flush()
         for node in honest:
@@ -98,7 +98,8 @@ def processes_under(root: Path) -> list[int]:
     return found
 
 
-def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster, tmp_path: Path) -> None:
+def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster,
+                                                                       tmp_path: Path) -> None:
     kubos = [KuboClient(node.config.kubo_api_url) for node in trio.nodes]
     try:
         before = [k.pins() for k in kubos]
@@ -118,14 +119,17 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
         def clean() -> bool:
             return (not any(job_dirs(trio).values()) and [k.pins() for k in kubos] == before
                     and all(processes_under(node.work_dir) == [] for node in trio.nodes))
-        assert wait_for(clean, LEASE + 30, 0.2), (job_dirs(trio), [k.pins() - b for k, b in zip(kubos, before)])
+        assert wait_for(clean, LEASE + 30, 0.2), \
+            (job_dirs(trio), [k.pins() - b for k, b in zip(kubos, before, strict=True)])
         for node in trio.nodes:
             log = (node.home / "logs" / "agent.log").read_text()
             assert f"dropped job {job_id}: its submitter has said nothing" in log
-        assert f"unpinned the input and code of job {job_id}" in (submitter.home / "logs" / "agent.log").read_text()
+        agent_log = (submitter.home / "logs" / "agent.log").read_text()
+        assert f"unpinned the input and code of job {job_id}" in agent_log
         assert not (tmp_path / "never").exists()
         # the swarm serves the next job
-        run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"], submitter.home)
+        run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"],
+                submitter.home)
         assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
     finally:
         for k in kubos:

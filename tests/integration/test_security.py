@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from ipdc.agent.agent import job_dir_name
-from ipdc.bus import Bus
+from ipdc.bus import Bus, client_id
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -34,6 +34,7 @@ from ipdc.submit.mapreduce import MapReduceController, MapReduceJob
 from ipdc.trust import Signer, digest
 from ipdc.wire import INBOX_CHANNELS
 from ipdc.wire.buffer import Buffer
+from ipdc.wire.channel import MAX_PAYLOAD
 from ipdc.wire.cleanup import CleanUp
 from ipdc.wire.domap import DoMap
 from ipdc.wire.download import Download
@@ -80,7 +81,7 @@ class Agent:
         """Send one raw payload; later expect_log calls look only at lines logged after this."""
         self.mark = len(self.log.read_text().splitlines())
         topic = f"ipdc/peer/{self.name}/{channel}"
-        with Bus(self.sender.broker, f"{self.sender.node.name}-test-{secrets.token_hex(3)}") as bus:
+        with Bus(self.sender.broker, client_id(self.sender.node.name, "test")) as bus:
             bus.connect()
             bus.publish(topic, payload)
 
@@ -124,7 +125,7 @@ class Answers:
     def __init__(self, cluster: LocalCluster, job_id: str) -> None:
         self.topic = GETRESULT.topic(node=cluster.nodes[1].config.node.name, job=job_id)
         config = cluster.nodes[0].config
-        self.bus = Bus(config.broker, f"{config.node.name}-answers-{secrets.token_hex(3)}")
+        self.bus = Bus(config.broker, client_id(config.node.name, "answers"))
         self.bus.subscribe(self.topic)
         self.bus.connect()
         self.got: list[GetResult] = []
@@ -161,21 +162,25 @@ def _forgeries(trusted: Signer, manifest: JobManifest, me: str, other: str,
                ttl: float) -> dict[str, tuple[Download, str]]:
     """name -> (message, the reason the agent must log)."""
     honest = trusted.sign(Download(manifest), "download", me)
-    tampered_manifest = dataclasses.replace(manifest, code={**manifest.code, "Map.py": manifest.code["Reduce.py"]})
+    tampered_manifest = dataclasses.replace(manifest,
+                                            code={**manifest.code, "Map.py": manifest.code["Reduce.py"]})
     stale = dataclasses.replace(manifest, submitted_at=time.time() - 2 * ttl)
     not_listed = dataclasses.replace(manifest, workers=[NodeName(other)])
     return {
         "unsigned": (Download(manifest), "unsigned"),
-        "untrusted key": (ATTACKER.sign(Download(dataclasses.replace(manifest, submitter=ATTACKER.public_key)),
+        "untrusted key": (ATTACKER.sign(Download(dataclasses.replace(manifest,
+                                                                     submitter=ATTACKER.public_key)),
                                         "download", me), "not trusted"),
         # signed by the attacker while claiming the trusted submitter's key
         "forged": (ATTACKER.sign(Download(manifest), "download", me), "does not match"),
         "tampered": (dataclasses.replace(honest, manifest=tampered_manifest), "does not match"),
         "stale": (trusted.sign(Download(stale), "download", me), "stale"),
         # a worker replays the manifest it was sent to another node
-        "signed for another node": (trusted.sign(Download(manifest), "download", other), "replayed from another node"),
+        "signed for another node": (trusted.sign(Download(manifest), "download", other),
+                                    "replayed from another node"),
         "signed for another channel": (trusted.sign(Download(manifest), "renew", me), "this channel"),
-        "not among the workers": (trusted.sign(Download(not_listed), "download", me), "not among the job's workers"),
+        "not among the workers": (trusted.sign(Download(not_listed), "download", me),
+                                  "not among the job's workers"),
     }
 
 
@@ -259,13 +264,15 @@ def test_another_member_cannot_steer_a_job(pair: LocalCluster, code: dict[str, C
         agent.publish(channel, payload)
         assert reason in agent.expect_log(what, job)
     assert job_dir.exists() and not (job_dir / "map-ran").exists()
-    agent.publish("domap", encode(trusted.sign(DoMap(job, 0), "domap", agent.name)))  # the submitter's own: it runs
+    # the submitter's own: it runs
+    agent.publish("domap", encode(trusted.sign(DoMap(job, 0), "domap", agent.name)))
     assert wait_for(lambda: (job_dir / "map-ran").exists(), 20)
     agent.publish("cleanup", encode(trusted.sign(CleanUp(job), "cleanup", agent.name)))
     assert wait_for(lambda: not job_dir.exists(), 20)
 
 
-def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> list[tuple[str, str, bytes, str]]:
+def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str,
+                  me: str) -> list[tuple[str, str, bytes, str]]:
     """(case, channel, payload, what the log line says) for every inbox channel."""
     unknown = JobId.new()
     cases: list[tuple[str, str, bytes, str]] = []
@@ -274,7 +281,7 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> 
             ("malformed JSON", name, b'{"job_id": "', "dropped"),
             ("not UTF-8", name, b"\xff\xfe\xfd", "dropped"),
             ("wrong types", name, b'{"job_id": 5, "task": "x", "manifest": [], "op": 1}', "dropped"),
-            ("huge", name, b'{"job_id": "' + b"a" * (2 << 20) + b'"}', "dropped"),
+            ("huge", name, b'{"job_id": "' + b"a" * MAX_PAYLOAD + b'"}', "dropped"),
             ("a list", name, b"[1, 2, 3]", "dropped"),
             ("NaN", name, b'{"job_id": NaN}', "dropped"),
             ("deep", name, b"[" * 50_000 + b"]" * 50_000, "dropped"),
@@ -288,7 +295,8 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> 
     bad_job = json.loads(encode(signer.sign(DoMap(unknown, 0), "domap", me)))
     bad_job["job_id"] = "../../../etc"
     cases += [
-        ("../ file name", "download", encode(signer.sign(Download(traversal), "download", me)), "unsafe file name"),
+        ("../ file name", "download", encode(signer.sign(Download(traversal), "download", me)),
+         "unsafe file name"),
         ("absolute file name", "download", encode(signer.sign(Download(absolute), "download", me)),
          "unsafe file name"),
         ("invalid CID", "download", json.dumps(bad_cid).encode(), "dropped"),
@@ -342,8 +350,8 @@ def test_broker_acl_keeps_a_node_from_speaking_or_reading_for_another(pair: Loca
     """
     me, other = pair.nodes[1].config, pair.nodes[0].config
     job = JobId.new()
-    with Bus(other.broker, f"{other.node.name}-watch-{secrets.token_hex(3)}") as watcher, \
-            Bus(me.broker, f"{me.node.name}-spy-{secrets.token_hex(3)}") as spy:
+    with Bus(other.broker, client_id(other.node.name, "watch")) as watcher, \
+            Bus(me.broker, client_id(me.node.name, "spy")) as spy:
         watcher.subscribe(f"ipdc/presence/{other.node.name}", f"ipdc/result/+/{job}")
         watcher.connect()
         spy.subscribe(f"ipdc/peer/{other.node.name}/#", f"ipdc/peer/{me.node.name}/probe")
@@ -369,7 +377,8 @@ def test_broker_acl_keeps_a_node_from_speaking_or_reading_for_another(pair: Loca
 SLOW_MAP = "import time\n\ndef map(line):\n    time.sleep(0.2)\n    return [(w, 1) for w in line.split()]\n"
 
 
-def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCluster, tmp_path: Path) -> None:
+def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCluster,
+                                                                   tmp_path: Path) -> None:
     """While a job runs, a member floods its worker with unsigned Downloads for the job (which,
     answered, used to make the submitter drop the worker) and publishes error replies for the
     job on its own result topic, which answer no request of the submitter: the job loses no
@@ -388,14 +397,16 @@ def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCl
 
         def attack() -> None:
             unsigned = JobManifest(job_id=job_id, owner=NodeName(submitter.config.node.name),
-                                   code={"Map.py": Cid("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")},
+                                   code={"Map.py": Cid(
+                                       "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")},
                                    chunks=[], partitions=2, workers=[NodeName(me)])
-            with Bus(member.config.broker, f"{me}-attack-{secrets.token_hex(3)}") as bus:
+            with Bus(member.config.broker, client_id(me, "attack")) as bus:
                 bus.connect()
                 while not stop.is_set():
                     for name in (me, submitter.config.node.name):
                         bus.publish(f"ipdc/peer/{name}/download", encode(Download(unsigned)))
-                    forged = GetResult(job_id, NodeName(me), "error", phase="download", error="refused", re="0" * 32)
+                    forged = GetResult(job_id, NodeName(me), "error", phase="download", error="refused",
+                                       re="0" * 32)
                     bus.publish(GETRESULT.topic(node=me, job=job_id), GETRESULT.encode(forged))
                     stop.wait(0.05)
 
@@ -433,7 +444,7 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
 
 def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Path) -> None:
     """User code runs as the agent's user; its runner's view of the node's home holds only
-    the job's own dir, so the broker password, the submitter key, the trusted list and other
+    the job's own dir, so the node's broker key, the submitter key, the trusted list and other
     jobs' files are out of its reach."""
     probe = tmp_path / "Map.py"
     probe.write_text(
@@ -448,7 +459,8 @@ def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Pa
     (tmp_path / "in.txt").write_text("x\n")
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=probe, output=tmp_path / "out")
     config = pair.nodes[0].config
-    with SwarmClient(config, pair.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, pair.nodes[0].signer).connect() as client, \
+            KuboClient(config.kubo_api_url) as kubo:
         result = MapReduceController(client, kubo, job, pair.nodes[0].home).run()
     keys = {key.decode() for key in read_output(result.output, 2)[0]}
     own_dir = next(k for k in keys if k.startswith("seen:")).removeprefix("seen:work,")

@@ -11,13 +11,14 @@ nothing is added to the root namespace's network):
 
     <prefix>-sw     the "switch": bridge <prefix>br, one veth end per host
     <prefix>-h<i>   host i: lo, and veth <prefix>h<i> = 10.231.X.(i+1)/24
+    <prefix>-out    the outsider: on the same bridge (10.231.X.200), with no token
 
 Host 0 founds the swarm (``deploy.py init --host``), hosts mosquitto and submits
-the jobs; hosts 1-3 join with tokens from ``ipdc invite`` on host 0. Every command
-runs through ``ip netns exec <ns>`` with that host's own IPDC_HOME. Each namespace
-has its own loopback, so every node gets the default ports (1883, 5001, 8080, 4001);
-kubo's API and gateway listen on the namespace's 127.0.0.1 only, the swarm port and
-the broker on the host address.
+the jobs; hosts 1-3 join with token files from ``ipdc invite -o FILE`` on host 0
+(``deploy.py init --join-file``). Every command runs through ``ip netns exec <ns>``
+with that host's own IPDC_HOME. Each namespace has its own loopback, so every node
+gets the default ports (8883, 5001, 8080, 4001); kubo's API and gateway listen on
+the namespace's 127.0.0.1 only, the swarm port and the broker on the host address.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ class Host:
     home: Path
     name: str = ""
     """The node name (MQTT user), known once the host is initialised."""
+    role: str = ""
+    """"outsider" for the host that is no member; "" for the swarm's hosts."""
 
     @property
     def label(self) -> str:
-        return f"host{self.index}"
+        return self.role or f"host{self.index}"
 
     def argv(self, argv: list[str]) -> list[str]:
         """``argv`` run inside this host's namespace (``ip netns exec`` execs it: same pid)."""
@@ -130,13 +133,16 @@ class Lab:
         self.bridge = f"{self.prefix}br"
         self.hosts = [Host(i, f"{self.prefix}-h{i}", f"{subnet}.{i + 1}", f"{self.prefix}h{i}",
                            base / f"host{i}") for i in range(hosts)]
+        self.outsider = Host(hosts, f"{self.prefix}-out", f"{subnet}.200", f"{self.prefix}hout",
+                             base / "outsider", role="outsider")
+        """A machine on the same LAN that holds no token (see tests/multihost/outsider.py)."""
         self._created: list[str] = []
 
     def create(self) -> None:
         self._add_namespace(self.switch)
         _ip("-n", self.switch, "link", "add", self.bridge, "type", "bridge")
         _ip("-n", self.switch, "link", "set", self.bridge, "up")
-        for host in self.hosts:
+        for host in [*self.hosts, self.outsider]:
             self._add_namespace(host.ns)
             port = f"{self.prefix}s{host.index}"
             _ip("-n", self.switch, "link", "add", port, "type", "veth",
@@ -237,6 +243,7 @@ class Cluster:
 
     def __init__(self, lab: Lab, base: Path) -> None:
         self.hosts = lab.hosts
+        self.outsider = lab.outsider
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._seq = itertools.count()
@@ -273,11 +280,13 @@ class Cluster:
         self.run(first, ["deploy.py", "init", "--host", first.addr, "--slots", "1"], "init")
         self._tune(first)
         self.run(first, ["deploy.py", "start"], "start")
-        # Invites one at a time: each rewrites the broker's password file.
-        tokens = [self.run(first, ["invite"], f"invite-{h.label}").stdout.strip() for h in others]
+        tokens = [self.logs / f"{h.label}.token" for h in others]
+        for host, token in zip(others, tokens, strict=True):
+            self.run(first, ["invite", "-o", str(token)], f"invite-{host.label}")
 
-        def join(host: Host, token: str) -> None:
-            self.run(host, ["deploy.py", "init", "--host", host.addr, "--slots", "1", "--join", token], "init")
+        def join(host: Host, token: Path) -> None:
+            self.run(host, ["deploy.py", "init", "--host", host.addr, "--slots", "1",
+                            "--join-file", str(token)], "init")
             self._tune(host)
             self.run(host, ["deploy.py", "start"], "start")
 
@@ -372,16 +381,18 @@ class Cluster:
             raise AssertionError("mosquitto is not installed")
         port = load_config(host.home / "ipdc.conf").broker.port
         with open(service.log_file, "ab") as out:
-            proc = subprocess.Popen(host.argv([str(found[0]), "-c", str(Broker(host.home).conf)]),
+            proc = subprocess.Popen(host.argv([str(found), "-c", str(Broker(host.home).conf)]),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self._brokers.append(proc)
         # The node's own pid file, so `deploy.py stop|status` see this broker as the node's.
         service.pid_file.write_text(f"{proc.pid}\n")
         wait_until(lambda: proc.poll() is not None or _listening(proc.pid, port), 15,
-                   f"the restarted mosquitto to listen on port {port}", detail=lambda: _tail(service.log_file))
+                   f"the restarted mosquitto to listen on port {port}",
+                   detail=lambda: _tail(service.log_file))
         if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited ({proc.returncode}) on restart:\n{_tail(service.log_file)}")
+            raise AssertionError(f"mosquitto exited ({proc.returncode}) on restart:\n"
+                                 f"{_tail(service.log_file)}")
 
     # -- jobs ------------------------------------------------------------------------
     def submit(self, input_file: Path, output: Path, *, k: int = 3, chunks: int | None = None,
