@@ -13,8 +13,8 @@ import sys
 # every command). The runner does not do this: user code may want trio.
 sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
-import json  # noqa: E402
-import logging  # noqa: E402
+import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,7 +183,8 @@ def peers(as_json: bool) -> None:
     table = Table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
     for r in rows:
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
-                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}", f"{r['last_seen_s']:.1f}")
+                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
+                      f"{r['last_seen_s']:.1f}")
     out.print(table)
     err.print(f"{len(rows)} live peer(s)")
 
@@ -348,7 +349,7 @@ def _running_node() -> Node:
 
 @main.group(cls=TfGroup)
 def tf() -> None:
-    """Distributed TensorFlow clusters on the swarm: `ipdc tf SPEC`, `ipdc tf down NAME`, `ipdc tf list`."""
+    """Distributed TensorFlow on the swarm: `ipdc tf SPEC`, `ipdc tf run NAME -- CMD`, `ipdc tf down NAME`."""
 
 
 @tf.command("up")
@@ -358,26 +359,44 @@ def tf() -> None:
 def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     """Start a TF server per task of SPEC ({"chief": [0], "worker": [0, 1], "ps": [0]}, YAML or JSON).
 
-    Each task goes to a TF-capable peer near the cluster name by XOR distance; the
-    chief is your script, run with the TF_CONFIG this prints.
+    Each server task goes to a TF-capable peer near the cluster name by XOR distance,
+    in a loopback-only sandbox reachable only over the private swarm; the chief is your
+    script, run here with `ipdc tf run NAME -- python script.py`.
     """
     from ipdc.submit.tf import TfController, load_spec
 
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
-        cluster = TfController(client, kubo, node.home).up(spec, name)
+            err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+        cluster = TfController(client, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
-    table = Table("task", "address", "peer", "runs")
-    for t in cluster.tasks:
-        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer, "tf server" if t.server else "your script")
-    click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
+    table = Table("task", "address (in its sandbox)", "peer", "runs")
+    for t in cluster.to_dict()["tasks"]:
+        table.add_row(f"/job:{t['job']}/task:{t['index']}", t["address"], t["peer"],
+                      "tf server" if t["server"] else "your script (ipdc tf run)")
+    click.echo(f"TF cluster {cluster.name} is up")
     out.print(table)
     click.echo(f"run your script as the chief:\n  {cluster.command()}")
     click.echo(f"stop it with: ipdc tf down {cluster.name}")
+
+
+@tf.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def tf_run(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND as the chief of cluster NAME: `ipdc tf run NAME -- python script.py`.
+
+    It runs in a network namespace with loopback only, with TF_CONFIG set and every
+    server reachable at its ClusterSpec address; the exit code is COMMAND's.
+    """
+    from ipdc.submit.tf import load_cluster, run_chief
+
+    node = _running_node()
+    sys.exit(run_chief(load_cluster(node.home, name), list(command), node.config.node.name,
+                       node.config.tf.trusted_network))
 
 
 @tf.command("down")
@@ -387,20 +406,19 @@ def tf_down(name: str) -> None:
     node = _running_node()
     from ipdc.submit.tf import TfController
 
-    with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo:
-        cluster = TfController(client, kubo, node.home).down(name)
-    click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s) on "
+    with SwarmClient(node.config, node.signer).connect() as client:
+        cluster = TfController(client, node.home).down(name)
+    click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s); hosts "
                f"{', '.join(cluster.peers)})")
 
 
 @tf.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def tf_list(as_json: bool) -> None:
-    """The TF clusters started from this node, and whether every server answers."""
-    from ipdc.submit.tf import cluster_is_up, list_clusters
+    """The TF clusters started from this node, and whether every server answers through the swarm."""
+    from ipdc.submit.tf import list_clusters, unanswered
 
-    rows = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(Node().home)]
+    rows = [{**c.to_dict(), "up": not unanswered(c)} for c in list_clusters(Node().home)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

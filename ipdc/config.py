@@ -99,12 +99,25 @@ class SandboxSection:
 
 
 @dataclass(frozen=True)
+class TfSection:
+    """Distributed TensorFlow (``ipdc tf``) on this node."""
+
+    trusted_network: bool = False
+    """TensorFlow's own requirement, stated in its SECURITY.md: a TF server executes any graph
+    it is sent, with no authentication. IPDC keeps every TF server of this node in a
+    loopback-only network namespace, reachable only through the private swarm. Where the
+    node cannot make one (no unprivileged user namespaces, no bubblewrap), it refuses TF
+    tasks, unless this says that everyone who can reach the node's network may run code on it."""
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
     kubo: KuboSection = field(default_factory=KuboSection)
     agent: AgentSection = field(default_factory=AgentSection)
     sandbox: SandboxSection = field(default_factory=SandboxSection)
+    tf: TfSection = field(default_factory=TfSection)
 
     @property
     def slots(self) -> int:
@@ -119,7 +132,7 @@ class Config:
         """Plain dicts and built-in types only (validated str subtypes become str)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         """A copy with some fields changed: ``cfg.replace(kubo={"api_port": 5002})``."""
         data = self.to_dict()
         for name, values in sections.items():
@@ -139,7 +152,8 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
-    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl), ("agent.job_lease", cfg.agent.job_lease),
+    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl),
+                         ("agent.job_lease", cfg.agent.job_lease),
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):
         if value <= 0:
             raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")

@@ -134,3 +134,33 @@ class SubmittedJobs:
             if not alive:
                 found.append((path.stem, cids))
         return found
+
+
+class RenewedJobs:
+    """Jobs this node owns that outlive the command that started them (TF clusters), in
+    ``run/renew/``: the node's agent renews their lease with each of their peers for as long
+    as the record stays. Without it, every peer would drop the cluster after its
+    ``agent.job_lease``; with it, a cluster whose owner node is gone still ends then."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "run" / "renew"
+
+    def add(self, job_id: str, peers: list[str]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{job_id}.tmp"
+        tmp.write_text(json.dumps({"peers": peers}))
+        tmp.replace(self.dir / f"{job_id}.json")
+
+    def remove(self, job_id: str) -> None:
+        (self.dir / f"{job_id}.json").unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[str, list[str]]]:
+        """(job id, peers) of every job to renew."""
+        found = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                found.append((path.stem, [str(p) for p in json.loads(path.read_text())["peers"]]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("removing the unreadable renewal record %s", path)
+                path.unlink(missing_ok=True)
+        return found

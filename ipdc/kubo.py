@@ -20,7 +20,7 @@ from typing import IO, Any
 # httpx imports its command-line client (rich, pygments, click) unless that import fails:
 # about 6 MB in every agent, for a CLI IPDC never runs.
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-import httpx  # noqa: E402
+import httpx
 
 from ipdc.errors import KuboError
 from ipdc.wire.ids import Cid
@@ -75,7 +75,7 @@ class KuboClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "KuboClient":
+    def __enter__(self) -> KuboClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -111,6 +111,34 @@ class KuboClient:
 
     def swarm_connect(self, multiaddr: str) -> None:
         self._post("swarm/connect", {"arg": multiaddr})
+
+    # -- stream mounting (Experimental.Libp2pStreamMounting) ---------------------------
+    def p2p_listen(self, protocol: str, target: str) -> None:
+        """Carry streams of ``protocol`` from peers to the TCP ``target``; kubo first writes
+        ``<peer-id>\\n`` on each connection (report-peer-id), so the target can check who dials."""
+        self._post("p2p/listen", [("arg", protocol), ("arg", target), ("report-peer-id", "true")])
+
+    def p2p_forward(self, protocol: str, listen: str, peer_id: str) -> None:
+        """Accept connections on ``listen`` (e.g. ``/unix/PATH``) and carry each to ``peer_id``'s
+        listener for ``protocol`` over the swarm."""
+        self._post("p2p/forward", [("arg", protocol), ("arg", listen), ("arg", f"/p2p/{peer_id}")])
+
+    def p2p_ls(self) -> list[dict[str, str]]:
+        """Every listener and forward: ``Protocol``, ``ListenAddress``, ``TargetAddress``."""
+        return list(self._json("p2p/ls").get("Listeners") or [])
+
+    def p2p_close(self, protocol: str) -> int:
+        """Close the listeners and forwards of exactly ``protocol`` (kubo matches no prefix), and
+        cut its open streams, which closing a listener leaves alone. Returns how many closed."""
+        closed = int(self._json("p2p/close", {"protocol": protocol}) or 0)
+        for stream in self._json("p2p/stream/ls").get("Streams") or []:
+            if stream.get("Protocol") == protocol:
+                try:
+                    self._post("p2p/stream/close", {"arg": str(stream["HandlerID"])})
+                except KuboError as exc:  # it ended by itself meanwhile
+                    if "not found" not in str(exc):
+                        raise
+        return closed
 
     # -- content ---------------------------------------------------------------------
     def add_bytes(self, data: bytes, name: str = "data") -> Cid:

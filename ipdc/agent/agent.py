@@ -63,7 +63,7 @@ from ipdc.agent.jobs import (  # noqa: E402
 )
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
-from ipdc.home import NodeHome, SubmittedJobs  # noqa: E402
+from ipdc.home import NodeHome, RenewedJobs, SubmittedJobs  # noqa: E402
 from ipdc.kubo import KuboClient  # noqa: E402
 from ipdc.trust import digest, signer_of, verify  # noqa: E402
 from ipdc.wire import INBOX_CHANNELS  # noqa: E402
@@ -76,8 +76,8 @@ from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
 from ipdc.wire.ids import JobId, NodeName  # noqa: E402
 from ipdc.wire.manifest import JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
-from ipdc.wire.renew import Renew  # noqa: E402
-from ipdc.wire.tf import Tf  # noqa: E402
+from ipdc.wire.renew import RENEW, Renew  # noqa: E402
+from ipdc.wire.tf import Tf, TfPlan  # noqa: E402
 
 if TYPE_CHECKING:
     from ipdc.agent.tfhost import TfHost
@@ -118,6 +118,7 @@ class Agent:
         self.trust = node.trust
         self.nonces = node.nonces()
         self.submitted = SubmittedJobs(node.home)
+        self.renewed = RenewedJobs(node.home)
         self.running = 0
         self.peer_id = ""
         self._lock = threading.Lock()
@@ -138,6 +139,9 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.peer_id = self.kubo.id()["ID"]
+        if (self.node.home / "run" / "tf").exists():
+            from ipdc.agent.tfhost import sweep
+            sweep(self.node.home, self.kubo)
         self.bus.subscribe(f"ipdc/peer/{self.name}/+")
         self.bus.connect(timeout=30)
         log.info("agent %s (peer %s) serving %d slots", self.name, self.peer_id, self.config.slots)
@@ -180,7 +184,7 @@ class Agent:
             beat = Heartbeat(name=NodeName(self.name), ts=time.time(), load=_load(), running=self.running)
             try:
                 self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
-            except Exception:  # noqa: BLE001 - a node that stops beating is taken for dead
+            except Exception:
                 log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
@@ -191,10 +195,22 @@ class Agent:
                 log.info("unpinned the input and code of job %s: its submitter on this node is gone", job_id)
             beats += 1
             if beats % 5 == 0:
+                self._renew_owned()
                 try:
                     self.node.connect_swarm(self.kubo)
                 except IPDCError as exc:
                     log.warning("swarm check failed: %s", exc)
+
+    def _renew_owned(self) -> None:
+        """Renew the jobs this node owns beyond their command (TF clusters) with their peers."""
+        renewals = self.renewed.entries()
+        if not renewals:
+            return
+        signer = self.node.signer
+        for job_id, peers in renewals:
+            for peer in peers:
+                self.bus.publish(RENEW.topic(node=peer), RENEW.encode(signer.sign(Renew(JobId(job_id)),
+                                                                                   RENEW.name, peer)))
 
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self, message: Inbound) -> None:
@@ -213,7 +229,7 @@ class Agent:
             self.route(msg)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-        except Exception:  # noqa: BLE001 - one bad message must never stop the agent
+        except Exception:
             log.exception("handler for %s failed", message.topic)
 
     def _authentic(self, msg: Any, channel: str) -> str:
@@ -256,6 +272,10 @@ class Agent:
                 raise MessageError(f"download: unsafe file name {name!r} in job {manifest.job_id}")
         if manifest.kind == "mapreduce" and (not manifest.chunks or not manifest.partitions):
             raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
+        if manifest.kind == "tf" and (manifest.code or set(manifest.workers) != set(
+                TfPlan.from_params(manifest.params).peers)):
+            raise MessageError(f"download: TF cluster {manifest.job_id} carries code, or its workers "
+                               "are not its plan's hosts")
         if self.name not in manifest.workers:
             return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
                          "replayed from another node?)")]
@@ -267,23 +287,23 @@ class Agent:
         return self.table.download(manifest, re, now)
 
     def _tf_request(self, msg: Tf, re: str, now: float) -> list[Action]:
-        """Tf ops are served by the TF host (:mod:`ipdc.agent.tfhost`), for a held cluster only.
-        The TF host reports on its own; its answers echo ``re``."""
+        """Tf ops are served by the TF host (:mod:`ipdc.agent.tfhost`), for a held cluster only,
+        from the plan its Download carried. The TF host reports on its own; its answers echo ``re``."""
         key = (msg.submitter, str(msg.cluster_id))
         job = self.table.jobs.get(key)
-        if job is None and msg.op != "port":
+        if job is None or job.manifest.kind != "tf":
             return [Note(f"refused tf {msg.op} of cluster {msg.cluster_id}: the cluster is unknown here")]
-        if job is not None:
-            job.last_heard = now
-        job_dir = self.node.work_dir / job_dir_name(key) if job is not None and job.ready else None
-        self.io.submit(self.tf_host().handle, msg, job_dir, re)
+        job.last_heard = now
+        self.io.submit(self.tf_host().handle, msg.op, key, TfPlan.from_params(job.manifest.params), re)
         return []
 
     def tf_host(self) -> TfHost:
-        """Made on the first TF request: most agents never host TF, and it costs memory."""
+        """Made on the first TF request: most agents never host TF."""
         if self._tf is None:
             from ipdc.agent.tfhost import TfHost
-            self._tf = TfHost(self.name, self.config.node.host, self.node.home / "logs", self.report)
+            cfg = self.config
+            self._tf = TfHost(self.name, self.node.home, self.kubo, self.peer_id,
+                              capabilities(cfg.node.tf).tf, cfg.tf.trusted_network, self.report)
         return self._tf
 
     # -- actions ---------------------------------------------------------------------
@@ -317,7 +337,7 @@ class Agent:
             job_dir.mkdir(parents=True, exist_ok=True)
             list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
                                    action.manifest.code.items()))
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the submitter must hear of it
+        except Exception as exc:
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
             error = f"download of the job's code failed on {self.name}: {exc}"
@@ -346,11 +366,12 @@ class Agent:
             self.running += 1
         try:
             if isinstance(action, RunMap):
-                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key), action.chunk)
+                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
+                                                    action.chunk)
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)
-        except Exception as exc:  # noqa: BLE001 - a task that fails in any way is reported, never lost
+        except Exception as exc:
             trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
             if not isinstance(exc, IPDCError):
                 log.exception("%s task %d of job %s broke the runner protocol", kind, task, key[1])
@@ -370,7 +391,7 @@ class Agent:
     def _drop(self, action: Drop) -> None:
         self.executor.drop(job_dir_name(action.key))
         if self._tf is not None:
-            self._tf.stop(action.key[1])
+            self._tf.stop(action.key)
         shutil.rmtree(self._dir(action.key), ignore_errors=True)
         self._unpin(action.created, f"the files of job {action.key[1]}")
         log.info("dropped job %s: %s", action.key[1], action.why)

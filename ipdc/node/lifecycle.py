@@ -139,6 +139,8 @@ class Node(NodeHome):
         # peers (kubo < 0.36 behaviour). Broadcast control could skip a freshly connected peer.
         kc.setdefault("Internal", {})["Bitswap"] = {"BroadcastControl": {"Enable": False}}
         kc["Routing"]["Type"] = "dht"
+        # TF streams between cluster hosts ride the private swarm (`p2p listen/forward`, ipdc.wire.tf).
+        kc.setdefault("Experimental", {})["Libp2pStreamMounting"] = True
         # A private network is TCP only.
         kc["Swarm"]["Transports"]["Network"] = {
             "QUIC": False, "WebTransport": False, "WebRTCDirect": False, "Websocket": False,
@@ -200,7 +202,8 @@ class Node(NodeHome):
         found = ensure_mosquitto()
         service = self.services["mosquitto"]
         service.start([str(found[0]), "-c", str(Broker(self.home).conf)])
-        if not wait_for(lambda: port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None, timeout) \
+        if not wait_for(lambda: port_open(cfg.broker.host, cfg.broker.port) or service.pid() is None,
+                        timeout) \
                 or service.pid() is None:
             raise service.fail(f"did not open {cfg.broker.host}:{cfg.broker.port}")
 

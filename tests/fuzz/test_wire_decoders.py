@@ -31,7 +31,7 @@ from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.renew import Renew
-from ipdc.wire.tf import Tf, TfTask
+from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
 
 CHANNELS: dict[str, Channel[Any]] = {**INBOX_CHANNELS, "presence": PRESENCE, "heartbeat": HEARTBEAT,
@@ -46,7 +46,7 @@ VALID: dict[str, Any] = {
     "domap": SIGNER.sign(DoMap(JOB, 3, 1), "domap", "n-b"),
     "buffer": SIGNER.sign(Buffer(JOB, 0, 0, CID, 2), "buffer", "n-b"),
     "cleanup": SIGNER.sign(CleanUp(JOB), "cleanup", "n-b"),
-    "tf": SIGNER.sign(Tf("start", JOB, tasks=[TfTask("worker", 0)]), "tf", "n-b"),
+    "tf": SIGNER.sign(Tf("start", JOB), "tf", "n-b"),
     "renew": SIGNER.sign(Renew(JOB), "renew", "n-b"),
     "presence": Presence(NodeName("n-a"), "12D3Koo", "10.0.0.1", ["/ip4/10.0.0.1/tcp/4001"],
                          Capabilities(2, 100, False), 2, 0.5, 1.0),

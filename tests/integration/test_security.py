@@ -297,8 +297,7 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str, me: str) -> 
         ("unknown job", "buffer", encode(signer.sign(Buffer(unknown, 0, 0, code["Map.py"]), "buffer", me)),
          "unknown"),
         ("unknown job", "cleanup", encode(signer.sign(CleanUp(unknown), "cleanup", me)), "refused cleanup"),
-        ("negative count", "tf", b'{"op": "port", "cluster_id": "' + unknown.encode() + b'", "count": -1}',
-         "dropped"),
+        ("unknown op", "tf", b'{"op": "port", "cluster_id": "' + unknown.encode() + b'"}', "dropped"),
         ("unknown channel", "no-such-channel", b"{}", "unknown topic"),
     ]
     return cases

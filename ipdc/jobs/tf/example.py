@@ -1,7 +1,7 @@
 """Train a small regression model on an IPDC TF cluster with ParameterServerStrategy.
 
-    ipdc tf ipdc/jobs/tf/spec.conf            # prints the command below, with the real TF_CONFIG
-    TF_CONFIG='{"cluster": ..., "task": {"type": "chief", "index": 0}}' python ipdc/jobs/tf/example.py
+    ipdc tf ipdc/jobs/tf/spec.conf --name demo     # brings the servers up on the swarm
+    ipdc tf run demo -- python ipdc/jobs/tf/example.py --steps 100
 
 This script is the chief: it holds a ClusterCoordinator and schedules training
 steps on the workers, while the model's variables live on the ps tasks. Keras 3
@@ -60,8 +60,8 @@ def main() -> None:
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     jobs = resolver.cluster_spec().as_dict()
     if resolver.task_type != "chief" or not jobs.get("ps") or not jobs.get("worker"):
-        sys.exit("example.py runs as the chief of a cluster with ps and worker tasks: set TF_CONFIG "
-                 "to the chief's, as printed by `ipdc tf SPEC`")
+        sys.exit("example.py runs as the chief of a cluster with ps and worker tasks: run it with "
+                 "`ipdc tf run NAME -- python example.py`, which sets TF_CONFIG")
     strategy = tf.distribute.ParameterServerStrategy(resolver)
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
     with strategy.scope():

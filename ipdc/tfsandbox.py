@@ -1,0 +1,73 @@
+"""Loopback-only network namespaces for TF processes, with bubblewrap.
+
+A TF server binds every interface and runs any graph it is sent, so no TF process
+of IPDC shares a network namespace with the node: a server, and the chief that
+``ipdc tf run`` starts, each get one of their own that holds only loopback. bwrap
+makes one without root where the kernel allows unprivileged user namespaces; where
+it cannot, :func:`isolation_problem` says why, and TF is refused unless the node's
+``tf.trusted_network`` accepts the risk (:func:`refusal`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+#: The installed Python (and with it tensorflow) that sandboxed TF servers run.
+PYTHON_HOME = str(Path(os.path.realpath(sys.executable)).parent.parent)
+#: The directory that holds the ``ipdc`` package: TF processes run its ``ipdc.runner.tfserver``.
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@functools.cache
+def isolation_problem() -> str:
+    """Why this node cannot give a TF process a network namespace of its own ("" when it can)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    try:
+        done = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap failed to run ({exc})"
+    if done.returncode != 0:
+        return (f"bwrap cannot create namespaces here ({done.stderr.strip()[:200]}); unprivileged user "
+                "namespaces may be off (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, "
+                "or AppArmor's kernel.apparmor_restrict_unprivileged_userns)")
+    return ""
+
+
+def refusal(node: str, problem: str) -> str:
+    """The message that refuses a TF task on ``node`` because of ``problem``."""
+    return (f"{node} refuses TensorFlow tasks: it cannot put them in a loopback-only network "
+            f"namespace, because {problem}. A TF server executes any graph it is sent, from anyone "
+            "who reaches its port (TensorFlow's SECURITY.md), and without a namespace it listens on "
+            "every interface. Fix the cause, or, if everyone who can reach this node's network may "
+            "run code on it, set `tf: {trusted_network: true}` in its ipdc.conf")
+
+
+def chief_argv() -> list[str]:
+    """A namespace for the user's own script: the whole file system as it is, but a network
+    with loopback only, and its own pids (so nothing of it outlives ``ipdc tf run``)."""
+    return ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent",
+            "--proc", "/proc"]
+
+
+def server_argv(socket_dir: Path) -> list[str]:
+    """The sandbox of a TF server: namespaces of its own (a loopback-only network among them),
+    a clean environment, read-only /usr, Python and IPDC, the cluster's sockets read-only, and
+    nothing of the node's home. It dies with its parent."""
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+            # /tmp first: the binds below may lie under it (a home in /tmp), and a later tmpfs hides them
+            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
+            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache",
+            "--ro-bind", "/sys/devices/system/cpu", "/sys/devices/system/cpu",
+            "--ro-bind", PYTHON_HOME, PYTHON_HOME, "--ro-bind", PACKAGE_ROOT, PACKAGE_ROOT,
+            "--ro-bind", str(socket_dir), str(socket_dir), "--chdir", "/tmp"]
+    return argv
