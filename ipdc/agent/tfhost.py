@@ -177,9 +177,9 @@ class TfHost:
                 if others:
                     inward.append(self._kubo_target(hosted.token, t))
                 fds += inward
-                maps: list[dict[str, Any]] = [{"listen": f"fd:{inward[0]}", "target": f"tcp:127.0.0.1:{t.port}"}]
-                maps += [{"listen": f"fd:{fd}", "target": f"tcp:127.0.0.1:{t.port}", "peers": allowed}
-                         for fd in inward[1:]]
+                own = f"tcp:127.0.0.1:{t.port}"
+                maps: list[dict[str, Any]] = [{"listen": f"fd:{inward[0]}", "target": own}]
+                maps += [{"listen": f"fd:{fd}", "target": own, "peers": allowed} for fd in inward[1:]]
                 if isolated:
                     maps += [_to_socket(u, hosted.dir) for u in servers if u != t]
                     self._spawn(hosted, t, maps, inward, sandboxed=True)
@@ -217,7 +217,8 @@ class TfHost:
         """Start ``python -m ipdc.runner.tfserver`` for ``task`` (None: the shared relay)."""
         name = task.name if task is not None else "relay"
         env = {**TF_ENV, "PYTHONPATH": PACKAGE_ROOT}
-        plan: dict[str, Any] = {"cluster": hosted.plan.cluster_spec(), "maps": maps,
+        plan: dict[str, Any] = {"label": f"{hosted.plan.name}/{name}", "cluster": hosted.plan.cluster_spec(),
+                                "maps": maps,
                                 "task": None if task is None else {"type": task.job, "index": task.index}}
         argv = [sys.executable, "-m", "ipdc.runner.tfserver", json.dumps(plan)]
         if sandboxed:

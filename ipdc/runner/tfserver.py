@@ -3,7 +3,8 @@
     python -m ipdc.runner.tfserver PLAN                 # a server task (worker, ps, ...)
     python -m ipdc.runner.tfserver PLAN -- CMD [ARG...]  # the chief: the user's command
 
-PLAN is JSON: ``cluster`` (the ClusterSpec, loopback addresses), ``task``
+PLAN is JSON: ``label`` (cluster/task, for people reading ``ps``), ``cluster`` (the
+ClusterSpec, loopback addresses), ``task``
 (``{"type": ..., "index": ...}``, or null for a client of the cluster) and ``maps``
 (the relays of :mod:`ipdc.runner.tfrelay`). This file is IPDC's own and installed
 with it; a cluster's manifest carries only data, so no code of a job ever runs as a
@@ -37,13 +38,13 @@ from typing import Any
 TF_ENV = {"GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def start_relays(maps: list[dict[str, Any]]) -> subprocess.Popen[bytes] | None:
+def start_relays(label: str, maps: list[dict[str, Any]]) -> subprocess.Popen[bytes] | None:
     """The relay process, once every listener of it is open; None when there is nothing to relay."""
     if not maps:
         return None
     fds = [int(m["listen"][3:]) for m in maps if m["listen"].startswith("fd:")]
-    relay = subprocess.Popen([sys.executable, "-m", "ipdc.runner.tfrelay", json.dumps({"maps": maps})],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=fds)
+    argv = [sys.executable, "-m", "ipdc.runner.tfrelay", json.dumps({"label": label, "maps": maps})]
+    relay = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=fds)
     assert relay.stdout is not None
     if relay.stdout.readline().strip() != b"ready":
         sys.exit(f"the relay exited ({relay.wait()}) before its listeners were open")
@@ -62,12 +63,13 @@ def wait_for_stop() -> None:
         pass
 
 
-def serve(cluster: dict[str, list[str]], job: str, index: int, maps: list[dict[str, Any]]) -> None:
+def serve(label: str, cluster: dict[str, list[str]], job: str, index: int,
+          maps: list[dict[str, Any]]) -> None:
     import tensorflow as tf  # after TF_ENV is set
 
     server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name=job, task_index=index,
                                   protocol="grpc", start=True)
-    relay = start_relays(maps)
+    relay = start_relays(label, maps)
     print(f"/job:{job}/task:{index} serving at {server.target}, {len(maps)} relay(s)", flush=True)
     wait_for_stop()
     if relay is not None:
@@ -76,9 +78,9 @@ def serve(cluster: dict[str, list[str]], job: str, index: int, maps: list[dict[s
     os._exit(0)
 
 
-def run_chief(cluster: dict[str, list[str]], task: dict[str, Any] | None, maps: list[dict[str, Any]],
-              command: list[str]) -> int:
-    relay = start_relays(maps)
+def run_chief(label: str, cluster: dict[str, list[str]], task: dict[str, Any] | None,
+              maps: list[dict[str, Any]], command: list[str]) -> int:
+    relay = start_relays(label, maps)
     config: dict[str, Any] = {"cluster": cluster}
     if task is not None:
         config["task"] = task
@@ -89,7 +91,7 @@ def run_chief(cluster: dict[str, list[str]], task: dict[str, Any] | None, maps: 
         print(f"ipdc tf run: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
+    signal.signal(signal.SIGINT, lambda *_: None)  # the terminal sends it to the command as well
     code = proc.wait()
     if relay is not None:
         relay.kill()
@@ -102,12 +104,12 @@ def main() -> None:
     argv = sys.argv[1:]
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     plan = json.loads(argv[0])
-    cluster, task, maps = plan["cluster"], plan.get("task"), plan.get("maps", [])
+    label, cluster, task, maps = plan["label"], plan["cluster"], plan.get("task"), plan.get("maps", [])
     if command:
-        sys.exit(run_chief(cluster, task, maps, command))
+        sys.exit(run_chief(label, cluster, task, maps, command))
     if task is not None:
-        serve(cluster, str(task["type"]), int(task["index"]), maps)
-    relay = start_relays(maps)
+        serve(label, cluster, str(task["type"]), int(task["index"]), maps)
+    relay = start_relays(label, maps)
     print(f"relaying {len(maps)} socket(s)", flush=True)
     wait_for_stop()
     if relay is not None:

@@ -403,7 +403,8 @@ def run_chief(cluster: TfCluster, command: list[str], node: str, trusted_network
     maps = [] if problem else [
         {"listen": f"tcp:127.0.0.1:{t.port}", "target": f"unix:{Path(cluster.sockets) / t.sock}"}
         for t in plan.servers()]
-    chief = {"cluster": config["cluster"], "task": config.get("task"), "maps": maps}
+    chief = {"label": f"{cluster.name}/chief", "cluster": config["cluster"], "task": config.get("task"),
+             "maps": maps}
     launcher = [sys.executable, "-m", "ipdc.runner.tfserver", json.dumps(chief), "--", *command]
     argv = launcher if problem else chief_argv() + launcher
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))

@@ -1,14 +1,19 @@
-"""Issue 4: distributed TensorFlow on the swarm, with real TF processes on 127.0.0.1.
+"""Distributed TensorFlow on the swarm, with real kubo, agents and TF processes on 127.0.0.1.
 
-Four nodes: three with TensorFlow, and node 3 with ``node.tf: "no"``. The
-cluster name is chosen so that node 3 is the nearest peer by XOR distance: it
-would host the first task if it were eligible.
+Four nodes: three with TensorFlow, and node 3 with ``node.tf: "no"``. The cluster name
+is chosen so that node 3 is the nearest peer by XOR distance: it would host the first
+task if it were eligible. Every TF process runs in a loopback-only sandbox; the nodes'
+kubos carry the streams between them (``p2p listen``/``forward``), exactly as across
+machines. tests/multihost/test_tf_tunnels.py does the same across network namespaces,
+with an outsider scanning every port.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,59 +22,99 @@ from typing import Any
 
 import pytest
 
+from ipdc.config import save_config
+from ipdc.kubo import KuboClient
+from ipdc.net import grpc_answers
 from ipdc.node.cluster import LocalCluster
+from ipdc.node.lifecycle import Node
 from ipdc.peers import xor_key
 from ipdc.spawn import pid_alive, wait_for
 from ipdc.submit.tf import EXAMPLE
+from ipdc.wire.tf import PROTOCOL_PREFIX, TfPlan, cluster_token, protocol
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
 NO_TF = 3
+SS = shutil.which("ss") or "/usr/bin/ss"
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    # two slots each, so three TF peers can host the four tasks of the spec
+    # two slots each, so three TF peers can host the three servers of the spec, and more
     with LocalCluster(4, base=tmp_path_factory.mktemp("tf"), slots=2, tf={NO_TF: "no"}) as cluster:
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def peers(swarm: LocalCluster) -> dict[str, dict[str, Any]]:
-    """name -> ``ipdc peers --json`` row, once all four nodes are seen."""
-    home = swarm.nodes[0].home
+def live_peers(home: Path, count: int) -> dict[str, dict[str, Any]]:
+    """name -> ``ipdc peers --json`` row, once ``count`` nodes are seen."""
     rows: dict[str, dict[str, Any]] = {}
 
     def all_seen() -> bool:
         rows.update({r["name"]: r for r in json.loads(run_cli(["peers", "--json"], home).stdout)})
-        return len(rows) == 4
+        return len(rows) == count
     assert wait_for(all_seen, 30, 0.5), rows
     return rows
 
 
-def name_nearest(peers: dict[str, dict[str, Any]], wanted: str, prefix: str) -> str:
-    """A cluster name whose nearest peer (by XOR distance, TF or not) is ``wanted``."""
-    for i in range(1000):
+@pytest.fixture(scope="module")
+def peers(swarm: LocalCluster) -> dict[str, dict[str, Any]]:
+    return live_peers(swarm.nodes[0].home, 4)
+
+
+def name_nearest(peers: dict[str, dict[str, Any]], wanted: list[str], prefix: str) -> str:
+    """A cluster name whose nearest peers by XOR distance, in order, begin with ``wanted``."""
+    for i in range(10000):
         name = f"{prefix}{i}"
-        nearest = min(peers.values(), key=lambda r: xor_key(r["peer_id"]) ^ xor_key(name))
-        if nearest["name"] == wanted:
+        order = sorted(peers.values(), key=lambda r: xor_key(r["peer_id"]) ^ xor_key(name))
+        if [r["name"] for r in order[:len(wanted)]] == wanted:
             return name
     raise AssertionError("no name found")
 
 
-def tf_servers(base: Path) -> dict[int, str]:
-    """pid -> command line of every create_worker.py running from a node home under ``base``."""
+def tf_processes(name: str) -> dict[int, str]:
+    """pid -> command line of every live TF server, relay and chief of cluster ``name``."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(entry / "cwd")
         except (OSError, ValueError):
             continue
-        if "create_worker.py" in cmd and cwd.startswith(str(base)) and pid_alive(int(entry.name)):
+        if "ipdc.runner.tf" in cmd and f'"label": "{name}/' in cmd and pid_alive(int(entry.name)):
             found[int(entry.name)] = cmd
     return found
+
+
+def servers_of(processes: dict[int, str]) -> list[str]:
+    """The TF server processes among ``processes`` (not their relays, nor the bwrap around them)."""
+    return [c for c in processes.values() if "ipdc.runner.tfserver" in c and not c.startswith("bwrap")]
+
+
+def listeners() -> list[tuple[str, int, set[int]]]:
+    """(address, port, owning pids) of every TCP socket listening in this network namespace."""
+    out = subprocess.run([SS, "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split()
+        address, _, port = fields[3].rpartition(":")
+        pids = {int(p.split("=")[1]) for p in " ".join(fields[5:]).replace(")", ",").split(",")
+                if p.startswith("pid=")}
+        rows.append((address.strip("[]"), int(port), pids))
+    return rows
+
+
+def tf_leftovers(swarm: LocalCluster) -> list[str]:
+    """What any node still holds of any TF cluster: p2p listeners or forwards (in a running
+    kubo), socket files."""
+    left = []
+    for node in swarm.nodes:
+        if node.services["ipfs"].pid() is not None:
+            with KuboClient(node.config.kubo_api_url) as kubo:
+                left += [f"{node.config.node.name}: {e['Protocol']} {e['ListenAddress']}"
+                         for e in kubo.p2p_ls() if e["Protocol"].startswith(PROTOCOL_PREFIX)]
+        sockets = node.home / "run" / "tf"
+        left += [str(p) for p in sockets.rglob("*")] if sockets.exists() else []
+    return left
 
 
 def write_spec(path: Path, spec: dict[str, list[int]]) -> Path:
@@ -77,62 +122,125 @@ def write_spec(path: Path, spec: dict[str, list[int]]) -> Path:
     return path
 
 
-def test_a_ps_cluster_comes_up_trains_and_goes_down(swarm: LocalCluster, peers: dict[str, dict[str, Any]],
-                                                    tmp_path: Path) -> None:
+def up(home: Path, spec: Path, name: str, **kwargs: Any) -> dict[str, Any]:
+    cluster: dict[str, Any] = json.loads(run_cli(["tf", str(spec), "--name", name, "--json"], home,
+                                                 timeout=300, **kwargs).stdout)
+    return cluster
+
+
+def run_example(home: Path, name: str, steps: int = 100) -> dict[str, Any]:
+    """``ipdc tf run NAME -- python example.py`` and its RESULT line; asserts it trained."""
+    done = run_cli(["tf", "run", name, "--", sys.executable, str(EXAMPLE), "--steps", str(steps)], home,
+                   timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps_seen = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    result: dict[str, Any] = json.loads(done.stdout.rsplit("RESULT ", 1)[1])
+    print(f"loss before {result['loss_before']:.4f}, after {result['loss_after']:.4f}, "
+          f"steps per worker {result['steps_per_worker']}")
+    assert len(steps_seen) == steps
+    assert result["loss_after"] < 0.2 * result["loss_before"], result
+    assert set(result["steps_per_worker"]) == {"0", "1"} and sum(result["steps_per_worker"].values()) == steps
+    assert all(d.startswith("/job:ps/") for d in result["variable_devices"].values()), result
+    return result
+
+
+def test_a_ps_cluster_comes_up_trains_privately_and_goes_down(
+        swarm: LocalCluster, peers: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     home = swarm.nodes[0].home
+    owner = swarm.nodes[0].config.node.name
     no_tf = swarm.nodes[NO_TF].config.node.name
     assert peers[no_tf]["tf"] is False and sum(r["tf"] for r in peers.values()) == 3
-    name = name_nearest(peers, no_tf, "ps-")
+    name = name_nearest(peers, [no_tf], "ps-")
     spec = write_spec(tmp_path / "spec.conf", {"chief": [0], "worker": [0, 1], "ps": [0]})
 
-    cluster = json.loads(run_cli(["tf", str(spec), "--name", name, "--json"], home, timeout=300).stdout)
-    hosts = {t["peer"] for t in cluster["tasks"]}
-    assert no_tf not in hosts and len(hosts) == 3, cluster["tasks"]
-    spec_file = json.loads((Path(cluster["dir"]) / "ClusterSpec.json").read_text())
-    assert {job: len(a) for job, a in spec_file["ClusterSpec"].items()} == {"chief": 1, "ps": 1, "worker": 2}
-    assert sorted(spec_file["TaskIndex"].values()) == [["chief", 0], ["ps", 0], ["worker", 0], ["worker", 1]]
-    servers = tf_servers(swarm.base)
-    assert len(servers) == 3, servers  # ps and two workers; the chief is the script below
+    cluster = up(home, spec, name)
+    tasks = {(t["job"], t["index"]): t for t in cluster["tasks"]}
+    assert tasks[("chief", 0)]["peer"] == owner and not tasks[("chief", 0)]["server"]
+    servers = [t for t in cluster["tasks"] if t["server"]]
+    assert no_tf not in {t["peer"] for t in servers} and len({t["peer"] for t in servers}) == 3, servers
+    assert {job: len(a) for job, a in cluster["cluster_spec"].items()} == {"chief": 1, "ps": 1, "worker": 2}
+    addresses = [a for listed in cluster["cluster_spec"].values() for a in listed]
+    assert all(a.startswith("127.0.0.1:") for a in addresses)
+    assert f"ipdc tf run {name} -- python" in cluster["command"]
+    processes = tf_processes(name)
+    assert len(servers_of(processes)) == 3, processes  # none for the chief
     listed = json.loads(run_cli(["tf", "list", "--json"], home).stdout)
     assert [(c["name"], c["up"]) for c in listed] == [(name, True)]
 
-    env = {**os.environ, "TF_CONFIG": spec_file["TF_CONFIG"]["chief"][0]}
-    done = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "100"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"python {EXAMPLE}" in cluster["command"]
-    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
-    result = json.loads(done.stdout.rsplit("RESULT ", 1)[1])
-    print(f"loss before {result['loss_before']:.4f}, after {result['loss_after']:.4f}, "
-          f"steps per worker {result['steps_per_worker']}")
-    assert len(steps) == 100
-    assert result["loss_after"] < 0.2 * result["loss_before"], result
-    assert float(steps[-1].split()[-1]) < float(steps[0].split()[-1])
-    assert set(result["steps_per_worker"]) == {"0", "1"} and sum(result["steps_per_worker"].values()) == 100
-    assert all(d.startswith("/job:ps/") for d in result["variable_devices"].values()), result
+    # No TF port, and no port that forwards to one, is on a non-loopback address: the servers
+    # listen inside their sandboxes; in this namespace, only kubo's peer-checked targets are open.
+    ports = {int(a.rsplit(":", 1)[1]) for a in addresses}
+    for address, port, pids in listeners():
+        assert port not in ports, f"a TF port is open outside the sandboxes: {address}:{port} {pids}"
+        if pids & processes.keys():
+            assert address == "127.0.0.1", f"{processes[min(pids & processes.keys())]} listens on {address}"
+
+    run_example(home, name)
+    assert run_cli(["tf", "run", name], home, check=False).returncode != 0  # no command: a usage error
 
     run_cli(["tf", "down", name], home, timeout=120)
-    assert not any(pid_alive(pid) for pid in servers), tf_servers(swarm.base)
-    assert not Path(cluster["dir"]).exists()
-    work_dirs = [n.work_dir / cluster["cluster_id"] for n in swarm.nodes]
-    assert wait_for(lambda: not any(d.exists() for d in work_dirs), 10), work_dirs
+    assert not any(pid_alive(pid) for pid in processes), tf_processes(name)
+    assert not tf_leftovers(swarm)
     assert json.loads(run_cli(["tf", "list", "--json"], home).stdout) == []
+    done = run_cli(["tf", "run", name, "--", "true"], home, check=False)
+    assert done.returncode != 0 and f"no TF cluster named {name!r}" in done.stderr
+
+
+def test_only_the_clusters_own_hosts_reach_its_servers(swarm: LocalCluster, peers: dict[str, dict[str, Any]],
+                                                       tmp_path: Path) -> None:
+    """Node 3 holds the swarm key but is no host of the cluster: its stream to a server is dropped
+    by the server's relay, and so is a local connection to kubo's target that names no host."""
+    home = swarm.nodes[0].home
+    tf_peers = {n: r for n, r in peers.items() if r["tf"]}
+    target = swarm.nodes[1].config.node.name
+    name = name_nearest(tf_peers, [target], "peer-")
+    cluster = up(home, write_spec(tmp_path / "spec.conf", {"worker": [0, 1]}), name)
+    plan = TfPlan.from_params(cluster["plan"])
+    served = next(t for t in plan.servers() if t.host == target)
+    outsider = swarm.nodes[NO_TF]
+    assert outsider.config.node.name not in plan.peers
+    proto = protocol(cluster_token(cluster["submitter"], cluster["cluster_id"]), served)
+    sock = tmp_path / "steal.sock"
+    with KuboClient(outsider.config.kubo_api_url) as kubo:
+        kubo.p2p_forward(proto, f"/unix{sock}", peers[target]["peer_id"])
+        try:
+            assert not grpc_answers(sock)
+        finally:
+            kubo.p2p_close(proto)
+    log = next((swarm.nodes[1].home / "logs").glob(f"tf-*-{served.name}.log"))
+    assert wait_for(lambda: f"refused a stream from peer '{peers[outsider.config.node.name]['peer_id']}'"
+                    in log.read_text(), 10), log.read_text()
+    with KuboClient(swarm.nodes[1].config.kubo_api_url) as kubo:
+        (entry,) = [e for e in kubo.p2p_ls() if e["Protocol"] == proto]
+    port = int(entry["TargetAddress"].rsplit("/", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        raw.settimeout(10)
+        assert raw.recv(64) == b""  # closed, unanswered
+    run_cli(["tf", "down", name], home, timeout=120)
+    assert not tf_leftovers(swarm)
 
 
 def test_more_tasks_than_the_swarm_can_host_fail_clearly(swarm: LocalCluster, peers: dict[str, Any],
                                                          tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "big.conf", {"worker": list(range(7))})
+    spec = write_spec(tmp_path / "big.conf", {"chief": [0], "worker": list(range(7))})
     done = run_cli(["tf", str(spec)], swarm.nodes[0].home, check=False)
     assert done.returncode != 0
-    assert "asks for 7 TF tasks but the swarm can host 6" in done.stderr, done.stderr
+    assert "asks for 7 TF server tasks but the swarm can host 6" in done.stderr, done.stderr
     assert "3 of 4 live peer(s) have TensorFlow" in done.stderr, done.stderr
-    assert not tf_servers(swarm.base)
+    assert not tf_leftovers(swarm)
 
 
-def test_a_malformed_spec_names_the_bad_key(swarm: LocalCluster, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "bad.conf", {"chief": [0], "worker": [0, 2]})
-    done = run_cli(["tf", str(spec)], swarm.nodes[0].home, check=False)
-    assert done.returncode == 2 and "'worker'" in done.stderr and "0..1" in done.stderr, done.stderr
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"chief": [0], "worker": [0, 2]}, ["'worker'", "0..1"]),
+    ({"chief": [0]}, ["no server task"]),
+    ({"Worker": [0]}, ["'Worker'", "lower-case"]),
+    ({"chief": [0, 1], "worker": [0]}, ["'chief'", "one task only"]),
+])
+def test_a_malformed_spec_names_the_bad_key(swarm: LocalCluster, tmp_path: Path, spec: dict[str, list[int]],
+                                            words: list[str]) -> None:
+    done = run_cli(["tf", str(write_spec(tmp_path / "bad.conf", spec))], swarm.nodes[0].home, check=False)
+    assert done.returncode == 2 and all(w in done.stderr for w in words), done.stderr
 
 
 def test_without_a_running_node_the_user_is_told_to_start_one(tmp_path: Path) -> None:
@@ -147,14 +255,74 @@ def test_an_agent_that_stops_stops_its_tf_servers(swarm: LocalCluster, peers: di
     home = swarm.nodes[0].home
     victim = swarm.nodes[1]
     tf_peers = {n: r for n, r in peers.items() if r["tf"]}
-    name = name_nearest(tf_peers, victim.config.node.name, "local-")
-    spec = write_spec(tmp_path / "local.conf", {"local": [0]})
-    cluster = json.loads(run_cli(["tf", str(spec), "--name", name, "--json"], home, timeout=300).stdout)
+    name = name_nearest(tf_peers, [victim.config.node.name], "local-")
+    cluster = up(home, write_spec(tmp_path / "local.conf", {"local": [0]}), name)
     assert [t["peer"] for t in cluster["tasks"]] == [victim.config.node.name]
-    servers = tf_servers(swarm.base)
-    assert len(servers) == 1, servers
+    processes = tf_processes(name)
+    assert len(servers_of(processes)) == 1, processes
 
     victim.stop()
-    assert not any(pid_alive(pid) for pid in servers)
+    assert not any(pid_alive(pid) for pid in processes)
     run_cli(["tf", "down", name], home, timeout=120)  # the gone peer no longer counts
-    assert not Path(cluster["dir"]).exists()
+    assert not tf_leftovers(swarm)
+
+
+# -- a node that cannot isolate TF servers ------------------------------------------------------
+def restart_agent(cluster: LocalCluster, i: int, trusted_network: bool) -> None:
+    node = cluster.nodes[i]
+    save_config(node.config.replace(tf={"trusted_network": trusted_network}), node.conf_path)
+    node.services["agent"].stop()
+    cluster.nodes[i] = Node(node.home)
+    cluster.nodes[i].start()
+
+
+@pytest.fixture(scope="module")
+def no_bwrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Two nodes whose PATH has no bubblewrap, so they cannot sandbox TF: a real condition
+    (bubblewrap not installed), with the same outcome as a kernel without unprivileged user
+    namespaces. Node 0 says ``tf.trusted_network: true``; node 1 does not."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    for tool in ("ipfs", "mosquitto_passwd"):
+        found = shutil.which(tool)
+        assert found is not None, f"{tool} is not installed"
+        (bin_dir / tool).symlink_to(found)
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = str(bin_dir)
+    try:
+        with LocalCluster(2, base=tmp_path_factory.mktemp("tf-open"), slots=4,
+                          settings={"tf": {"trusted_network": True}}) as cluster:
+            restart_agent(cluster, 1, trusted_network=False)
+            yield cluster
+    finally:
+        os.environ["PATH"] = saved
+
+
+def test_a_node_that_cannot_isolate_tf_refuses_it_unless_its_network_is_trusted(
+        no_bwrap: LocalCluster, tmp_path: Path) -> None:
+    home = no_bwrap.nodes[0].home
+    live_peers(home, 2)
+    untrusted = no_bwrap.nodes[1].config.node.name
+    spec = write_spec(tmp_path / "spec.conf", {"chief": [0], "worker": [0, 1], "ps": [0]})
+
+    # three servers on two peers: at least one of them on node 1
+    refused = run_cli(["tf", str(spec), "--name", "closed"], home, timeout=300, check=False)
+    assert refused.returncode != 0
+    for words in (f"{untrusted} refuses TensorFlow tasks", "bubblewrap is not installed",
+                  "executes any graph", "trusted_network: true"):
+        assert words in refused.stderr, refused.stderr
+    assert not tf_leftovers(no_bwrap)
+
+    # Where the host trusts its network, the cluster runs there, unisolated, as it asked: its
+    # servers listen on every interface, as TensorFlow's do. (Unisolated hosts need a network
+    # each, so this cluster has one host: the nodes here share one.)
+    no_bwrap.nodes[1].stop()
+    live_peers(home, 1)
+    cluster = up(home, spec, "open")
+    processes = tf_processes("open")
+    exposed = {port for address, port, pids in listeners()
+               if pids & processes.keys() and address != "127.0.0.1"}
+    assert {int(a.rsplit(":", 1)[1]) for a in cluster["cluster_spec"]["worker"]} <= exposed
+    run_example(home, "open", steps=60)
+    run_cli(["tf", "down", "open"], home, timeout=120)
+    assert not any(pid_alive(pid) for pid in processes)
+    assert not tf_leftovers(no_bwrap)
