@@ -11,14 +11,10 @@ it cannot, :func:`isolation_problem` says why, and TF is refused unless the node
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-#: The installed Python (and with it tensorflow) that sandboxed TF servers run.
-PYTHON_HOME = str(Path(os.path.realpath(sys.executable)).parent.parent)
 #: The directory that holds the ``ipdc`` package: TF processes run its ``ipdc.runner.tfserver``.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -56,18 +52,3 @@ def chief_argv() -> list[str]:
     return ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent",
             "--proc", "/proc"]
 
-
-def server_argv(socket_dir: Path) -> list[str]:
-    """The sandbox of a TF server: namespaces of its own (a loopback-only network among them),
-    a clean environment, read-only /usr, Python and IPDC, the cluster's sockets read-only, and
-    nothing of the node's home. It dies with its parent."""
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-            # /tmp first: the binds below may lie under it (a home in /tmp), and a later tmpfs hides them
-            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
-            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache",
-            "--ro-bind", "/sys/devices/system/cpu", "/sys/devices/system/cpu",
-            "--ro-bind", PYTHON_HOME, PYTHON_HOME, "--ro-bind", PACKAGE_ROOT, PACKAGE_ROOT,
-            "--ro-bind", str(socket_dir), str(socket_dir), "--chdir", "/tmp"]
-    return argv

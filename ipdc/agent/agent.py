@@ -77,7 +77,7 @@ from ipdc.wire.ids import JobId, NodeName  # noqa: E402
 from ipdc.wire.manifest import JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
 from ipdc.wire.renew import RENEW, Renew  # noqa: E402
-from ipdc.wire.tf import Tf, TfPlan  # noqa: E402
+from ipdc.wire.tf import Tf, TfPlan, socket_root  # noqa: E402
 
 if TYPE_CHECKING:
     from ipdc.agent.tfhost import TfHost
@@ -139,7 +139,7 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.peer_id = self.kubo.id()["ID"]
-        if (self.node.home / "run" / "tf").exists():
+        if socket_root(self.node.home).exists():
             from ipdc.agent.tfhost import sweep
             sweep(self.node.home, self.kubo)
         self.bus.subscribe(f"ipdc/peer/{self.name}/+")

@@ -3,21 +3,22 @@
 See :mod:`ipdc.wire.tf` for the plan every host derives its part from, and
 :mod:`ipdc.submit.tf` for the controller that asks for it. For one cluster, a host:
 
-1. makes the cluster's directory, ``run/tf/<token>/``, readable by this user only;
+1. makes the cluster's socket directory (:func:`ipdc.wire.tf.cluster_dir`);
 2. for every server task hosted elsewhere, asks its kubo to forward the unix socket
    ``t<k>.sock`` there to that task's host, over the private swarm;
 3. for every server task hosted here, binds two listening sockets itself: ``t<k>.sock``
-   (how tasks of this host, and the owner's chief, reach it) and, when the cluster has
-   other hosts, TCP 127.0.0.1:0, the target of kubo's ``p2p listen`` for the task. It
-   hands both to the task's sandbox as inherited descriptors and keeps no copy, then
-   waits until the task answers gRPC through ``t<k>.sock``.
+   (how the tasks of this host, and the owner's chief, reach it) and, when the cluster
+   has other hosts, TCP 127.0.0.1:0, the target of kubo's ``p2p listen`` for the task.
+   It hands both to the task's sandbox as inherited descriptors and keeps no copy,
+   then waits until the task answers gRPC through ``t<k>.sock``.
 
-Each server runs IPDC's own ``python -m ipdc.runner.tfserver`` in a sandbox with a
-network namespace of its own that has only loopback: its TF server (which binds every
-interface) and its relays are reachable only through those descriptors, and it sees
-the cluster's directory read-only. Where no such sandbox can be made, the node
-refuses TF tasks unless ``tf.trusted_network`` says otherwise; it then runs the
-servers in its own network namespace, and one relay process per cluster for them.
+Each server runs IPDC's own ``ipdc.runner.tfserver`` in the sandbox user code runs in
+(:mod:`ipdc.spawn`): a network namespace of its own with loopback only, so its TF
+server (which binds every interface) and its relays are reachable only through those
+descriptors; the socket directory read-only; nothing of the node's home. Where no
+sandbox can be made, the node refuses TF tasks unless ``tf.trusted_network`` says
+otherwise; it then runs the servers in its own network namespace, unsandboxed, and
+one relay process per cluster for them.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ipdc.errors import IPDCError, JobError, KuboError
+from ipdc.isolation.bwrap import FIRST_EXTRA_FD
 from ipdc.kubo import KuboClient
 from ipdc.net import grpc_answers
-from ipdc.spawn import wait_for
-from ipdc.tfsandbox import PACKAGE_ROOT, isolation_problem, refusal, server_argv
+from ipdc.spawn import Limits, Sandbox, SandboxSpec, wait_for
+from ipdc.tfsandbox import PACKAGE_ROOT, refusal
 from ipdc.wire.getresult import GetResult, clip
 from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.tf import (
@@ -51,6 +53,7 @@ from ipdc.wire.tf import (
     cluster_dir,
     cluster_token,
     protocol,
+    socket_root,
 )
 
 log = logging.getLogger(__name__)
@@ -60,9 +63,49 @@ JobKey = tuple[str, str]
 #: Seconds a server may take to answer (TF's import alone takes about 8 s on a busy machine).
 START_TIMEOUT = 180.0
 KILL_TIMEOUT = 10.0
-#: What a TF process may see of this machine's environment: nothing else (no secrets, no proxies).
-TF_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-          "PYTHONDONTWRITEBYTECODE": "1", "GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2"}
+#: Set before TensorFlow is imported, which reads them then (see FACTS, TensorFlow).
+TF_ENV = {"GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+#: A TF server's sandbox: as a runner's, but TF reserves far more address space than it uses
+#: (no RLIMIT_AS), holds ~600 MB, runs dozens of threads, and serves for as long as its
+#: cluster lives (no CPU-time limit worth the name).
+TF_LIMITS = Limits(memory_mb=4096, address_space_mb=0, max_pids=4096, cpu_percent=0,
+                   cpu_seconds=1 << 30, disk_mb=64, nofile=4096)
+#: Directories on the way to a cluster's sockets: others (a sandbox's uid) may pass, not list.
+DIR_MODE = 0o711
+#: The sockets themselves: a sandbox under a uid of its own must be able to connect.
+SOCKET_MODE = 0o666
+
+
+class _Process(Protocol):
+    """A TF process of this host: sandboxed (:class:`ipdc.spawn.SandboxedProcess`) or not."""
+
+    def alive(self) -> bool: ...
+    def kill(self) -> None: ...
+    def ended_by(self) -> str: ...
+
+
+class _Unsandboxed:
+    """A TF process of a host that cannot sandbox it (``tf.trusted_network``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a TF server has nothing to save
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(KILL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("TF process %d outlived SIGKILL", self.proc.pid)
+
+    def ended_by(self) -> str:
+        code = self.proc.returncode
+        return "running" if code is None else f"exit code {code}" if code >= 0 else f"signal {-code}"
 
 
 @dataclass
@@ -73,8 +116,8 @@ class _Hosted:
     token: str
     dir: Path
     protocols: list[str] = field(default_factory=list)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    """Task name (or "relay", the shared relay of an unisolated host) -> its process."""
+    procs: dict[str, _Process] = field(default_factory=dict)
+    """Task name (or "relay", the shared relay of an unsandboxed host) -> its process."""
 
 
 class TfHost:
@@ -90,6 +133,7 @@ class TfHost:
         self.trusted_network = trusted_network
         self.report = report
         self.log_dir = home / "logs"
+        self.sandbox = Sandbox(self.log_dir)
         self._clusters: dict[JobKey, _Hosted] = {}
         self._lock = threading.Lock()
 
@@ -122,15 +166,15 @@ class TfHost:
         local = [t for t in plan.servers() if t.host == self.node]
 
         def settled() -> bool:
-            return all(grpc_answers(hosted.dir / t.sock) or procs[t.name].poll() is not None for t in local)
+            return all(grpc_answers(hosted.dir / t.sock) or not procs[t.name].alive() for t in local)
 
         if not wait_for(settled, START_TIMEOUT, 0.2):
             raise JobError(f"TF servers {', '.join(t.name for t in local)} did not answer within "
-                           f"{START_TIMEOUT:.0f}s; see {self.log_dir}/tf-{hosted.token}-*.log")
-        dead = [f"/job:{t.job}/task:{t.index} exited ({_tail(self._log(hosted, t.name))})"
-                for t in local if procs[t.name].poll() is not None]
+                           f"{START_TIMEOUT:.0f}s; see {self.log_dir / 'runners.log'}")
+        dead = [f"/job:{t.job}/task:{t.index} ended ({procs[t.name].ended_by()})"
+                for t in local if not procs[t.name].alive()]
         if dead:
-            raise JobError("; ".join(dead))
+            raise JobError(f"{'; '.join(dead)}; see {self.log_dir / 'runners.log'}")
 
     def _prepare(self, key: JobKey, plan: TfPlan) -> _Hosted:
         """Check the plan against this node; the cluster's directory, empty."""
@@ -139,9 +183,8 @@ class TfHost:
                            f"but this node's kubo is {self.peer_id}")
         if not self.offers_tf and any(t.host == self.node for t in plan.servers()):
             raise JobError(f"{self.node} does not offer TensorFlow (node.tf, or tensorflow is not installed)")
-        problem = isolation_problem()
-        if problem and not self.trusted_network:
-            raise JobError(refusal(self.node, problem))
+        if self.sandbox.unusable and not self.trusted_network:
+            raise JobError(refusal(self.node, self.sandbox.unusable))
         token = cluster_token(*key)
         directory = cluster_dir(self.home, token)
         longest = directory / f"t{len(plan.task_list())}.sock"
@@ -149,47 +192,47 @@ class TfHost:
             raise JobError(f"the socket path {longest} is longer than a unix socket allows "
                            f"({MAX_SOCKET_PATH} bytes): give this node a shorter IPDC_HOME")
         shutil.rmtree(directory, ignore_errors=True)  # what a killed agent left
-        directory.mkdir(parents=True, mode=0o700)
+        for path in reversed([directory, *directory.parents]):
+            if not path.exists():
+                path.mkdir()
+                path.chmod(DIR_MODE)
         return _Hosted(plan, token, directory)
 
     def _launch(self, hosted: _Hosted) -> None:
-        """Forwards to the tasks elsewhere, then this host's servers in their sandboxes."""
+        """Forwards to the tasks elsewhere, then this host's servers."""
         plan, me = hosted.plan, self.node
-        others = len(plan.peers) > 1
         servers = plan.servers()
-        allowed = sorted(plan.peers.values())
         for t in servers:
             hosted.protocols.append(protocol(hosted.token, t))
             if t.host != me:
-                self.kubo.p2p_forward(protocol(hosted.token, t), f"/unix{hosted.dir / t.sock}",
-                                      plan.peers[t.host])
-        isolated = not isolation_problem()
+                sock = hosted.dir / t.sock
+                self.kubo.p2p_forward(protocol(hosted.token, t), f"/unix{sock}", plan.peers[t.host])
+                sock.chmod(SOCKET_MODE)
+        sandboxed = not self.sandbox.unusable
         shared: list[dict[str, Any]] = []
-        """The maps of the one relay of an unisolated host."""
+        """The maps of the one relay of an unsandboxed host."""
         fds: list[int] = []
         try:
             for t in servers:
                 if t.host != me:
-                    if not isolated:
+                    if not sandboxed:
                         shared.append(_to_socket(t, hosted.dir))
                     continue
                 inward = [self._serve_socket(hosted.dir / t.sock)]
-                if others:
+                if len(plan.peers) > 1:
                     inward.append(self._kubo_target(hosted.token, t))
                 fds += inward
-                own = f"tcp:127.0.0.1:{t.port}"
-                maps: list[dict[str, Any]] = [{"listen": f"fd:{inward[0]}", "target": own}]
-                maps += [{"listen": f"fd:{fd}", "target": own, "peers": allowed} for fd in inward[1:]]
-                if isolated:
+                if sandboxed:  # inside, the spec's fds are 4, 5, ...
+                    maps = _inward(t, range(FIRST_EXTRA_FD, FIRST_EXTRA_FD + len(inward)), plan)
                     maps += [_to_socket(u, hosted.dir) for u in servers if u != t]
-                    self._spawn(hosted, t, maps, inward, sandboxed=True)
+                    self._sandboxed(hosted, t, maps, inward)
                 else:
-                    shared += maps
-                    self._spawn(hosted, t, [], [], sandboxed=False)
+                    shared += _inward(t, inward, plan)
+                    self._unsandboxed(hosted, t.name, {"type": t.job, "index": t.index}, [], [])
             if shared:
-                self._spawn(hosted, None, shared, fds, sandboxed=False)
+                self._unsandboxed(hosted, "relay", None, shared, fds)
         finally:
-            for fd in fds:  # the sandboxes hold them now
+            for fd in fds:  # the processes hold them now
                 os.close(fd)
 
     def _serve_socket(self, path: Path) -> int:
@@ -198,6 +241,7 @@ class TfHost:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
         sock.listen(128)
+        path.chmod(SOCKET_MODE)
         return sock.detach()
 
     def _kubo_target(self, token: str, task: Task) -> int:
@@ -209,28 +253,36 @@ class TfHost:
         self.kubo.p2p_listen(protocol(token, task), f"/ip4/127.0.0.1/tcp/{port}")
         return sock.detach()
 
-    def _log(self, hosted: _Hosted, name: str) -> Path:
-        return self.log_dir / f"tf-{hosted.token}-{name}.log"
+    def _plan_for(self, hosted: _Hosted, name: str, task: dict[str, Any] | None,
+                  maps: list[dict[str, Any]]) -> str:
+        """tfserver's argument: what to run, as JSON (data, never code)."""
+        return json.dumps({"label": f"{hosted.plan.name}/{name}", "cluster": hosted.plan.cluster_spec(),
+                           "task": task, "maps": maps})
 
-    def _spawn(self, hosted: _Hosted, task: Task | None, maps: list[dict[str, Any]], fds: list[int],
-               sandboxed: bool) -> None:
-        """Start ``python -m ipdc.runner.tfserver`` for ``task`` (None: the shared relay)."""
-        name = task.name if task is not None else "relay"
-        env = {**TF_ENV, "PYTHONPATH": PACKAGE_ROOT}
-        plan: dict[str, Any] = {"label": f"{hosted.plan.name}/{name}", "cluster": hosted.plan.cluster_spec(),
-                                "maps": maps,
-                                "task": None if task is None else {"type": task.job, "index": task.index}}
-        argv = [sys.executable, "-m", "ipdc.runner.tfserver", json.dumps(plan)]
-        if sandboxed:
-            argv = server_argv(hosted.dir) + [a for k, v in env.items() for a in ("--setenv", k, v)] + argv
+    def _sandboxed(self, hosted: _Hosted, task: Task, maps: list[dict[str, Any]], fds: list[int]) -> None:
+        spec = SandboxSpec(module="ipdc.runner.tfserver", name=f"tf-{task.name}",
+                           args=(self._plan_for(hosted, task.name, {"type": task.job, "index": task.index},
+                                                maps),),
+                           limits=TF_LIMITS, ro_dirs=(str(hosted.dir),), fds=tuple(fds),
+                           env=tuple(TF_ENV.items()))
+        process = self.sandbox.start(spec)
+        hosted.procs[task.name] = process
+        log.info("TF cluster %s: started %s (sandbox %d)", hosted.plan.name, task.name, process.pid)
+
+    def _unsandboxed(self, hosted: _Hosted, name: str, task: dict[str, Any] | None,
+                     maps: list[dict[str, Any]], fds: list[int]) -> None:
+        """A TF process in this node's own namespaces, as ``tf.trusted_network`` allows."""
+        argv = [sys.executable, "-m", "ipdc.runner.tfserver", self._plan_for(hosted, name, task, maps)]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": PACKAGE_ROOT,
+               **TF_ENV}
         for fd in fds:
             os.set_inheritable(fd, True)
-        with open(self._log(hosted, name), "ab") as out:
+        with open(self.log_dir / "runners.log", "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=env, pass_fds=fds, start_new_session=True, cwd="/")
-        hosted.procs[name] = proc
-        log.info("TF cluster %s: started %s (pid %d%s)", hosted.plan.name, name, proc.pid,
-                 ", sandboxed" if sandboxed else ", NOT isolated (tf.trusted_network)")
+        hosted.procs[name] = _Unsandboxed(proc)
+        log.warning("TF cluster %s: started %s (pid %d) NOT isolated: %s; tf.trusted_network allows it",
+                    hosted.plan.name, name, proc.pid, self.sandbox.unusable)
 
     # -- stop ------------------------------------------------------------------------
     def stop(self, key: JobKey) -> None:
@@ -240,21 +292,15 @@ class TfHost:
             hosted = self._clusters.pop(key, None)
         if hosted is None:
             return
-        procs = list(hosted.procs.values())
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # a TF server has nothing to save
-            except ProcessLookupError:
-                pass
-        if not wait_for(lambda: all(p.poll() is not None for p in procs), KILL_TIMEOUT, 0.05):
-            log.error("TF processes of cluster %s outlived SIGKILL", hosted.plan.name)
+        for process in hosted.procs.values():
+            process.kill()
         for proto in hosted.protocols:
             try:
                 self.kubo.p2p_close(proto)
             except KuboError as exc:
                 log.warning("could not close the p2p listener %s: %s", proto, exc)
         shutil.rmtree(hosted.dir, ignore_errors=True)
-        log.info("TF cluster %s: stopped %d process(es)", hosted.plan.name, len(procs))
+        log.info("TF cluster %s: stopped %d process(es)", hosted.plan.name, len(hosted.procs))
 
     def close(self) -> None:
         """Stop every cluster (the agent is stopping)."""
@@ -262,6 +308,7 @@ class TfHost:
             keys = list(self._clusters)
         for key in keys:
             self.stop(key)
+        self.sandbox.close()
 
 
 def sweep(home: Path, kubo: KuboClient) -> None:
@@ -276,16 +323,19 @@ def sweep(home: Path, kubo: KuboClient) -> None:
         return
     if stale:
         log.info("closed %d stale TF listener(s) and forward(s)", len(stale))
-    shutil.rmtree(home / "run" / "tf", ignore_errors=True)
+    shutil.rmtree(socket_root(home), ignore_errors=True)
+
+
+def _inward(task: Task, fds: Iterable[int], plan: TfPlan) -> list[dict[str, Any]]:
+    """The relay maps into ``task`` from its listening sockets ``fds``: its own unix socket,
+    then kubo's target, whose streams must come from one of the cluster's hosts."""
+    own = f"tcp:127.0.0.1:{task.port}"
+    fds = list(fds)
+    maps: list[dict[str, Any]] = [{"listen": f"fd:{fds[0]}", "target": own}]
+    return maps + [{"listen": f"fd:{fd}", "target": own, "peers": sorted(plan.peers.values())}
+                   for fd in fds[1:]]
 
 
 def _to_socket(task: Task, directory: Path) -> dict[str, Any]:
     """The relay map by which a process reaches ``task`` at its ClusterSpec address."""
     return {"listen": f"tcp:127.0.0.1:{task.port}", "target": f"unix:{directory / task.sock}"}
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "no log"

@@ -32,10 +32,12 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 #: Set before TensorFlow is imported (it reads them then): see FACTS, TensorFlow.
 TF_ENV = {"GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2"}
+RELAY = Path(__file__).with_name("tfrelay.py")
 
 
 def start_relays(label: str, maps: list[dict[str, Any]]) -> subprocess.Popen[bytes] | None:
@@ -43,7 +45,8 @@ def start_relays(label: str, maps: list[dict[str, Any]]) -> subprocess.Popen[byt
     if not maps:
         return None
     fds = [int(m["listen"][3:]) for m in maps if m["listen"].startswith("fd:")]
-    argv = [sys.executable, "-m", "ipdc.runner.tfrelay", json.dumps({"label": label, "maps": maps})]
+    # The relay needs the standard library only: in a sandbox, its Python runs isolated (-I -S).
+    argv = [sys.executable, "-I", "-S", str(RELAY), json.dumps({"label": label, "maps": maps})]
     relay = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=fds)
     assert relay.stdout is not None
     if relay.stdout.readline().strip() != b"ready":

@@ -26,6 +26,7 @@ A failure answers "error". Both ops are idempotent, since QoS 1 may deliver twic
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,9 +179,21 @@ def protocol(token: str, task: Task) -> str:
     return f"{PROTOCOL_PREFIX}{token}/t{task.k}"
 
 
+def socket_root(home: Path) -> Path:
+    """Where the node at ``home`` keeps its TF clusters' sockets.
+
+    The sandboxes of a root agent run under uids of their own, which must pass every
+    directory on the way, and a home may be closed to them (``/root/.ipdc``): a root node
+    keeps them under ``/run/ipdc/`` instead, in directories others may pass but not list.
+    The sandboxes of any other agent share its uid, and its home serves."""
+    if os.geteuid() == 0:
+        return Path("/run/ipdc") / hashlib.sha256(str(home).encode()).hexdigest()[:12] / "tf"
+    return home / "run" / "tf"
+
+
 def cluster_dir(home: Path, token: str) -> Path:
-    """Where a host keeps one cluster's sockets (``t<k>.sock``): under the node's run dir."""
-    return home / "run" / "tf" / token
+    """Where a host keeps one cluster's sockets (``t<k>.sock``)."""
+    return socket_root(home) / token
 
 
 TF: Channel[Tf] = Channel("tf", Tf, "ipdc/peer/{node}/tf")

@@ -30,8 +30,8 @@ from ipdc.node.lifecycle import Node
 from ipdc.peers import xor_key
 from ipdc.spawn import pid_alive, wait_for
 from ipdc.submit.tf import EXAMPLE
-from ipdc.wire.tf import PROTOCOL_PREFIX, TfPlan, cluster_token, protocol
-from tests.helpers import run_cli
+from ipdc.wire.tf import PROTOCOL_PREFIX, TfPlan, cluster_token, protocol, socket_root
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +80,16 @@ def tf_processes(name: str) -> dict[int, str]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if "ipdc.runner.tf" in cmd and f'"label": "{name}/' in cmd and pid_alive(int(entry.name)):
+        ours = ("ipdc.runner.tfserver" in cmd or "tfrelay" in cmd) and f"{name}/" in cmd
+        if ours and pid_alive(int(entry.name)):
             found[int(entry.name)] = cmd
     return found
 
 
 def servers_of(processes: dict[int, str]) -> list[str]:
     """The TF server processes among ``processes`` (not their relays, nor the bwrap around them)."""
-    return [c for c in processes.values() if "ipdc.runner.tfserver" in c and not c.startswith("bwrap")]
+    return [c for c in processes.values()
+            if "ipdc.runner.tfserver" in c and "tfrelay" not in c and not c.split()[0].endswith("bwrap")]
 
 
 def listeners() -> list[tuple[str, int, set[int]]]:
@@ -112,7 +114,7 @@ def tf_leftovers(swarm: LocalCluster) -> list[str]:
             with KuboClient(node.config.kubo_api_url) as kubo:
                 left += [f"{node.config.node.name}: {e['Protocol']} {e['ListenAddress']}"
                          for e in kubo.p2p_ls() if e["Protocol"].startswith(PROTOCOL_PREFIX)]
-        sockets = node.home / "run" / "tf"
+        sockets = socket_root(node.home)
         left += [str(p) for p in sockets.rglob("*")] if sockets.exists() else []
     return left
 
@@ -207,7 +209,7 @@ def test_only_the_clusters_own_hosts_reach_its_servers(swarm: LocalCluster, peer
             assert not grpc_answers(sock)
         finally:
             kubo.p2p_close(proto)
-    log = next((swarm.nodes[1].home / "logs").glob(f"tf-*-{served.name}.log"))
+    log = swarm.nodes[1].home / "logs" / "runners.log"
     assert wait_for(lambda: f"refused a stream from peer '{peers[outsider.config.node.name]['peer_id']}'"
                     in log.read_text(), 10), log.read_text()
     with KuboClient(swarm.nodes[1].config.kubo_api_url) as kubo:
@@ -267,7 +269,13 @@ def test_an_agent_that_stops_stops_its_tf_servers(swarm: LocalCluster, peers: di
     assert not tf_leftovers(swarm)
 
 
-# -- a node that cannot isolate TF servers ------------------------------------------------------
+# -- a node that cannot sandbox TF servers -----------------------------------------------------
+#: Runs a command in a user namespace where no further user namespace can be made: there,
+#: bubblewrap cannot make a sandbox, as on a kernel without unprivileged user namespaces.
+NO_USERNS = ["unshare", "--user", "--map-root-user", "sh", "-c",
+             'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]
+
+
 def restart_agent(cluster: LocalCluster, i: int, trusted_network: bool) -> None:
     node = cluster.nodes[i]
     save_config(node.config.replace(tf={"trusted_network": trusted_network}), node.conf_path)
@@ -276,53 +284,44 @@ def restart_agent(cluster: LocalCluster, i: int, trusted_network: bool) -> None:
     cluster.nodes[i].start()
 
 
-@pytest.fixture(scope="module")
-def no_bwrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """Two nodes whose PATH has no bubblewrap, so they cannot sandbox TF: a real condition
-    (bubblewrap not installed), with the same outcome as a kernel without unprivileged user
-    namespaces. Node 0 says ``tf.trusted_network: true``; node 1 does not."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    for tool in ("ipfs", "mosquitto_passwd"):
-        found = shutil.which(tool)
-        assert found is not None, f"{tool} is not installed"
-        (bin_dir / tool).symlink_to(found)
-    saved = os.environ["PATH"]
-    os.environ["PATH"] = str(bin_dir)
-    try:
-        with LocalCluster(2, base=tmp_path_factory.mktemp("tf-open"), slots=4,
-                          settings={"tf": {"trusted_network": True}}) as cluster:
-            restart_agent(cluster, 1, trusted_network=False)
-            yield cluster
-    finally:
-        os.environ["PATH"] = saved
+def refused_unless_trusted(base: Path) -> None:
+    """The scenario of the test below, run where no sandbox can be made (see NO_USERNS)."""
+    with LocalCluster(2, base=base, slots=4, settings={"tf": {"trusted_network": True}}) as cluster:
+        restart_agent(cluster, 1, trusted_network=False)
+        home = cluster.nodes[0].home
+        live_peers(home, 2)
+        untrusted = cluster.nodes[1].config.node.name
+        spec = write_spec(base / "spec.conf", {"chief": [0], "worker": [0, 1], "ps": [0]})
+
+        # three servers on two peers: at least one of them on node 1, which refuses
+        refused = run_cli(["tf", str(spec), "--name", "closed"], home, timeout=300, check=False)
+        assert refused.returncode != 0
+        for words in (f"{untrusted} refuses TensorFlow tasks", "bubblewrap",
+                      "executes any graph", "trusted_network: true"):
+            assert words in refused.stderr, refused.stderr
+        assert not tf_leftovers(cluster)
+
+        # Where the host trusts its network, the cluster runs there unsandboxed, as it asked: its
+        # servers listen on every interface, as TensorFlow's do. (Unsandboxed hosts need a network
+        # each, so this cluster has one host: the nodes here share one.)
+        cluster.nodes[1].stop()
+        live_peers(home, 1)
+        cluster_info = up(home, spec, "open")
+        processes = tf_processes("open")
+        exposed = {port for address, port, pids in listeners()
+                   if pids & processes.keys() and address != "127.0.0.1"}
+        assert {int(a.rsplit(":", 1)[1]) for a in cluster_info["cluster_spec"]["worker"]} <= exposed
+        run_example(home, "open", steps=60)
+        run_cli(["tf", "down", "open"], home, timeout=120)
+        assert not any(pid_alive(pid) for pid in processes)
+        assert not tf_leftovers(cluster)
 
 
-def test_a_node_that_cannot_isolate_tf_refuses_it_unless_its_network_is_trusted(
-        no_bwrap: LocalCluster, tmp_path: Path) -> None:
-    home = no_bwrap.nodes[0].home
-    live_peers(home, 2)
-    untrusted = no_bwrap.nodes[1].config.node.name
-    spec = write_spec(tmp_path / "spec.conf", {"chief": [0], "worker": [0, 1], "ps": [0]})
-
-    # three servers on two peers: at least one of them on node 1
-    refused = run_cli(["tf", str(spec), "--name", "closed"], home, timeout=300, check=False)
-    assert refused.returncode != 0
-    for words in (f"{untrusted} refuses TensorFlow tasks", "bubblewrap is not installed",
-                  "executes any graph", "trusted_network: true"):
-        assert words in refused.stderr, refused.stderr
-    assert not tf_leftovers(no_bwrap)
-
-    # Where the host trusts its network, the cluster runs there, unisolated, as it asked: its
-    # servers listen on every interface, as TensorFlow's do. (Unisolated hosts need a network
-    # each, so this cluster has one host: the nodes here share one.)
-    no_bwrap.nodes[1].stop()
-    live_peers(home, 1)
-    cluster = up(home, spec, "open")
-    processes = tf_processes("open")
-    exposed = {port for address, port, pids in listeners()
-               if pids & processes.keys() and address != "127.0.0.1"}
-    assert {int(a.rsplit(":", 1)[1]) for a in cluster["cluster_spec"]["worker"]} <= exposed
-    run_example(home, "open", steps=60)
-    run_cli(["tf", "down", "open"], home, timeout=120)
-    assert not any(pid_alive(pid) for pid in processes)
-    assert not tf_leftovers(no_bwrap)
+def test_a_node_that_cannot_sandbox_tf_refuses_it_unless_its_network_is_trusted(tmp_path: Path) -> None:
+    """Real nodes in a user namespace that forbids nested ones: see refused_unless_trusted."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*NO_USERNS, sys.executable, "-c",
+                           "import sys, pathlib, tests.integration.test_tf as t; "
+                           "t.refused_unless_trusted(pathlib.Path(sys.argv[1]))", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
