@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from ipdc.bus import Bus
 from ipdc.config import save_config
 from ipdc.kubo import KuboClient
 from ipdc.net import grpc_answers
@@ -30,6 +33,8 @@ from ipdc.node.lifecycle import Node
 from ipdc.peers import xor_key
 from ipdc.spawn import pid_alive, wait_for
 from ipdc.submit.tf import EXAMPLE
+from ipdc.wire.getresult import GETRESULT, GetResult
+from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.tf import PROTOCOL_PREFIX, TfPlan, cluster_token, protocol, socket_root
 from tests.helpers import REPO, run_cli
 
@@ -219,6 +224,45 @@ def test_only_the_clusters_own_hosts_reach_its_servers(swarm: LocalCluster, peer
         raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         raw.settimeout(10)
         assert raw.recv(64) == b""  # closed, unanswered
+    run_cli(["tf", "down", name], home, timeout=120)
+    assert not tf_leftovers(swarm)
+
+
+def test_a_forged_reply_from_a_host_does_not_steer_the_controller(swarm: LocalCluster,
+                                                                   peers: dict[str, dict[str, Any]],
+                                                                   tmp_path: Path) -> None:
+    """Node 1 hosts the cluster's one server, and publishes, on its own result topic, an error
+    that answers no request of the controller's: the controller ignores it and the cluster
+    comes up."""
+    home = swarm.nodes[0].home
+    liar = swarm.nodes[1]
+    tf_peers = {n: r for n, r in peers.items() if r["tf"]}
+    name = name_nearest(tf_peers, [liar.config.node.name], "forged-")
+    spec = write_spec(tmp_path / "spec.conf", {"worker": [0]})
+    env = {**os.environ, "IPDC_HOME": str(home)}
+    with Bus(liar.config.broker, f"{liar.config.node.name}-liar-{secrets.token_hex(3)}") as bus:
+        bus.subscribe("ipdc/result/+/+")
+        bus.connect()
+        argv = [sys.executable, "-m", "ipdc.cli", "-v", "tf", str(spec), "--name", name, "--json"]
+        controller = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+        try:
+            topic = ""
+            while not re.fullmatch(r"ipdc/result/[^/]+/[0-9a-f]{32}", topic):  # a host's first reply
+                topic = bus.inbox.get(timeout=120).topic
+            cluster_id = JobId(topic.rsplit("/", 1)[1])
+            liar_name = NodeName(liar.config.node.name)
+            forged = GetResult(cluster_id, liar_name, "error", error="forged", re="0" * 32)
+            bus.publish(GETRESULT.topic(node=liar_name, job=cluster_id), GETRESULT.encode(forged))
+            assert bus.flush()
+            out, err = controller.communicate(timeout=300)
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+                controller.wait()
+    assert controller.returncode == 0, err[-3000:]
+    assert f"ignored a error reply from {liar.config.node.name} that answers no request of ours" in err, err
+    assert json.loads(out)["cluster_id"] == cluster_id
     run_cli(["tf", "down", name], home, timeout=120)
     assert not tf_leftovers(swarm)
 
