@@ -178,7 +178,8 @@ def netns(base: Path, spec: Path) -> Iterator[Runner]:
         owner = cluster.broker_host
 
         def cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-            return cluster.run(owner, args, args[0] + "-" + args[1], timeout=600)
+            step = args[1] if args[1] in ("run", "down", "list", "--json") else "up"
+            return cluster.run(owner, args, f"{args[0]}-{step}", timeout=600)
         rows = json.loads(cli(["peers", "--json"]).stdout)
         peers = [(r["name"], r["peer_id"]) for r in rows]
         yield through_ipdc(cli, peers, {h.name for h in cluster.hosts[1:]}, spec)

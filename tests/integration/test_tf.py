@@ -313,6 +313,40 @@ def test_an_agent_that_stops_stops_its_tf_servers(swarm: LocalCluster, peers: di
     assert not tf_leftovers(swarm)
 
 
+# -- the lease ------------------------------------------------------------------------------------
+LEASE = 4.0
+
+
+@pytest.fixture(scope="module")
+def leased(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    settings = {"agent": {"job_lease": LEASE, "heartbeat_interval": 0.5, "peer_timeout": 3.0}}
+    with LocalCluster(2, base=tmp_path_factory.mktemp("tf-lease"), slots=2, settings=settings) as cluster:
+        yield cluster
+
+
+def test_a_cluster_lives_while_its_owner_does_and_ends_a_lease_after_it(leased: LocalCluster,
+                                                                         tmp_path: Path) -> None:
+    """The owner's agent renews the cluster with its hosts, so it outlives their lease; once the
+    owner node is gone, its hosts drop it within the lease."""
+    home = leased.nodes[0].home
+    rows = live_peers(home, 2)
+    host = leased.nodes[1].config.node.name
+    name = name_nearest(rows, [host], "leased-")
+    cluster = up(home, write_spec(tmp_path / "spec.conf", {"worker": [0]}), name)
+    assert [t["peer"] for t in cluster["tasks"]] == [host]
+    processes = tf_processes(name)
+    assert servers_of(processes)
+
+    def down() -> bool:
+        return not all(pid_alive(pid) for pid in processes)
+    assert not wait_for(down, 3 * LEASE, 0.2), "the cluster ended while its owner renewed it"
+    assert json.loads(run_cli(["tf", "list", "--json"], home).stdout)[0]["up"]
+
+    leased.nodes[0].services["agent"].stop()  # the owner is gone: nobody renews the cluster
+    assert wait_for(lambda: not any(pid_alive(pid) for pid in processes), 3 * LEASE, 0.2), tf_processes(name)
+    assert not tf_leftovers(leased)
+
+
 # -- a node that cannot sandbox TF servers -----------------------------------------------------
 #: Runs a command in a user namespace where no further user namespace can be made: there,
 #: bubblewrap cannot make a sandbox, as on a kernel without unprivileged user namespaces.
