@@ -34,7 +34,6 @@ from rich.table import Table
 
 from ipdc import __version__
 from ipdc.errors import IPDCError, NodeError
-from ipdc.kubo import KuboClient
 from ipdc.node.invite import Invite
 from ipdc.node.lifecycle import Node
 from ipdc.submit.client import SwarmClient
@@ -293,7 +292,7 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     check_job_files(job)
     show = not quiet and not as_json and err.is_terminal
     with swarm_for(k, quiet or as_json) as node, SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, _progress(show) as progress:
+            node.kubo() as kubo, _progress(show) as progress:
         result = MapReduceController(client, kubo, job, node.home, progress).run()
     _print_result(result, as_json)
 
@@ -366,7 +365,7 @@ def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
+            node.kubo() as kubo, err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
         cluster = TfController(client, kubo, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
@@ -388,7 +387,7 @@ def tf_down(name: str) -> None:
     from ipdc.submit.tf import TfController
 
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo:
+            node.kubo() as kubo:
         cluster = TfController(client, kubo, node.home).down(name)
     click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s) on "
                f"{', '.join(cluster.peers)})")

@@ -23,7 +23,7 @@ from ipdc.node.lifecycle import Node
 
 log = logging.getLogger(__name__)
 
-PORT_KEYS = ("broker", "api", "gateway", "swarm")
+PORT_KEYS = ("broker", "api", "swarm")
 
 
 def local_slots(n: int) -> int:
@@ -55,7 +55,7 @@ class LocalCluster:
         self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
         self.nodes: list[Node] = []
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         taken: set[int] = set()
 
         def ports() -> dict[str, int]:
@@ -106,7 +106,7 @@ class LocalCluster:
         if not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from ipdc.errors import JobError, NotEnoughPeers, TaskFailed
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
 from ipdc.submit.client import SwarmClient
@@ -49,7 +48,7 @@ def make_text(path: Path, lines: int = 3000, seed: int = 7) -> bytes:
 def run_job(cluster: LocalCluster, job: MapReduceJob, node: int = 0) -> JobResult:
     config = cluster.nodes[node].config
     with SwarmClient(config, cluster.nodes[node].signer).connect() as client, \
-            KuboClient(config.kubo_api_url) as kubo:
+            cluster.nodes[node].kubo() as kubo:
         return MapReduceController(client, kubo, job, cluster.nodes[node].home).run()
 
 
@@ -115,7 +114,7 @@ def test_two_masters_at_once(swarm: LocalCluster, tmp_path: Path) -> None:
         try:
             results[i] = run_job(swarm, MapReduceJob(tmp_path / f"in{i}.txt", k=3,
                                                      output=tmp_path / f"out{i}"), node=node)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=submit, args=(0, 0)), threading.Thread(target=submit, args=(1, 2))]
@@ -239,7 +238,7 @@ def test_result_directory_is_the_one_ipfs_add_makes_and_is_pinned(swarm: LocalCl
     for name, data in files.items():
         (tmp_path / "dir" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "dir" / name).write_bytes(data)
-    with KuboClient(swarm.nodes[2].config.kubo_api_url) as kubo:
+    with swarm.nodes[2].kubo() as kubo:
         parts = {name: kubo.add_bytes(data) for name, data in files.items()}
         sizes = {name: kubo.cumulative_size(cid) for name, cid in parts.items()}
         made = kubo.make_directory(parts, sizes)

@@ -25,7 +25,6 @@ import pytest
 
 from ipdc.agent.agent import job_dir_name
 from ipdc.bus import Bus
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
@@ -57,7 +56,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def code(pair: LocalCluster) -> dict[str, Cid]:
-    with KuboClient(pair.nodes[0].config.kubo_api_url) as kubo:
+    with pair.nodes[0].kubo() as kubo:
         return {
             # map() leaves a mark in the job's work dir, where user code runs: proof that it ran
             "Map.py": kubo.add_bytes(b"def map(line):\n    open('map-ran', 'w').close()\n"
@@ -328,7 +327,7 @@ def test_bad_messages_on_every_channel_are_logged_and_survived(pair: LocalCluste
     (tmp_path / "in.txt").write_bytes(data)
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
     config = pair.nodes[0].config
-    with SwarmClient(config, signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, signer).connect() as client, pair.nodes[0].kubo() as kubo:
         result = MapReduceController(client, kubo, job, pair.nodes[0].home).run()
     assert agent.name in {w["name"] for w in result.workers}
     assert read_output(result.output, 2)[0] == reference_counts(data)
@@ -381,7 +380,7 @@ def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCl
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=tmp_path / "Map.py", output=tmp_path / "out")
     stop = threading.Event()
     with SwarmClient(submitter.config, submitter.signer).connect() as client, \
-            KuboClient(submitter.config.kubo_api_url) as kubo:
+            submitter.kubo() as kubo:
         controller = MapReduceController(client, kubo, job, submitter.home)
         job_id = controller.job_id
         me = member.config.node.name
@@ -422,7 +421,7 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
         (tmp_path / "in.txt").write_bytes(data)
         job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
         with SwarmClient(submitter.config, submitter.signer).connect() as client, \
-                KuboClient(submitter.config.kubo_api_url) as kubo:
+                submitter.kubo() as kubo:
             result = MapReduceController(client, kubo, job, submitter.home).run()
     finally:
         refuser.trust.add(key, submitter.config.node.name)
@@ -448,7 +447,7 @@ def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Pa
     (tmp_path / "in.txt").write_text("x\n")
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=probe, output=tmp_path / "out")
     config = pair.nodes[0].config
-    with SwarmClient(config, pair.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, pair.nodes[0].signer).connect() as client, pair.nodes[0].kubo() as kubo:
         result = MapReduceController(client, kubo, job, pair.nodes[0].home).run()
     keys = {key.decode() for key in read_output(result.output, 2)[0]}
     own_dir = next(k for k in keys if k.startswith("seen:")).removeprefix("seen:work,")
