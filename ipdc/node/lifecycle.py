@@ -19,11 +19,12 @@ from ipdc.bus import Bus
 from ipdc.config import BrokerSection, Config, KuboSection, NodeSection, save_config
 from ipdc.errors import KuboError, NodeError
 from ipdc.home import NodeHome
+from ipdc.isolation import interpreter
 from ipdc.net import free_port, port_in_use, port_open
 from ipdc.node.broker import Broker
 from ipdc.node.install import ensure_kubo, ensure_mosquitto, find_mosquitto
 from ipdc.node.invite import Invite
-from ipdc.spawn import Service, wait_for
+from ipdc.spawn import PACKAGE, Service, wait_for
 from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import PRESENCE
 
@@ -50,8 +51,10 @@ def new_node_name() -> NodeName:
 class Node(NodeHome):
     """The node whose state lives in ``home``, with its services."""
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, user: str | None = None) -> None:
+        """``user``: run the agent as that user (started by root; see LocalCluster's ``user``)."""
         super().__init__(home)
+        self.user = user
         self.services = {name: Service(self.home, name) for name in SERVICES}
 
     def running(self) -> bool:
@@ -227,11 +230,16 @@ class Node(NodeHome):
     def _start_agent(self, cfg: Config, timeout: float) -> None:
         service = self.services["agent"]
         env = {**os.environ, "IPDC_HOME": str(self.home)}
+        argv = [sys.executable, "-m", "ipdc.agent"]
+        if self.user is not None:  # a Python, and this ipdc, that the user can read
+            python = interpreter.for_sandbox(separate_uid=True)
+            argv[0] = python.executable
+            env.update(python.environ(), PYTHONPATH=str(PACKAGE.parent))
         with Bus(cfg.broker, f"{cfg.node.name}-start-{secrets.token_hex(3)}", session_expiry=0) as bus:
             bus.connect(timeout)
             topic = PRESENCE.topic(node=cfg.node.name)
             started = time.time()
-            service.start([sys.executable, "-m", "ipdc.agent"], env=env)
+            service.start(argv, env=env, user=self.user)
             bus.subscribe(topic)
 
             def announced() -> bool:
