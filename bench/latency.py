@@ -376,7 +376,7 @@ def main() -> None:
         config = cluster.nodes[0].config
         data = tiny_input(Path(tmp) / "tiny.txt")
         with SwarmClient(config, cluster.nodes[0].signer).connect() as client, \
-                KuboClient(config.kubo_api_url) as kubo:
+                cluster.nodes[0].kubo() as kubo:
             for i in range(args.warmup + args.jobs):
                 job = MapReduceJob(input=data, k=args.k, output=Path(tmp) / f"out-{i}")
                 controller = TimedController(client, kubo, job)

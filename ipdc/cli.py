@@ -15,6 +15,7 @@ sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,6 @@ from rich.table import Table
 
 from ipdc import __version__
 from ipdc.errors import IPDCError, NodeError
-from ipdc.kubo import KuboClient
 from ipdc.node.invite import Invite
 from ipdc.node.lifecycle import Node
 from ipdc.submit.client import SwarmClient
@@ -132,6 +132,36 @@ def node_status() -> None:
 
 
 main.add_command(node_status, "status")
+
+
+@node.command("delegate-cgroups")
+@click.option("--user", required=True, help="The user the node's agent runs as.")
+@click.option("--remove", is_flag=True, help="Undo it (and remove any group left below).")
+@click.option("--max-pids", type=int, default=0, help="Cap on processes of all that user's sandboxes (0: none).")
+@click.option("--memory-mb", type=int, default=0, help="Cap on their memory (0: none).")
+@click.option("--cpu-percent", type=int, default=0, help="Cap on their CPU, in % of one core (0: none).")
+def node_delegate_cgroups(user: str, remove: bool, max_pids: int, memory_mb: int, cpu_percent: int) -> None:
+    """As root, once per boot: let USER's agent limit its sandboxes with cgroups.
+
+    An agent that is not root cannot create cgroups; without them its sandboxes get no
+    memory or CPU limit, and only RLIMIT_NPROC against fork bombs. This gives USER a
+    subtree in the pids, memory and cpu hierarchies (cgroup v1) that its agent finds at
+    start; the caps on the subtree itself stay root's. Run it from the unit that starts
+    the node (e.g. systemd's ExecStartPre=+).
+    """
+    from ipdc.isolation.cgroups import delegate, undelegate
+
+    if os.geteuid() != 0:
+        raise NodeError("delegate-cgroups writes to /sys/fs/cgroup: run it as root "
+                        f"(sudo ipdc node delegate-cgroups --user {user})")
+    try:
+        paths = undelegate(user) if remove else delegate(user, max_pids, memory_mb, cpu_percent)
+    except KeyError:
+        raise NodeError(f"there is no user {user!r} on this machine") from None
+    except OSError as exc:
+        raise NodeError(f"cannot delegate cgroups to {user}: {exc}") from None
+    verb = "removed" if remove else f"delegated to {user}"
+    click.echo(f"{verb}: {', '.join(map(str, paths)) or 'nothing'}")
 
 
 def _print_status(rows: list[Any]) -> None:
@@ -294,7 +324,7 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     check_job_files(job)
     show = not quiet and not as_json and err.is_terminal
     with swarm_for(k, quiet or as_json) as node, SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, _progress(show) as progress:
+            node.kubo() as kubo, _progress(show) as progress:
         result = MapReduceController(client, kubo, job, node.home, progress).run()
     _print_result(result, as_json)
 

@@ -8,6 +8,7 @@ Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``
     logs/              agent.log, ipfs.log, mosquitto.log
     run/               agent.pid, ipfs.pid, mosquitto.pid, nonces (seen manifest nonces)
     keys/submitter.key this node's Ed25519 key: it signs the jobs this node submits
+    keys/kubo-api.secret the bearer secret kubo's RPC API demands (mode 0600)
     trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
     work/<job-id>/     one directory per job, removed by CleanUp
 
@@ -56,6 +57,19 @@ class NodeHome:
             return str(json.loads((self.kubo_repo / "config").read_text())["Identity"]["PeerID"])
         except (OSError, ValueError, KeyError) as exc:
             raise NodeError(f"cannot read the kubo identity in {self.kubo_repo}: {exc}") from None
+
+    @property
+    def kubo_secret_file(self) -> Path:
+        return self.home / "keys" / "kubo-api.secret"
+
+    def kubo(self, timeout: float = 60.0) -> KuboClient:
+        """A client of this node's kubo, with the API's bearer secret."""
+        try:
+            secret = self.kubo_secret_file.read_text().strip()
+        except OSError as exc:
+            raise NodeError(f"cannot read kubo's API secret {self.kubo_secret_file} ({exc}); the node's "
+                            "IPDC processes need it: run them as the user that owns the node") from None
+        return KuboClient(self.config.kubo_api_url, secret=secret, timeout=timeout)
 
     def kubo_env(self) -> dict[str, str]:
         return {**os.environ, "IPFS_PATH": str(self.kubo_repo), "LIBP2P_FORCE_PNET": "1",

@@ -4,6 +4,11 @@ ipfshttpclient 0.7.0, the last release of the library the design card names,
 refuses every kubo since 0.8 with ``VersionMismatch``; this module replaces it.
 Every call has a timeout, and every failure becomes a :class:`KuboError` that
 names the command and the daemon's own message.
+
+The API is an admin interface (``shutdown``, ``config``, ``pin/rm``, ``repo/gc``), so
+each node's kubo answers only requests with its bearer secret (``API.Authorizations``,
+written at ``ipfs init``; the secret is in ``keys/kubo-api.secret``, mode 0600). Build
+clients with :meth:`ipdc.home.NodeHome.kubo`, which reads it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from typing import IO, Any
 # httpx imports its command-line client (rich, pygments, click) unless that import fails:
 # about 6 MB in every agent, for a CLI IPDC never runs.
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-import httpx
+import httpx  # noqa: E402
 
-from ipdc.errors import KuboError
-from ipdc.wire.ids import Cid
+from ipdc.errors import KuboError  # noqa: E402
+from ipdc.wire.ids import Cid  # noqa: E402
+from ipdc.wire.unixfs import UnsupportedCid, verify  # noqa: E402
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
@@ -60,11 +66,13 @@ class _Window(io.RawIOBase):
 class KuboClient:
     """One kubo daemon's RPC API. Thread-safe; keep one per process."""
 
-    def __init__(self, api_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, api_url: str, *, secret: str = "", timeout: float = 60.0) -> None:
+        """``secret``: the node's API bearer secret ("" for a kubo without authorizations)."""
         self.api_url = api_url.rstrip("/")
         self._timeout = timeout
         self._http = httpx.Client(
             base_url=f"{self.api_url}/api/v0/",
+            headers={"Authorization": f"Bearer {secret}"} if secret else None,
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             # kubo's API is plain HTTP on loopback: loading the CA bundle for a TLS that never
@@ -200,6 +208,19 @@ class KuboClient:
         if response.status_code != 200:
             raise KuboError(f"kubo {cmd} {cid} failed: {_daemon_message(response)}")
         return data
+
+    def fetch_checked(self, cid: str, *, stall: float) -> bytes:
+        """:meth:`fetch`, and the bytes checked against the CID before anything uses them:
+        what a peer served, or a compromised kubo returned, is exactly what ``cid`` names."""
+        data = self.fetch(cid, stall=stall)
+        try:
+            if verify(data, cid):
+                return data
+        except UnsupportedCid as exc:
+            raise KuboError(f"cannot check {cid}: {exc} (IPDC adds everything as CIDv1, raw leaves, "
+                            "sha2-256)") from None
+        raise KuboError(f"kubo returned {len(data)} bytes for {cid} that are not what that CID names; "
+                        "they were not used")
 
     def cat_to(self, cid: str, path: Path) -> int:
         """Stream one file's bytes to ``path``; returns the byte count."""

@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
@@ -104,7 +105,8 @@ class Service:
         self.pid_file.unlink(missing_ok=True)
         return None
 
-    def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+    def start(self, argv: Sequence[str], env: dict[str, str] | None = None, user: str | None = None) -> int:
+        """Start the service in the background; as ``user`` (and its group) when given (root only)."""
         if (pid := self.pid()) is not None:
             raise NodeError(f"{self.name} is already running (pid {pid}); stop it first")
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +115,7 @@ class Service:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, close_fds=True,
+                user=user, group=pwd.getpwnam(user).pw_gid if user else None, extra_groups=[] if user else None,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
         log.info("started %s (pid %d), log %s", self.name, proc.pid, self.log_file)

@@ -11,9 +11,11 @@ it cannot, :func:`isolation_problem` says why, and TF is refused unless the node
 from __future__ import annotations
 
 import functools
-import shutil
+import os
 import subprocess
 from pathlib import Path
+
+from ipdc.isolation.bwrap import BWRAP
 
 #: The directory that holds the ``ipdc`` package: TF processes run its ``ipdc.runner.tfserver``.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -22,11 +24,10 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 @functools.cache
 def isolation_problem() -> str:
     """Why this node cannot give a TF process a network namespace of its own ("" when it can)."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    if not os.access(BWRAP, os.X_OK):
+        return f"{BWRAP} is missing: install bubblewrap (apt-get install bubblewrap)"
     try:
-        done = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
+        done = subprocess.run([BWRAP, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
                               capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bwrap failed to run ({exc})"
@@ -49,6 +50,6 @@ def refusal(node: str, problem: str) -> str:
 def chief_argv() -> list[str]:
     """A namespace for the user's own script: the whole file system as it is, but a network
     with loopback only, and its own pids (so nothing of it outlives ``ipdc tf run``)."""
-    return ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent",
+    return [BWRAP, "--dev-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent",
             "--proc", "/proc"]
 

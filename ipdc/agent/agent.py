@@ -13,8 +13,10 @@ bottom in :meth:`Agent.run`:
 The paho network thread only queues messages. The dispatcher thread decodes them,
 checks who sent them, and hands them to the job table (:mod:`ipdc.agent.jobs`),
 which decides; this shell carries out its actions: code fetches on a small I/O
-pool, tasks on a pool of ``node.slots`` threads that each drive one runner process
-(:mod:`ipdc.agent.execute`). User code never runs here.
+pool, tasks on a pool of ``node.slots`` threads that each drive one runner
+(:mod:`ipdc.agent.execute`). User code never runs here: it runs in sandboxes
+(:mod:`ipdc.spawn`), and the agent itself is not dumpable, so no process of its uid
+can trace it or read its memory, environment or open files.
 
 Only signed jobs run (see ipdc.trust). A message must be signed by a trusted key,
 for this node and this channel; a Download must also be fresh, carry an unseen
@@ -64,7 +66,7 @@ from ipdc.agent.jobs import (  # noqa: E402
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
 from ipdc.home import NodeHome, RenewedJobs, SubmittedJobs  # noqa: E402
-from ipdc.kubo import KuboClient  # noqa: E402
+from ipdc.spawn import Sandbox, make_undumpable  # noqa: E402
 from ipdc.trust import digest, signer_of, verify  # noqa: E402
 from ipdc.wire import INBOX_CHANNELS  # noqa: E402
 from ipdc.wire.buffer import Buffer  # noqa: E402
@@ -113,7 +115,7 @@ class Agent:
         self.node = node
         self.config = cfg = node.config
         self.name = cfg.node.name
-        self.kubo = KuboClient(cfg.kubo_api_url, timeout=600)
+        self.kubo = node.kubo(timeout=600)
         self.table = JobTable(self.name)
         self.trust = node.trust
         self.nonces = node.nonces()
@@ -128,7 +130,8 @@ class Agent:
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="fetch")
         """A job's code files are fetched at once, each from wherever the swarm has it."""
-        self.executor = Executor(cfg.sandbox, cfg.kubo_api_url, node.home / "logs", cfg.agent.warm_runners)
+        self.sandbox = Sandbox.open_shared(node.home / "logs")
+        self.executor = Executor(cfg.sandbox, self.sandbox, self.kubo, cfg.agent.warm_runners)
         self._tf: TfHost | None = None
         self.presence_topic = PRESENCE.topic(node=self.name)
         self.bus = Bus(cfg.broker, f"{self.name}-agent", session_expiry=3600,
@@ -160,7 +163,8 @@ class Agent:
         self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.executor.close()
         if self._tf is not None:
-            self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
+            self._tf.close()  # its kubo listeners and forwards outlive its sandboxes
+        self.sandbox.close()
         self.tasks.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.fetchers.shutdown(wait=False, cancel_futures=True)
@@ -184,7 +188,7 @@ class Agent:
             beat = Heartbeat(name=NodeName(self.name), ts=time.time(), load=_load(), running=self.running)
             try:
                 self.bus.publish(topic, HEARTBEAT.encode(beat), retain=True)
-            except Exception:
+            except Exception:  # a node that stops beating is taken for dead
                 log.exception("heartbeat failed; trying again in %g s", self.config.agent.heartbeat_interval)
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
@@ -229,7 +233,7 @@ class Agent:
             self.route(msg)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
-        except Exception:
+        except Exception:  # one bad message must never stop the agent
             log.exception("handler for %s failed", message.topic)
 
     def _authentic(self, msg: Any, channel: str) -> str:
@@ -302,7 +306,7 @@ class Agent:
         if self._tf is None:
             from ipdc.agent.tfhost import TfHost
             cfg = self.config
-            self._tf = TfHost(self.name, self.node.home, self.kubo, self.peer_id,
+            self._tf = TfHost(self.name, self.node.home, self.kubo, self.sandbox, self.peer_id,
                               capabilities(cfg.node.tf).tf, cfg.tf.trusted_network, self.report)
         return self._tf
 
@@ -335,9 +339,12 @@ class Agent:
         error = ""
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
-                                   action.manifest.code.items()))
-        except Exception as exc:
+            stall = self.config.sandbox.fetch_stall
+            contents = self.fetchers.map(lambda cid: self.kubo.fetch_checked(cid, stall=stall),
+                                         action.manifest.code.values())
+            for name, data in zip(action.manifest.code, contents, strict=True):
+                (job_dir / name).write_bytes(data)
+        except Exception as exc:  # whatever it was, the submitter must hear of it
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
             error = f"download of the job's code failed on {self.name}: {exc}"
@@ -371,7 +378,7 @@ class Agent:
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)
-        except Exception as exc:
+        except Exception as exc:  # a task that fails in any way is reported, never lost
             trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
             if not isinstance(exc, IPDCError):
                 log.exception("%s task %d of job %s broke the runner protocol", kind, task, key[1])
@@ -421,6 +428,7 @@ def _load() -> float:
 
 
 def main() -> None:
+    make_undumpable()
     node = NodeHome()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -123,8 +123,8 @@ class _Hosted:
 class TfHost:
     """This agent's TF clusters, keyed like its jobs by (submitter, cluster id)."""
 
-    def __init__(self, node: str, home: Path, kubo: KuboClient, peer_id: str, offers_tf: bool,
-                 trusted_network: bool, report: Callable[[GetResult], None]) -> None:
+    def __init__(self, node: str, home: Path, kubo: KuboClient, sandbox: Sandbox, peer_id: str,
+                 offers_tf: bool, trusted_network: bool, report: Callable[[GetResult], None]) -> None:
         self.node = NodeName(node)
         self.home = home
         self.kubo = kubo
@@ -133,7 +133,8 @@ class TfHost:
         self.trusted_network = trusted_network
         self.report = report
         self.log_dir = home / "logs"
-        self.sandbox = Sandbox(self.log_dir)
+        self.sandbox = sandbox
+        """The agent's: TF servers run in the sandbox its runners run in."""
         self._clusters: dict[JobKey, _Hosted] = {}
         self._lock = threading.Lock()
 
@@ -308,7 +309,6 @@ class TfHost:
             keys = list(self._clusters)
         for key in keys:
             self.stop(key)
-        self.sandbox.close()
 
 
 def sweep(home: Path, kubo: KuboClient) -> None:

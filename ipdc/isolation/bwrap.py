@@ -121,7 +121,7 @@ def argv(spec: SandboxSpec, python: Interpreter, layout: FdLayout, bwrap: str = 
              "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
              "--ro-bind-try", "/etc/localtime", "/etc/localtime",
              "--ro-bind-try", "/etc/alternatives", "/etc/alternatives"]  # /usr/bin/awk etc. link there
-    for path in (*python.binds, *spec.ro_dirs):
+    for path in python.binds:
         args += ["--ro-bind", path, path]
     for index, target in enumerate(layout.data):
         args += ["--ro-bind-data", str(layout.data_fd(index)), target]
@@ -129,8 +129,12 @@ def argv(spec: SandboxSpec, python: Interpreter, layout: FdLayout, bwrap: str = 
         "--proc", "/proc",              # of its own pid namespace
         "--dev", "/dev",
         "--size", str(limits.disk_mb << 20), "--tmpfs", "/job",
-        "--dir", "/job/.tmp", "--symlink", "/job/.tmp", "/tmp",
+        "--dir", "/job/.tmp", "--symlink", "job/.tmp", "/tmp",  # relative: resolved inside
         "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
+    ]
+    for path in spec.ro_dirs:  # after /tmp is made: one under /tmp lands in the job's tmpfs
+        args += ["--ro-bind", path, path]
+    args += [
         "--remount-ro", "/dev",         # else /dev and / are writable tmpfs without a size
         "--remount-ro", "/",
         "--chdir", "/job",

@@ -59,7 +59,9 @@ class SandboxSpec:
     limits: Limits = field(default_factory=Limits)
     ro_dirs: tuple[str, ...] = ()
     """Host directories bound read-only at the same path (e.g. a directory of unix
-    sockets the process may connect to: a read-only mount does not stop ``connect``)."""
+    sockets the process may connect to: a read-only mount does not stop ``connect``).
+    bubblewrap runs as the sandbox's uid, which must be able to reach them: as root, every
+    directory on the way must be searchable by others."""
     fds: tuple[int, ...] = ()
     """Descriptors of the caller passed in as fds 4, 5, ... (e.g. listening sockets); the
     caller keeps its own copies."""

@@ -129,7 +129,7 @@ class Zygote:
             if len(fds) != 1 + extras:
                 raise ValueError(f"{len(fds)} fds for a spec of {extras}")
             self._spawn(int(request["id"]), spec, [str(p) for p in request["cgroups"]], fds)
-        except Exception as exc:
+        except Exception as exc:  # a bad request fails that request only
             self._send({"failed": request.get("id"), "error": f"{type(exc).__name__}: {exc}"})
         finally:
             fdmsg.close_all(fds)
@@ -188,7 +188,7 @@ class Zygote:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
             _set_limits(spec.limits)
             os.execve(self.bwrap, bwrap.argv(spec, self.python, layout, self.bwrap), {})
-        except BaseException:
+        except BaseException:  # whatever happens, the child must not return into the zygote
             try:
                 os.write(2, traceback.format_exc().encode())
             finally:
@@ -298,7 +298,7 @@ def main() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     try:
         zygote = Zygote(control, config)
-    except Exception as exc:
+    except Exception as exc:  # say why to the agent, which says it once
         fdmsg.send(control, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         raise
     zygote.serve()

@@ -19,12 +19,12 @@ from ipdc.bus import Bus
 from ipdc.config import BrokerSection, Config, KuboSection, NodeSection, save_config
 from ipdc.errors import KuboError, NodeError
 from ipdc.home import NodeHome
-from ipdc.kubo import KuboClient
+from ipdc.isolation import interpreter
 from ipdc.net import free_port, port_in_use, port_open
 from ipdc.node.broker import Broker
 from ipdc.node.install import ensure_kubo, ensure_mosquitto, find_mosquitto
 from ipdc.node.invite import Invite
-from ipdc.spawn import Service, wait_for
+from ipdc.spawn import PACKAGE, Service, wait_for
 from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import PRESENCE
 
@@ -51,8 +51,10 @@ def new_node_name() -> NodeName:
 class Node(NodeHome):
     """The node whose state lives in ``home``, with its services."""
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, user: str | None = None) -> None:
+        """``user``: run the agent as that user (started by root; see LocalCluster's ``user``)."""
         super().__init__(home)
+        self.user = user
         self.services = {name: Service(self.home, name) for name in SERVICES}
 
     def running(self) -> bool:
@@ -69,10 +71,10 @@ class Node(NodeHome):
         hosted = join is None
         passwd_binary = ensure_mosquitto()[1] if hosted else None
         taken: set[int] = set()
-        wanted = {"broker": 1883, "api": 5001, "gateway": 8080, "swarm": 4001, **(ports or {})}
+        wanted = {"broker": 1883, "api": 5001, "swarm": 4001, **(ports or {})}
         chosen = {}
         for key, preferred in wanted.items():
-            bind = "127.0.0.1" if key in ("api", "gateway") else host
+            bind = "127.0.0.1" if key == "api" else host
             chosen[key] = free_port(bind, preferred, taken)
             taken.add(chosen[key])
 
@@ -96,8 +98,7 @@ class Node(NodeHome):
         cfg = Config(
             node=NodeSection(name=broker.username, host=host, slots=slots),
             broker=broker,
-            kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"],
-                             gateway_port=chosen["gateway"], swarm_port=chosen["swarm"],
+            kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"], swarm_port=chosen["swarm"],
                              bootstrap=bootstrap),
         )
         save_config(cfg, self.conf_path)
@@ -119,11 +120,12 @@ class Node(NodeHome):
         key_file.chmod(0o600)
         config_file = self.kubo_repo / "config"
         kc = json.loads(config_file.read_text())
-        kc["Addresses"].update(
-            API=f"/ip4/127.0.0.1/tcp/{ports['api']}",
-            Gateway=f"/ip4/127.0.0.1/tcp/{ports['gateway']}",
-            Swarm=[f"/ip4/{host}/tcp/{ports['swarm']}"],
-        )
+        # The gateway is off: IPDC does not use it, and any local user could read any CID through it.
+        kc["Addresses"].update(API=f"/ip4/127.0.0.1/tcp/{ports['api']}", Gateway=[],
+                               Swarm=[f"/ip4/{host}/tcp/{ports['swarm']}"])
+        # The RPC API is an admin interface: only requests with the node's secret are served.
+        kc.setdefault("API", {})["Authorizations"] = {
+            "ipdc": {"AuthSecret": f"bearer:{self._new_kubo_secret()}", "AllowedPaths": ["/api/v0"]}}
         # Peers are dialled by IPDC once the daemon is ready (see Node.connect_swarm), not by
         # kubo's Bootstrap or Peering: those dial during start-up, before bitswap listens for
         # new connections, and bitswap then never sends wants to that peer.
@@ -146,6 +148,14 @@ class Node(NodeHome):
             "QUIC": False, "WebTransport": False, "WebRTCDirect": False, "Websocket": False,
         }
         config_file.write_text(json.dumps(kc, indent=2))
+
+    def _new_kubo_secret(self) -> str:
+        """A fresh API secret in a file only this user can read (O_EXCL: never one that existed)."""
+        secret = secrets.token_urlsafe(32)
+        fd = os.open(self.kubo_secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        return secret
 
     # -- invite ----------------------------------------------------------------------
     def invite(self) -> str:
@@ -190,7 +200,6 @@ class Node(NodeHome):
 
     def _check_ports(self, cfg: Config, services: list[str]) -> None:
         checks = {"ipfs": [("127.0.0.1", cfg.kubo.api_port, "kubo.api_port"),
-                           ("127.0.0.1", cfg.kubo.gateway_port, "kubo.gateway_port"),
                            (cfg.node.host, cfg.kubo.swarm_port, "kubo.swarm_port")],
                   "mosquitto": [(cfg.node.host, cfg.broker.port, "broker.port")]}
         for host, port, key in [c for name in services for c in checks.get(name, [])]:
@@ -210,7 +219,7 @@ class Node(NodeHome):
     def _start_kubo(self, cfg: Config, timeout: float) -> None:
         service = self.services["ipfs"]
         service.start([cfg.kubo.binary, "daemon", "--migrate=false"], env=self.kubo_env())
-        with KuboClient(cfg.kubo_api_url, timeout=5) as kubo:
+        with self.kubo(timeout=5) as kubo:
             def healthy() -> bool:
                 try:
                     kubo.id()
@@ -224,11 +233,16 @@ class Node(NodeHome):
     def _start_agent(self, cfg: Config, timeout: float) -> None:
         service = self.services["agent"]
         env = {**os.environ, "IPDC_HOME": str(self.home)}
+        argv = [sys.executable, "-m", "ipdc.agent"]
+        if self.user is not None:  # a Python, and this ipdc, that the user can read
+            python = interpreter.for_sandbox(separate_uid=True)
+            argv[0] = python.executable
+            env.update(python.environ(), PYTHONPATH=str(PACKAGE.parent))
         with Bus(cfg.broker, f"{cfg.node.name}-start-{secrets.token_hex(3)}", session_expiry=0) as bus:
             bus.connect(timeout)
             topic = PRESENCE.topic(node=cfg.node.name)
             started = time.time()
-            service.start([sys.executable, "-m", "ipdc.agent"], env=env)
+            service.start(argv, env=env, user=self.user)
             bus.subscribe(topic)
 
             def announced() -> bool:

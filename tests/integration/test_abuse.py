@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from ipdc.bus import Bus
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
@@ -99,7 +98,7 @@ def processes_under(root: Path) -> list[int]:
 
 
 def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster, tmp_path: Path) -> None:
-    kubos = [KuboClient(node.config.kubo_api_url) for node in trio.nodes]
+    kubos = [node.kubo() for node in trio.nodes]
     try:
         before = [k.pins() for k in kubos]
         data = b"one two three four\n" * 24

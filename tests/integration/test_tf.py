@@ -26,7 +26,6 @@ import pytest
 
 from ipdc.bus import Bus
 from ipdc.config import save_config
-from ipdc.kubo import KuboClient
 from ipdc.net import grpc_answers
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
@@ -116,7 +115,7 @@ def tf_leftovers(swarm: LocalCluster) -> list[str]:
     left = []
     for node in swarm.nodes:
         if node.services["ipfs"].pid() is not None:
-            with KuboClient(node.config.kubo_api_url) as kubo:
+            with node.kubo() as kubo:
                 left += [f"{node.config.node.name}: {e['Protocol']} {e['ListenAddress']}"
                          for e in kubo.p2p_ls() if e["Protocol"].startswith(PROTOCOL_PREFIX)]
         sockets = socket_root(node.home)
@@ -208,7 +207,7 @@ def test_only_the_clusters_own_hosts_reach_its_servers(swarm: LocalCluster, peer
     assert outsider.config.node.name not in plan.peers
     proto = protocol(cluster_token(cluster["submitter"], cluster["cluster_id"]), served)
     sock = tmp_path / "steal.sock"
-    with KuboClient(outsider.config.kubo_api_url) as kubo:
+    with outsider.kubo() as kubo:
         kubo.p2p_forward(proto, f"/unix{sock}", peers[target]["peer_id"])
         try:
             assert not grpc_answers(sock)
@@ -217,7 +216,7 @@ def test_only_the_clusters_own_hosts_reach_its_servers(swarm: LocalCluster, peer
     log = swarm.nodes[1].home / "logs" / "runners.log"
     assert wait_for(lambda: f"refused a stream from peer '{peers[outsider.config.node.name]['peer_id']}'"
                     in log.read_text(), 10), log.read_text()
-    with KuboClient(swarm.nodes[1].config.kubo_api_url) as kubo:
+    with swarm.nodes[1].kubo() as kubo:
         (entry,) = [e for e in kubo.p2p_ls() if e["Protocol"] == proto]
     port = int(entry["TargetAddress"].rsplit("/", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:

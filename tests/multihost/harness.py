@@ -15,9 +15,9 @@ nothing is added to the root namespace's network):
 Host 0 founds the swarm (``deploy.py init --host``), hosts mosquitto and submits
 the jobs; hosts 1-3 join with tokens from ``ipdc invite`` on host 0. Every command
 runs through ``ip netns exec <ns>`` with that host's own IPDC_HOME. Each namespace
-has its own loopback, so every node gets the default ports (1883, 5001, 8080, 4001);
-kubo's API and gateway listen on the namespace's 127.0.0.1 only, the swarm port and
-the broker on the host address.
+has its own loopback, so every node gets the default ports (1883, 5001, 4001);
+kubo's API listens on the namespace's 127.0.0.1 only, the swarm port and the broker
+on the host address.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def tf_processes(name: str) -> dict[int, str]:
 def p2p_listeners(host: Host) -> list[str]:
     """The TF listeners and forwards of the host's kubo (``ipfs p2p ls``, in its namespace)."""
     node = Node(host.home)
-    done = subprocess.run(host.argv([node.config.kubo.binary, "p2p", "ls", "--enc=json"]),
+    auth = f"bearer:{node.kubo_secret_file.read_text().strip()}"
+    done = subprocess.run(host.argv([node.config.kubo.binary, "--api-auth", auth, "p2p", "ls", "--enc=json"]),
                           env={**host.env(), "IPFS_PATH": str(node.kubo_repo)}, capture_output=True,
                           text=True, check=True)
     entries = json.loads(done.stdout).get("Listeners") or []

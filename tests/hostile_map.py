@@ -1,0 +1,265 @@
+"""A hostile Map.py: every way out of its sandbox we could think of, tried from user code.
+
+tests/integration/test_hostile.py submits it as a job's Map.py, with ``PARAMS`` filled
+in (the nodes' homes, the agents' pids, kubo's and the broker's ports, a nonce). Each
+attempt adds one ``"attempt: what it saw"`` key to the map output, so the job's part
+files record exactly what the code saw; the test then says which observations mean
+the attempt failed. Nothing here is a secret: the code is only told where secrets are.
+"""
+
+import ctypes
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+
+PARAMS: dict = {}  # filled in by the test
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+SECRET_FILES = ("ipdc.conf", "keys/submitter.key", "keys/kubo-api.secret", "trusted_keys",
+                "kubo/swarm.key", "kubo/config")
+PTRACE_ATTACH = 16
+SYS_PROCESS_VM_READV, SYS_PIDFD_OPEN, SYS_KEYCTL = 310, 434, 250
+CLONE_NEWUSER, MS_REMOUNT, MS_BIND = 0x10000000, 32, 4096
+
+
+def why(exc):
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+def last_errno():
+    number = ctypes.get_errno()
+    return errno.errorcode.get(number, str(number))
+
+
+def read(path):
+    """'read N bytes' or why not."""
+    try:
+        with open(path, "rb") as f:
+            return "read %d bytes" % len(f.read(1 << 20))
+    except Exception as exc:  # any way it fails is an observation
+        return why(exc)
+
+
+def pids():
+    return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+
+
+def attempts(seen):
+    p = PARAMS
+    # kill(-1): every process we may signal; the agents, the other job and kubo must live on
+    try:
+        os.kill(-1, signal.SIGKILL)
+        seen("kill(-1, SIGKILL)", "sent")
+    except OSError as exc:
+        seen("kill(-1, SIGKILL)", why(exc))
+
+    for home in p["homes"]:
+        for name in SECRET_FILES:
+            seen("read <home>/%s by path" % name, read(os.path.join(home, name)))
+        seen("list <home>", why_list(home))
+    seen("uid inside", str(os.getuid()))
+    for pid in {os.getppid(), 1, *p["agents"]}:
+        for home in p["homes"]:
+            for route in ("cwd/../ipdc.conf", "cwd/ipdc.conf", "root%s/ipdc.conf" % home):
+                seen("open /proc/<ppid, 1 or agent>/%s" % route.replace(home, "<home>"),
+                     read("/proc/%d/%s" % (pid, route)))
+
+    visible = pids()
+    seen("processes visible in /proc", str(len(visible)))
+    for pid in visible:
+        seen("/proc/*/environ holds", ",".join(sorted(environ_keys(pid))) or "nothing readable")
+        for home in p["homes"]:
+            seen("/proc/*/root<home>/ipdc.conf", read("/proc/%d/root%s/ipdc.conf" % (pid, home)))
+        try:
+            top = sorted(os.listdir("/proc/%d/root/" % pid))
+            seen("/proc/*/root is", "the host's /" if "root" in top or "home" in top else "the sandbox's /")
+        except OSError as exc:
+            seen("/proc/*/root is", why(exc))
+
+    for home in p["homes"]:
+        for target in (os.path.join(home, "trusted_keys"), "/proc/%d/cwd/../trusted_keys" % p["agents"][0],
+                       "/proc/1/cwd/../trusted_keys"):
+            try:
+                with open(target, "a") as f:
+                    f.write("ed25519:AAAA-attacker\n")
+                seen("append to trusted_keys", "WROTE")
+            except Exception as exc:  # any way it fails is an observation
+                seen("append to trusted_keys", why(exc))
+
+    for name, host, port in p["targets"]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect((host, port))
+            seen("connect to %s" % name, "CONNECTED")
+        except OSError as exc:
+            seen("connect to %s" % name, why(exc))
+        finally:
+            s.close()
+    with open("/proc/net/dev") as f:
+        seen("network interfaces", ",".join(sorted(line.split(":")[0].strip() for line in f.readlines()[2:])))
+
+    for pid in p["agents"]:
+        try:
+            os.kill(pid, 0)
+            seen("kill(agent, 0)", "signalled")
+        except OSError as exc:
+            seen("kill(agent, 0)", why(exc))
+        seen("ptrace(ATTACH, agent)", "ATTACHED" if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0 else last_errno())
+        fd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+        seen("pidfd_open(agent)", "got one" if fd >= 0 else last_errno())
+    seen("ptrace(ATTACH, own pid 1)", "ATTACHED" if libc.ptrace(PTRACE_ATTACH, 1, None, None) == 0 else last_errno())
+    seen("keyctl(session keyring)", "got it" if libc.syscall(SYS_KEYCTL, 0, -3, 0) >= 0 else last_errno())
+    seen("unshare(CLONE_NEWUSER)", "NEW USER NAMESPACE" if libc.unshare(CLONE_NEWUSER) == 0 else last_errno())
+    seen("mount -o remount,rw /", "REMOUNTED" if libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND, None) == 0
+         else last_errno())
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    seen("NoNewPrivs", status["NoNewPrivs"].strip())
+    seen("CapEff", status["CapEff"].strip())
+    for path in ("/usr/ipdc-escape", "/ipdc-escape", "/dev/ipdc-escape", "/ipdc/lib/ipdc/escape.py"):
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            seen("write outside /job", "WROTE " + path)
+        except OSError as exc:
+            seen("write outside /job", why(exc))
+
+    for pid in pids():
+        seen("read the other job's /job/secret", read("/proc/%d/root/job/%s" % (pid, p["victim_file"])))
+    seen("read the other job's /job/secret", read("/job/" + p["victim_file"]))
+
+    fill_disk(seen)
+    memory_hog(seen)
+    big_messages(seen)
+    daemon(seen)
+    fork_bomb(seen)
+
+
+def why_list(path):
+    try:
+        return "listed %d entries" % len(os.listdir(path))
+    except OSError as exc:
+        return why(exc)
+
+
+def environ_keys(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            return {entry.split(b"=", 1)[0].decode() for entry in f.read().split(b"\0") if entry}
+    except OSError:
+        return set()
+
+
+def fill_disk(seen):
+    """Write to /job (and /tmp, which lives in it) until refused."""
+    for directory in ("/job", "/tmp"):
+        written, path = 0, os.path.join(directory, "fill")
+        try:
+            with open(path, "wb") as f:
+                while written < (4 << 30):
+                    f.write(b"x" * (1 << 20))
+                    f.flush()
+                    written += 1 << 20
+            seen("fill %s" % directory, "wrote 4 GB")
+        except OSError as exc:
+            seen("fill %s" % directory, "%s after %d MB (quota %d MB)" % (why(exc), written >> 20,
+                                                                          PARAMS["disk_mb"]))
+        os.unlink(path)
+
+
+def memory_hog(seen):
+    """Allocate twice the memory limit, page by page, in a child."""
+    child = os.fork()
+    if child == 0:
+        blocks = []
+        try:
+            for _ in range(PARAMS["memory_mb"] * 2 // 16):
+                blocks.append(bytearray(16 << 20))
+        except MemoryError:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        seen("allocate 2x the memory limit", "killed by %s" % signal.Signals(os.WTERMSIG(status)).name)
+    else:
+        seen("allocate 2x the memory limit", "MemoryError" if os.WEXITSTATUS(status) == 3 else "ALLOCATED")
+
+
+def big_messages(seen):
+    """A 100 MB reply line on the runner's own channel, and one on stdout."""
+    channel = socket.socket(fileno=os.dup(3))
+    try:
+        channel.send(b"x" * (100 << 20) + b"\n")
+        seen("a 100 MB message to the agent", "SENT")
+    except OSError as exc:
+        seen("a 100 MB message to the agent", why(exc))
+    finally:
+        channel.detach()
+    os.write(1, b"y" * (100 << 20) + b"\n")
+    seen("a 100 MB line on stdout", "written (the log keeps 1 MB of it)")
+
+
+def daemon(seen):
+    """setsid + double fork, a process tagged with the nonce: it must not outlive the job."""
+    first = os.fork()
+    if first == 0:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, 1024)
+            os.execv("/usr/bin/sleep", ["ipdc-daemon-" + PARAMS["nonce"], "3600"])
+        os._exit(0)
+    os.waitpid(first, 0)
+    seen("setsid + double fork", "daemon started")
+
+
+def fork_bomb(seen):
+    """Fork until refused, for two seconds; the children stay (the job's end kills them)."""
+    bomber = os.fork()
+    if bomber == 0:
+        os.setsid()
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                time.sleep(0.01)
+    deadline = time.monotonic() + 2
+    refused = ""
+    while time.monotonic() < deadline:
+        try:
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            os.waitpid(child, 0)
+        except OSError as exc:
+            refused = why(exc)
+    seen("fork bomb", "%d processes at most, then %s" % (len(pids()), refused or "never refused"))
+    try:
+        subprocess.run(["/usr/bin/true"], timeout=10)
+        seen("fork+exec during the bomb", "ran")
+    except Exception as exc:  # any way it fails is an observation
+        seen("fork+exec during the bomb", why(exc))
+
+
+def map_chunk(text):
+    observed = {}
+
+    def seen(attempt, what):
+        observed["%s: %s" % (attempt, what)] = 1
+
+    try:
+        attempts(seen)
+    except Exception as exc:  # the output says where the attack itself broke
+        seen("the attack itself", "crashed: %r" % exc)
+    return observed.items()
+
