@@ -432,7 +432,7 @@ def tf_run(name: str, command: tuple[str, ...]) -> None:
 @tf.command("down")
 @click.argument("name")
 def tf_down(name: str) -> None:
-    """Stop every server of cluster NAME on every peer and remove its files."""
+    """Remove cluster NAME from every host: its servers, relays, p2p listeners, forwards and sockets."""
     node = _running_node()
     from ipdc.submit.tf import TfController
 

@@ -13,12 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from pathlib import Path
 
 from ipdc.isolation.bwrap import BWRAP
-
-#: The directory that holds the ``ipdc`` package: TF processes run its ``ipdc.runner.tfserver``.
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @functools.cache

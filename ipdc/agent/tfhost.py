@@ -41,8 +41,8 @@ from ipdc.errors import IPDCError, JobError, KuboError
 from ipdc.isolation.bwrap import FIRST_EXTRA_FD
 from ipdc.kubo import KuboClient
 from ipdc.net import grpc_answers
-from ipdc.spawn import Limits, Sandbox, SandboxSpec, wait_for
-from ipdc.tfsandbox import PACKAGE_ROOT, refusal
+from ipdc.spawn import PACKAGE, Limits, Sandbox, SandboxSpec, wait_for
+from ipdc.tfsandbox import refusal
 from ipdc.wire.getresult import GetResult, clip
 from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.tf import (
@@ -274,7 +274,7 @@ class TfHost:
                      maps: list[dict[str, Any]], fds: list[int]) -> None:
         """A TF process in this node's own namespaces, as ``tf.trusted_network`` allows."""
         argv = [sys.executable, "-m", "ipdc.runner.tfserver", self._plan_for(hosted, name, task, maps)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": PACKAGE_ROOT,
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(PACKAGE.parent),
                **TF_ENV}
         for fd in fds:
             os.set_inheritable(fd, True)

@@ -1,7 +1,7 @@
 """Byte relays between a TF process and the sockets that reach the rest of its cluster.
 
-    python -m ipdc.runner.tfrelay '{"label": "demo/worker-0", "maps": [{"listen": "tcp:127.0.0.1:2223",
-                                                                     "target": "unix:/.../t1.sock"}, ...]}'
+    python -I -S tfrelay.py '{"label": "demo/worker-0", "maps": [{"listen": "tcp:127.0.0.1:2223",
+                                                                 "target": "unix:/.../t1.sock"}, ...]}'
 
 Each map is ``LISTEN -> TARGET``:
 

@@ -48,9 +48,9 @@ from ipdc.home import RenewedJobs
 from ipdc.jobs import shipped
 from ipdc.net import grpc_answers
 from ipdc.peers import Peer, assign_nearest
-from ipdc.spawn import wait_for
+from ipdc.spawn import PACKAGE, wait_for
 from ipdc.submit.client import SwarmClient
-from ipdc.tfsandbox import PACKAGE_ROOT, chief_argv, isolation_problem, refusal
+from ipdc.tfsandbox import chief_argv, isolation_problem, refusal
 from ipdc.wire.channel import Channel
 from ipdc.wire.cleanup import CLEANUP, CleanUp
 from ipdc.wire.download import DOWNLOAD, Download
@@ -280,7 +280,7 @@ class TfController:
             if not wait_for(lambda: not unanswered(cluster), 30, 0.2):
                 raise JobError(f"TF cluster {name}: every host started its servers, but "
                                f"{', '.join(unanswered(cluster))} do not answer through this node's "
-                               f"forwards in {cluster.sockets}; see the hosts' logs/tf-*.log")
+                               f"forwards in {cluster.sockets}; see the hosts' logs/runners.log")
             record_dir.mkdir(parents=True)
             (record_dir / STATE_FILE).write_text(json.dumps(cluster.to_dict(), indent=2) + "\n")
             return cluster
@@ -388,9 +388,6 @@ def run_chief(cluster: TfCluster, command: list[str], node: str, trusted_network
     server (which binds every interface) is on no network. Where no namespace can be made,
     it runs here unisolated only if ``tf.trusted_network`` allows it.
     """
-    if not command:
-        raise SpecError(f"give the command to run as the chief: `ipdc tf run {cluster.name} -- python "
-                        "script.py`")
     missing = unanswered(cluster)
     if missing:
         raise JobError(f"TF cluster {cluster.name} is not fully up: {', '.join(missing)} do not answer "
@@ -407,6 +404,6 @@ def run_chief(cluster: TfCluster, command: list[str], node: str, trusted_network
              "maps": maps}
     launcher = [sys.executable, "-m", "ipdc.runner.tfserver", json.dumps(chief), "--", *command]
     argv = launcher if problem else chief_argv() + launcher
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
-                                                        if p)}
+    path = [str(PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     return subprocess.run(argv, env=env, check=False).returncode

@@ -32,9 +32,12 @@ from ipdc.node.lifecycle import Node
 from ipdc.peers import xor_key
 from ipdc.spawn import pid_alive, wait_for
 from ipdc.submit.tf import EXAMPLE
+from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GETRESULT, GetResult
-from ipdc.wire.ids import JobId, NodeName
-from ipdc.wire.tf import PROTOCOL_PREFIX, TfPlan, cluster_token, protocol, socket_root
+from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.manifest import JobManifest
+from ipdc.wire.tf import PORTS, PROTOCOL_PREFIX, TfPlan, cluster_token, protocol, socket_root
+from ipdc.wire.unixfs import cid_of
 from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -264,6 +267,28 @@ def test_a_forged_reply_from_a_host_does_not_steer_the_controller(swarm: LocalCl
     assert json.loads(out)["cluster_id"] == cluster_id
     run_cli(["tf", "down", name], home, timeout=120)
     assert not tf_leftovers(swarm)
+
+
+def test_a_tf_manifest_that_carries_code_is_dropped_unanswered(swarm: LocalCluster,
+                                                                peers: dict[str, dict[str, Any]]) -> None:
+    """A TF cluster's Download carries data only: one that names a file to fetch (code a TF
+    server would run) is refused before anything is fetched, even signed by a trusted key."""
+    owner, host = swarm.nodes[0], swarm.nodes[1]
+    owner_name, host_name = NodeName(owner.config.node.name), NodeName(host.config.node.name)
+    ids = {n: peers[n]["peer_id"] for n in (owner_name, host_name)}
+    plan = TfPlan("smuggler", {"worker": [host_name]}, ids, PORTS[0])
+    code = {"tfserver.py": Cid(cid_of(b"import os"))}
+    manifest = JobManifest(job_id=JobId.new(), owner=owner_name, code=code, chunks=[], partitions=0,
+                           workers=[owner_name, host_name],
+                           submitter=owner.signer.public_key, kind="tf", params=plan.to_params())
+    signed = owner.signer.sign(Download(manifest), DOWNLOAD.name, host_name)
+    log = host.home / "logs" / "agent.log"
+    with Bus(owner.config.broker, f"{owner_name}-test-{secrets.token_hex(3)}") as bus:
+        bus.connect()
+        bus.publish(DOWNLOAD.topic(node=host_name), DOWNLOAD.encode(signed))
+        assert bus.flush()
+    assert wait_for(lambda: f"TF cluster {manifest.job_id} carries code" in log.read_text(), 20)
+    assert not any(p.name.endswith(manifest.job_id) for p in host.work_dir.iterdir())
 
 
 def test_more_tasks_than_the_swarm_can_host_fail_clearly(swarm: LocalCluster, peers: dict[str, Any],

@@ -11,12 +11,13 @@ import pytest
 from ipdc.errors import MessageError, SpecError
 from ipdc.peers import Peer, assign_nearest, select_nearest, xor_key
 from ipdc.submit.tf import TfCluster, load_spec, parse_spec
+from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.tf import TfPlan, base_port, cluster_token, protocol
 
 
 def peer(name: str, tf: bool = True, slots: int = 2) -> Peer:
-    return Peer(Presence(name=name, peer_id=f"12D3Koo-{name}", host="127.0.0.1", addrs=[],
+    return Peer(Presence(name=NodeName(name), peer_id=f"12D3Koo-{name}", host="127.0.0.1", addrs=[],
                          caps=Capabilities(cores=2, mem_free_mb=8000, tf=tf), slots=slots,
                          load=0.0, ts=0.0))
 
@@ -52,7 +53,7 @@ def test_load_spec_reads_yaml_and_json(tmp_path: Path) -> None:
     assert load_spec(tmp_path / "a.conf") == {"chief": [0], "ps": [0], "worker": [0, 1]}
     assert load_spec(tmp_path / "b.json") == {"local": [0, 1]}
     (tmp_path / "c.conf").write_text("worker: [0, 1\n")
-    with pytest.raises(SpecError, match="c.conf"):
+    with pytest.raises(SpecError, match=r"c\.conf"):
         load_spec(tmp_path / "c.conf")
     with pytest.raises(SpecError, match="cannot read"):
         load_spec(tmp_path / "missing.conf")
@@ -115,7 +116,8 @@ def test_a_cluster_record_offers_the_chiefs_command_and_tf_config(tmp_path: Path
     assert cluster.tf_config() == {"cluster": p.cluster_spec(), "task": {"type": "chief", "index": 0}}
     assert cluster.command().startswith("ipdc tf run demo -- python ") and "example.py" in cluster.command()
     rows = cluster.to_dict()["tasks"]
-    assert [(r["job"], r["peer"], r["server"]) for r in rows][:2] == [("chief", "a", False), ("ps", "b", True)]
+    assert [(r["job"], r["peer"], r["server"]) for r in rows][:2] == [("chief", "a", False),
+                                                                      ("ps", "b", True)]
 
 
 @pytest.mark.parametrize(("changes", "names"), [
