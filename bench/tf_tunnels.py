@@ -1,10 +1,12 @@
 """What keeping TF servers off the network costs: steps/s and wall time of the TF example
 (chief + 2 workers + 1 ps, ParameterServerStrategy), direct against through IPDC.
 
-    python bench/tf_tunnels.py [--runs 3] [--steps 300] [--variants direct,one-node,one-host,netns]
+    python bench/tf_tunnels.py [--runs 3] [--steps 300] [--variants direct,direct-nice,one-host,netns]
 
 * ``direct``: 3 TF servers and the chief as plain processes on 127.0.0.1, no sandbox,
   no relay, no kubo: TF as its docs run it (and every port open to the LAN).
+* ``direct-nice``: the same at nice 19, as IPDC runs TF servers (like every runner), so
+  that on a busy machine the difference to the variants below is the isolation's alone.
 * ``one-node``: ``ipdc tf`` on a 1-node LocalCluster: every server in its sandbox,
   relays over unix sockets between sandboxes of one host, the chief in its own
   namespace; no kubo stream.
@@ -70,7 +72,7 @@ def tcp_grpc_answers(port: int) -> bool:
 
 
 @contextmanager
-def direct() -> Iterator[Runner]:
+def direct(nice: int = 0) -> Iterator[Runner]:
     def run(steps: int) -> dict[str, float]:
         ports = []
         for _ in range(4):
@@ -80,7 +82,7 @@ def direct() -> Iterator[Runner]:
         cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "ps": [f"127.0.0.1:{ports[1]}"],
                    "worker": [f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[3]}"]}
         env = {**os.environ, "PYTHONPATH": str(common.REPO)}
-        launcher = [sys.executable, "-m", "ipdc.runner.tfserver"]
+        launcher = ["nice", "-n", str(nice), sys.executable, "-m", "ipdc.runner.tfserver"]
         started = time.monotonic()
         servers = [subprocess.Popen([*launcher, json.dumps({"label": "bench/direct", "cluster": cluster,
                                                             "task": {"type": job, "index": i}})],
@@ -195,7 +197,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--variants", default="direct,one-node,one-host,netns")
+    parser.add_argument("--variants", default="direct,direct-nice,one-node,one-host,netns")
     args = parser.parse_args()
     variants = args.variants.split(",")
     if "netns" in variants and os.geteuid() != 0:
@@ -204,7 +206,8 @@ def main() -> None:
     spec = base / "spec.conf"
     spec.write_text(json.dumps(SPEC))
     makers: dict[str, Callable[[], AbstractContextManager[Runner]]] = {
-        "direct": direct, "one-node": lambda: local(1, base / "one-node", spec),
+        "direct": direct, "direct-nice": lambda: direct(19),
+        "one-node": lambda: local(1, base / "one-node", spec),
         "one-host": lambda: local(4, base / "one-host", spec), "netns": lambda: netns(base / "netns", spec)}
     samples: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with ExitStack() as stack:

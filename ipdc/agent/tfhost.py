@@ -63,11 +63,10 @@ JobKey = tuple[str, str]
 #: Seconds a server may take to answer (TF's import alone takes about 8 s on a busy machine).
 START_TIMEOUT = 180.0
 KILL_TIMEOUT = 10.0
-#: Set before TensorFlow is imported, which reads them then (see FACTS, TensorFlow).
-TF_ENV = {"GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-#: A TF server's sandbox: as a runner's, but TF reserves far more address space than it uses
-#: (no RLIMIT_AS), holds ~600 MB, runs dozens of threads, and serves for as long as its
-#: cluster lives (no CPU-time limit worth the name).
+#: A TF server's sandbox: as a runner's (nice 19 among the rest, so a volunteer's machine stays
+#: usable), but TF reserves far more address space than it uses (no RLIMIT_AS), holds ~600 MB,
+#: runs dozens of threads, and serves for as long as its cluster lives (no CPU-time limit worth
+#: the name, no CPU quota).
 TF_LIMITS = Limits(memory_mb=4096, address_space_mb=0, max_pids=4096, cpu_percent=0,
                    cpu_seconds=1 << 30, disk_mb=64, nofile=4096)
 #: Directories on the way to a cluster's sockets: others (a sandbox's uid) may pass, not list.
@@ -264,8 +263,7 @@ class TfHost:
         spec = SandboxSpec(module="ipdc.runner.tfserver", name=f"tf-{task.name}",
                            args=(self._plan_for(hosted, task.name, {"type": task.job, "index": task.index},
                                                 maps),),
-                           limits=TF_LIMITS, ro_dirs=(str(hosted.dir),), fds=tuple(fds),
-                           env=tuple(TF_ENV.items()))
+                           limits=TF_LIMITS, ro_dirs=(str(hosted.dir),), fds=tuple(fds))
         process = self.sandbox.start(spec)
         hosted.procs[task.name] = process
         log.info("TF cluster %s: started %s (sandbox %d)", hosted.plan.name, task.name, process.pid)
@@ -274,8 +272,7 @@ class TfHost:
                      maps: list[dict[str, Any]], fds: list[int]) -> None:
         """A TF process in this node's own namespaces, as ``tf.trusted_network`` allows."""
         argv = [sys.executable, "-m", "ipdc.runner.tfserver", self._plan_for(hosted, name, task, maps)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(PACKAGE.parent),
-               **TF_ENV}
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(PACKAGE.parent)}
         for fd in fds:
             os.set_inheritable(fd, True)
         with open(self.log_dir / "runners.log", "ab") as out:

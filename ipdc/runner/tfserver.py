@@ -35,7 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-#: Set before TensorFlow is imported (it reads them then): see FACTS, TensorFlow.
+#: Set before TensorFlow is imported, which reads them then (see FACTS, TensorFlow); the host
+#: passes a TF process no environment of its own.
 TF_ENV = {"GRPC_FAIL_FAST": "use_caller", "TF_CPP_MIN_LOG_LEVEL": "2"}
 RELAY = Path(__file__).with_name("tfrelay.py")
 
