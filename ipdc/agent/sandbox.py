@@ -47,7 +47,8 @@ def runner_spec(settings: SandboxSection) -> SandboxSpec:
                     nice=settings.nice)
     named = {"cpu_seconds": settings.cpu_seconds, "memory_mb": settings.memory_mb,
              "file_mb": settings.file_mb, "disk_mb": settings.disk_mb}  # the settings its failures name
-    return SandboxSpec(module=RUNNER_MODULE, name="runner", args=(json.dumps(named),), limits=limits)
+    return SandboxSpec(module=RUNNER_MODULE, name="runner", args=(json.dumps(named),), limits=limits,
+                       ro_dirs=tuple(settings.shared_dirs))
 
 
 class Runner:

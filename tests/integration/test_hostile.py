@@ -193,8 +193,9 @@ def test_hostile_user_code_gets_out_nowhere(swarm_as: LocalCluster, tmp_path: Pa
     assert "the attack itself" not in seen, report
     escaped = [(a, o) for a, obs in seen.items() for o in obs if not blocked(a, o, params)]
     assert escaped == [], f"attempts that got through: {escaped}\nall observations:\n{report}"
-    expected = {"kill(-1, SIGKILL)", "read <home>/ipdc.conf by path", "read <home>/keys/kubo-api.secret by path",
-                "read <home>/kubo/swarm.key by path", "open /proc/<ppid, 1 or agent>/cwd/../ipdc.conf",
+    expected = {"kill(-1, SIGKILL)", "read <home>/ipdc.conf by path",
+                "read <home>/keys/kubo-api.secret by path", "read <home>/kubo/swarm.key by path",
+                "open /proc/<ppid, 1 or agent>/cwd/../ipdc.conf",
                 "/proc/*/environ holds", "/proc/*/root<home>/ipdc.conf", "append to trusted_keys",
                 "connect to kubo's API", "connect to the broker", "connect to the host's LAN address",
                 "kill(agent, 0)", "ptrace(ATTACH, agent)", "read the other job's /job/secret", "fill /job",
