@@ -153,9 +153,10 @@ class TimedClient:
 class TimedController(MapReduceController):
     """The library's controller, with the milestones of ``Recorder`` marked."""
 
-    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob) -> None:
+    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path) -> None:
         self.rec = Recorder()
-        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job)  # type: ignore[arg-type]
+        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job,  # type: ignore[arg-type]
+                         home)
 
     def run(self) -> JobResult:
         self.rec.start = time.perf_counter()
@@ -388,7 +389,7 @@ def main() -> None:
                 cluster.nodes[0].kubo() as kubo:
             for i in range(args.warmup + args.jobs):
                 job = MapReduceJob(input=data, k=args.k, output=Path(tmp) / f"out-{i}")
-                controller = TimedController(client, kubo, job)
+                controller = TimedController(client, kubo, job, cluster.nodes[0].home)
                 t = time.perf_counter()
                 controller.run()
                 returned = time.perf_counter()
