@@ -58,7 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ipdc-bench-sandbox-") as tmp:
         walls = tiny_jobs(args.k, args.jobs, args.warm, Path(tmp))
         starts = runner_starts(args.starts, Path(tmp))
-    rows = [row(f"tiny job, K={args.k}, {args.warm} warm spare(s) (wall)", walls, "MapReduceController.run()")]
+    title = f"tiny job, K={args.k}, {args.warm} warm spare(s) (wall)"
+    rows = [row(title, walls, "MapReduceController.run()")]
     rows += [row(name, values, "per runner") for name, values in starts.items()]
     common.print_table("Sandbox costs (ms)", ["what", "p50", "p95", "p99", "n", "per"], rows)
     common.save("sandbox", {"tiny_job_walls": walls, "runner_starts": starts})

@@ -148,7 +148,8 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
-    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl), ("agent.job_lease", cfg.agent.job_lease),
+    for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl),
+                         ("agent.job_lease", cfg.agent.job_lease),
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):
         if value <= 0:
             raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")

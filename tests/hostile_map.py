@@ -14,30 +14,33 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-PARAMS: dict = {}  # filled in by the test
+PARAMS: dict[str, Any] = {}  # filled in by the test
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 SECRET_FILES = ("ipdc.conf", "keys/submitter.key", "keys/kubo-api.secret", "trusted_keys",
                 "kubo/swarm.key", "kubo/config")
 PTRACE_ATTACH = 16
+Seen = Callable[[str, str], None]
 SYS_PROCESS_VM_READV, SYS_PIDFD_OPEN, SYS_KEYCTL = 310, 434, 250
 CLONE_NEWUSER, MS_REMOUNT, MS_BIND = 0x10000000, 32, 4096
 
 
-def why(exc):
+def why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return type(exc).__name__
 
 
-def last_errno():
+def last_errno() -> str:
     number = ctypes.get_errno()
     return errno.errorcode.get(number, str(number))
 
 
-def read(path):
+def read(path: str) -> str:
     """'read N bytes' or why not."""
     try:
         with open(path, "rb") as f:
@@ -46,11 +49,11 @@ def read(path):
         return why(exc)
 
 
-def pids():
+def pids() -> list[int]:
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
 
-def attempts(seen):
+def attempts(seen: Seen) -> None:
     p = PARAMS
     # kill(-1): every process we may signal; the agents, the other job and kubo must live on
     try:
@@ -146,14 +149,14 @@ def attempts(seen):
     fork_bomb(seen)
 
 
-def why_list(path):
+def why_list(path: str) -> str:
     try:
         return f"listed {len(os.listdir(path))} entries"
     except OSError as exc:
         return why(exc)
 
 
-def environ_keys(pid):
+def environ_keys(pid: int) -> set[str]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             return {entry.split(b"=", 1)[0].decode() for entry in f.read().split(b"\0") if entry}
@@ -161,7 +164,7 @@ def environ_keys(pid):
         return set()
 
 
-def fill_disk(seen):
+def fill_disk(seen: Seen) -> None:
     """Write to /job (and /tmp, which lives in it) until refused."""
     for directory in ("/job", "/tmp"):
         written, path = 0, os.path.join(directory, "fill")
@@ -177,7 +180,7 @@ def fill_disk(seen):
         os.unlink(path)
 
 
-def memory_hog(seen):
+def memory_hog(seen: Seen) -> None:
     """Allocate twice the memory limit, page by page, in a child."""
     child = os.fork()
     if child == 0:
@@ -195,7 +198,7 @@ def memory_hog(seen):
         seen("allocate 2x the memory limit", "MemoryError" if os.WEXITSTATUS(status) == 3 else "ALLOCATED")
 
 
-def big_messages(seen):
+def big_messages(seen: Seen) -> None:
     """A 100 MB reply line on the runner's own channel, and one on stdout."""
     channel = socket.socket(fileno=os.dup(3))
     try:
@@ -209,7 +212,7 @@ def big_messages(seen):
     seen("a 100 MB line on stdout", "written (the log keeps 1 MB of it)")
 
 
-def daemon(seen):
+def daemon(seen: Seen) -> None:
     """setsid + double fork, a process tagged with the nonce: it must not outlive the job."""
     first = os.fork()
     if first == 0:
@@ -225,7 +228,7 @@ def daemon(seen):
     seen("setsid + double fork", "daemon started")
 
 
-def fork_bomb(seen):
+def fork_bomb(seen: Seen) -> None:
     """Fork until refused, for two seconds; the children stay (the job's end kills them)."""
     bomber = os.fork()
     if bomber == 0:
@@ -253,10 +256,10 @@ def fork_bomb(seen):
         seen("fork+exec during the bomb", why(exc))
 
 
-def map_chunk(text):
-    observed = {}
+def map_chunk(text: str) -> Iterable[tuple[str, int]]:
+    observed: dict[str, int] = {}
 
-    def seen(attempt, what):
+    def seen(attempt: str, what: str) -> None:
         observed[f"{attempt}: {what}"] = 1
 
     try:

@@ -353,7 +353,8 @@ class Agent:
             self.running += 1
         try:
             if isinstance(action, RunMap):
-                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key), action.chunk)
+                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
+                                                    action.chunk)
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)

@@ -35,7 +35,7 @@ import pytest
 from ipdc.agent.execute import Executor
 from ipdc.agent.sandbox import Runner, runner_spec
 from ipdc.config import SandboxSection
-from ipdc.errors import KuboError, TaskFailed
+from ipdc.errors import IPDCError, KuboError, TaskFailed
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import Sandbox, SandboxSpec, pid_alive, wait_for
@@ -173,7 +173,7 @@ def wordcount(executor: Executor, kubo: KuboClient, base: Path, inputs: tuple[by
 
 
 def failing_map(executor: Executor, kubo: KuboClient, base: Path, source: str,
-                cid: str | None = None) -> tuple[TaskFailed | KuboError, Runner]:
+                cid: str | None = None) -> tuple[IPDCError, Runner]:
     """Run one map task of ``source`` as the agent does; it must fail. Also the runner it ran in."""
     job = Job(base, source)
     runner = executor.pool.acquire(job.id, {"Map.py": source.encode()}, 2)

@@ -285,7 +285,8 @@ class Cluster:
         tokens = [self.run(first, ["invite"], f"invite-{h.label}").stdout.strip() for h in others]
 
         def join(host: Host, token: str) -> None:
-            self.run(host, ["deploy.py", "init", "--host", host.addr, "--slots", "1", "--join", token], "init")
+            self.run(host, ["deploy.py", "init", "--host", host.addr, "--slots", "1", "--join", token],
+                     "init")
             self._tune(host)
             self.run(host, ["deploy.py", "start"], "start")
 
@@ -391,9 +392,11 @@ class Cluster:
         # The node's own pid file, so `deploy.py stop|status` see this broker as the node's.
         service.pid_file.write_text(f"{proc.pid}\n")
         wait_until(lambda: proc.poll() is not None or _listening(proc.pid, port), 15,
-                   f"the restarted mosquitto to listen on port {port}", detail=lambda: _tail(service.log_file))
+                   f"the restarted mosquitto to listen on port {port}",
+                   detail=lambda: _tail(service.log_file))
         if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited ({proc.returncode}) on restart:\n{_tail(service.log_file)}")
+            raise AssertionError(f"mosquitto exited ({proc.returncode}) on restart:\n"
+                                 f"{_tail(service.log_file)}")
 
     # -- jobs ------------------------------------------------------------------------
     def submit(self, input_file: Path, output: Path, *, k: int = 3, chunks: int | None = None,
