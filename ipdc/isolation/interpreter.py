@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import site
@@ -28,6 +29,8 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: Where a root agent's readable copy of its Python goes.
 COPY_ROOT = Path("/opt")
@@ -146,6 +149,8 @@ def prepare_copy(prune: bool = False) -> Path:
                 return root
         except (OSError, ValueError):
             pass
+        log.info("making %s, a copy of %s its sandboxes can read (once; `python deploy.py install` makes "
+                 "it ahead)", root, sys.base_prefix)
         building = root.with_name(f".{root.name}.new-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         base = Path(sys.base_prefix).resolve()
