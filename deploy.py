@@ -44,7 +44,7 @@ def main() -> None:
         if os.geteuid() == 0:  # sandboxes run under uids of their own: they need a Python they can read
             from ipdc.isolation.interpreter import for_sandbox
 
-            print(f"sandbox python: {for_sandbox(separate_uid=True).executable}")
+            print(f"sandbox python: {for_sandbox(separate_uid=True, prune=True).executable}")
         return
     cli.main(args=["node", *args], prog_name="deploy.py")
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,20 +56,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess  # noqa: E402
-from ipdc.bus import Bus  # noqa: E402
-from ipdc.config import SandboxSection  # noqa: E402
-from ipdc.kubo import KuboClient  # noqa: E402
-from ipdc.peers import Peer  # noqa: E402
-from ipdc.submit.client import SwarmClient  # noqa: E402
-from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob  # noqa: E402
-from ipdc.wire.getresult import GetResult  # noqa: E402
+from ipdc.agent.sandbox import Runner, runner_spec
+from ipdc.bus import Bus
+from ipdc.config import SandboxSection
+from ipdc.kubo import KuboClient
+from ipdc.peers import Peer
+from ipdc.spawn import Sandbox
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
+from ipdc.wire import fdmsg
+from ipdc.wire.getresult import GetResult
 
 MILESTONES = ("check+select", "upload", "download", "map", "reduce", "fetch", "describe", "finish", "cleanup")
-SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice", "upload": "subscribe, IPFS add code + input",
+SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice",
+           "upload": "subscribe, IPFS add code + input",
            "download": "Download -> last ready", "map": "last ready -> last map result",
            "reduce": "last map result -> last reduce result", "fetch": "last reduce result -> parts fetched",
            "describe": "result dir CID + pin", "finish": "job.json, _SUCCESS, rename",
@@ -137,7 +139,7 @@ class TimedClient:
         self._rec.call(f"send {channel.name}", t, end)
         self._rec.sends.append((channel.name, node, end))
 
-    def watch(self, job_id: str) -> "queue.Queue[GetResult]":
+    def watch(self, job_id: str) -> queue.Queue[GetResult]:
         results = self._client.watch(job_id)
         put = results.put
 
@@ -151,9 +153,10 @@ class TimedClient:
 class TimedController(MapReduceController):
     """The library's controller, with the milestones of ``Recorder`` marked."""
 
-    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob) -> None:
+    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path) -> None:
         self.rec = Recorder()
-        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job)  # type: ignore[arg-type]
+        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job,  # type: ignore[arg-type]
+                         home)
 
     def run(self) -> JobResult:
         self.rec.start = time.perf_counter()
@@ -275,34 +278,40 @@ def mqtt_round_trips(config: Any, n: int) -> list[float]:
 
 
 def runner_starts(n: int, work: Path) -> dict[str, list[float]]:
-    """What a task pays for a runner without a warm spare: the zygote's fork until the
-    runner is ready, then ``bind`` (the runner imports the job's Map.py and Reduce.py)."""
+    """What a task pays for a runner. Cold: a sandbox started (zygote fork, cgroups, uid
+    switch, bubblewrap, the interpreter, the runner's imports) until its runner is ready.
+    Then, as for a warm spare: ``load`` (the job's Map.py and Reduce.py sent as memfds and
+    imported) and one tiny map task (input memfd in, partitions memfd out)."""
     jobs = common.REPO / "ipdc" / "jobs" / "mapreduce"
-    for name in ("Map.py", "Reduce.py"):
-        shutil.copy(jobs / name, work / name)
+    code = {name: (jobs / name).read_bytes() for name in ("Map.py", "Reduce.py")}
     settings = SandboxSection()
+    spec = runner_spec(settings)
     out: dict[str, list[float]] = defaultdict(list)
     t = time.perf_counter()
-    zygote = ZygoteProcess(settings, work / "logs")
+    sandbox = Sandbox(work / "logs")
+    out["sandbox open (zygote start, probe)"].append(time.perf_counter() - t)
     try:
         for i in range(n + 1):
-            runner = RunnerProcess(settings, None)
             t0 = time.perf_counter()
-            zygote.fork(runner)
-            runner.wait_ready(timeout=60)
+            runner = Runner(sandbox.start(spec), settings)
+            runner.wait_ready()
             t1 = time.perf_counter()
-            runner.call({"op": "bind", "job": f"bench{i}", "dir": str(work), "kubo": "http://127.0.0.1:9",
-                         "partitions": 4, "map": str(work / "Map.py"), "reduce": str(work / "Reduce.py")},
-                        timeout=60)
+            memfds = [fdmsg.sealed_memfd([data]) for data in code.values()]
+            runner.call({"op": "load", "job": f"bench{i}", "partitions": 4, "files": list(code)}, memfds, 60)
             t2 = time.perf_counter()
+            task = [fdmsg.sealed_memfd([b"the quick brown fox\n" * 50])]
+            _, outputs = runner.call({"op": "map"}, task, 60)
+            fdmsg.close_all(memfds + task + outputs)
+            t3 = time.perf_counter()
             runner.kill()
-            if i == 0:
-                out["zygote start + first runner"].append(t1 - t)
-            else:
-                out["runner fork -> ready"].append(t1 - t0)
-                out["runner bind (import job code)"].append(t2 - t1)
+            t4 = time.perf_counter()
+            if i:  # the first one warms the page cache
+                out["cold sandbox start -> runner ready"].append(t1 - t0)
+                out["load job code (a warm spare's bind)"].append(t2 - t1)
+                out["tiny map task on a bound runner"].append(t3 - t2)
+                out["kill + cgroup removal"].append(t4 - t3)
     finally:
-        zygote.close()
+        sandbox.close()
     return out
 
 
@@ -355,7 +364,8 @@ def row(name: str, samples: list[float], what: str = "") -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="jobs run first and not counted")
@@ -379,7 +389,7 @@ def main() -> None:
                 cluster.nodes[0].kubo() as kubo:
             for i in range(args.warmup + args.jobs):
                 job = MapReduceJob(input=data, k=args.k, output=Path(tmp) / f"out-{i}")
-                controller = TimedController(client, kubo, job)
+                controller = TimedController(client, kubo, job, cluster.nodes[0].home)
                 t = time.perf_counter()
                 controller.run()
                 returned = time.perf_counter()
@@ -406,14 +416,17 @@ def main() -> None:
     common.print_table("Tiny-job latency: critical path (ms; segments add up to each job's wall)",
                        ["what", "p50", "p95", "p99", "n", "measures"], rows)
     totals = {k: v for k, v in inner.items() if k.startswith("per job:")}
-    rows = [row(name, inner[name], "per task") for name in inner if not name.startswith(("per job:", "controller"))]
-    rows += [row("controller queue wait", inner["controller queue wait"], "report queued -> taken, per report")]
+    rows = [row(name, inner[name], "per task") for name in inner
+            if not name.startswith(("per job:", "controller"))]
+    rows += [row("controller queue wait", inner["controller queue wait"],
+                 "report queued -> taken, per report")]
     rows += [row(name, values, "per call") for name, values in sorted(per_call.items())]
     rows += [row(name, values, "sum over a job's calls (2 fetches run at a time)")
              for name, values in sorted(totals.items())]
     rows += [row("MQTT QoS 1 round trip", rtts, "publish -> own delivery, swarm broker")]
     rows += [row(name, values, "without a warm spare") for name, values in starts.items()]
-    rows += [row(name, values, "fresh process / new connection, warm cluster") for name, values in cli.items()]
+    rows += [row(name, values, "fresh process / new connection, warm cluster")
+             for name, values in cli.items()]
     if dask:
         rows.append(row("dask client.submit", dask, "2-worker LocalCluster, submit(...).result()"))
     common.print_table("Inside the steps (ms)", ["what", "p50", "p95", "p99", "n", "measures"], rows)

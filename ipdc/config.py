@@ -102,6 +102,10 @@ class SandboxSection:
     fetch_stall: float = 30.0
     """Fetching a task's input fails when no byte arrives for this long: the peer
     holding the data may have left, and the task can be retried elsewhere."""
+    shared_dirs: list[str] = field(default_factory=list)
+    """Host directories every runner sees, read-only, at the same path (say a dataset
+    kept on this machine). Nothing of the host is visible otherwise. As root, every
+    directory on the way must be searchable by others: runners run under uids of their own."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,9 @@ def config_from_dict(data: Any) -> Config:
                          ("sandbox.disk_mb", box.disk_mb)):
         if value <= 0:
             raise ConfigError(f"{where}: must be positive, got {value}")
+    for path in box.shared_dirs:
+        if not path.startswith("/"):
+            raise ConfigError(f"sandbox.shared_dirs: {path!r} is not an absolute path")
     if box.cpu_percent < 0:
         raise ConfigError(f"sandbox.cpu_percent: must be 0 (no limit) or a percentage of one core, got "
                           f"{box.cpu_percent}")

@@ -115,7 +115,8 @@ class Service:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, close_fds=True,
-                user=user, group=pwd.getpwnam(user).pw_gid if user else None, extra_groups=[] if user else None,
+                user=user, group=pwd.getpwnam(user).pw_gid if user else None,
+                extra_groups=[] if user else None,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
         log.info("started %s (pid %d), log %s", self.name, proc.pid, self.log_file)

@@ -20,7 +20,8 @@ def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = Tru
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or home.parent)
     if check and done.returncode != 0:
-        raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        raise AssertionError(f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\n"
+                             f"stderr:\n{done.stderr}")
     return done
 
 
@@ -56,7 +57,8 @@ def read_output(output: Path, k: int) -> tuple[Counter[bytes], list[list[bytes]]
 BAD_BODIES = {
     "infinite loop": "    while True:\n        pass\n",
     "10 GB": "    block = bytearray(10 << 30)\n    return []\n",
-    "fork bomb": "    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
+    "fork bomb": ("    while True:\n        try:\n            os.fork()\n        except OSError:\n"
+                  "            pass\n"),
 }
 
 

@@ -14,43 +14,46 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-PARAMS: dict = {}  # filled in by the test
+PARAMS: dict[str, Any] = {}  # filled in by the test
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 SECRET_FILES = ("ipdc.conf", "keys/submitter.key", "keys/kubo-api.secret", "trusted_keys",
                 "kubo/swarm.key", "kubo/config")
 PTRACE_ATTACH = 16
+Seen = Callable[[str, str], None]
 SYS_PROCESS_VM_READV, SYS_PIDFD_OPEN, SYS_KEYCTL = 310, 434, 250
 CLONE_NEWUSER, MS_REMOUNT, MS_BIND = 0x10000000, 32, 4096
 
 
-def why(exc):
+def why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return type(exc).__name__
 
 
-def last_errno():
+def last_errno() -> str:
     number = ctypes.get_errno()
     return errno.errorcode.get(number, str(number))
 
 
-def read(path):
+def read(path: str) -> str:
     """'read N bytes' or why not."""
     try:
         with open(path, "rb") as f:
-            return "read %d bytes" % len(f.read(1 << 20))
+            return f"read {len(f.read(1 << 20))} bytes"
     except Exception as exc:  # any way it fails is an observation
         return why(exc)
 
 
-def pids():
+def pids() -> list[int]:
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
 
-def attempts(seen):
+def attempts(seen: Seen) -> None:
     p = PARAMS
     # kill(-1): every process we may signal; the agents, the other job and kubo must live on
     try:
@@ -61,29 +64,30 @@ def attempts(seen):
 
     for home in p["homes"]:
         for name in SECRET_FILES:
-            seen("read <home>/%s by path" % name, read(os.path.join(home, name)))
+            seen(f"read <home>/{name} by path", read(os.path.join(home, name)))
         seen("list <home>", why_list(home))
     seen("uid inside", str(os.getuid()))
     for pid in {os.getppid(), 1, *p["agents"]}:
         for home in p["homes"]:
-            for route in ("cwd/../ipdc.conf", "cwd/ipdc.conf", "root%s/ipdc.conf" % home):
-                seen("open /proc/<ppid, 1 or agent>/%s" % route.replace(home, "<home>"),
-                     read("/proc/%d/%s" % (pid, route)))
+            for route in ("cwd/../ipdc.conf", "cwd/ipdc.conf", f"root{home}/ipdc.conf"):
+                seen(f"open /proc/<ppid, 1 or agent>/{route.replace(home, '<home>')}",
+                     read(f"/proc/{pid}/{route}"))
 
     visible = pids()
     seen("processes visible in /proc", str(len(visible)))
     for pid in visible:
         seen("/proc/*/environ holds", ",".join(sorted(environ_keys(pid))) or "nothing readable")
         for home in p["homes"]:
-            seen("/proc/*/root<home>/ipdc.conf", read("/proc/%d/root%s/ipdc.conf" % (pid, home)))
+            seen("/proc/*/root<home>/ipdc.conf", read(f"/proc/{pid}/root{home}/ipdc.conf"))
         try:
-            top = sorted(os.listdir("/proc/%d/root/" % pid))
+            top = sorted(os.listdir(f"/proc/{pid}/root/"))
             seen("/proc/*/root is", "the host's /" if "root" in top or "home" in top else "the sandbox's /")
         except OSError as exc:
             seen("/proc/*/root is", why(exc))
 
     for home in p["homes"]:
-        for target in (os.path.join(home, "trusted_keys"), "/proc/%d/cwd/../trusted_keys" % p["agents"][0],
+        agent = p["agents"][0]
+        for target in (os.path.join(home, "trusted_keys"), f"/proc/{agent}/cwd/../trusted_keys",
                        "/proc/1/cwd/../trusted_keys"):
             try:
                 with open(target, "a") as f:
@@ -98,9 +102,9 @@ def attempts(seen):
         s.settimeout(5)
         try:
             s.connect((host, port))
-            seen("connect to %s" % name, "CONNECTED")
+            seen(f"connect to {name}", "CONNECTED")
         except OSError as exc:
-            seen("connect to %s" % name, why(exc))
+            seen(f"connect to {name}", why(exc))
         finally:
             s.close()
     with open("/proc/net/dev") as f:
@@ -112,14 +116,16 @@ def attempts(seen):
             seen("kill(agent, 0)", "signalled")
         except OSError as exc:
             seen("kill(agent, 0)", why(exc))
-        seen("ptrace(ATTACH, agent)", "ATTACHED" if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0 else last_errno())
+        attached = libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0
+        seen("ptrace(ATTACH, agent)", "ATTACHED" if attached else last_errno())
         fd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
         seen("pidfd_open(agent)", "got one" if fd >= 0 else last_errno())
-    seen("ptrace(ATTACH, own pid 1)", "ATTACHED" if libc.ptrace(PTRACE_ATTACH, 1, None, None) == 0 else last_errno())
+    attached = libc.ptrace(PTRACE_ATTACH, 1, None, None) == 0
+    seen("ptrace(ATTACH, own pid 1)", "ATTACHED" if attached else last_errno())
     seen("keyctl(session keyring)", "got it" if libc.syscall(SYS_KEYCTL, 0, -3, 0) >= 0 else last_errno())
     seen("unshare(CLONE_NEWUSER)", "NEW USER NAMESPACE" if libc.unshare(CLONE_NEWUSER) == 0 else last_errno())
-    seen("mount -o remount,rw /", "REMOUNTED" if libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND, None) == 0
-         else last_errno())
+    remounted = libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND, None) == 0
+    seen("mount -o remount,rw /", "REMOUNTED" if remounted else last_errno())
     with open("/proc/self/status") as f:
         status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
     seen("NoNewPrivs", status["NoNewPrivs"].strip())
@@ -133,7 +139,7 @@ def attempts(seen):
             seen("write outside /job", why(exc))
 
     for pid in pids():
-        seen("read the other job's /job/secret", read("/proc/%d/root/job/%s" % (pid, p["victim_file"])))
+        seen("read the other job's /job/secret", read(f"/proc/{pid}/root/job/{p['victim_file']}"))
     seen("read the other job's /job/secret", read("/job/" + p["victim_file"]))
 
     fill_disk(seen)
@@ -143,22 +149,22 @@ def attempts(seen):
     fork_bomb(seen)
 
 
-def why_list(path):
+def why_list(path: str) -> str:
     try:
-        return "listed %d entries" % len(os.listdir(path))
+        return f"listed {len(os.listdir(path))} entries"
     except OSError as exc:
         return why(exc)
 
 
-def environ_keys(pid):
+def environ_keys(pid: int) -> set[str]:
     try:
-        with open("/proc/%d/environ" % pid, "rb") as f:
+        with open(f"/proc/{pid}/environ", "rb") as f:
             return {entry.split(b"=", 1)[0].decode() for entry in f.read().split(b"\0") if entry}
     except OSError:
         return set()
 
 
-def fill_disk(seen):
+def fill_disk(seen: Seen) -> None:
     """Write to /job (and /tmp, which lives in it) until refused."""
     for directory in ("/job", "/tmp"):
         written, path = 0, os.path.join(directory, "fill")
@@ -168,14 +174,13 @@ def fill_disk(seen):
                     f.write(b"x" * (1 << 20))
                     f.flush()
                     written += 1 << 20
-            seen("fill %s" % directory, "wrote 4 GB")
+            seen(f"fill {directory}", "wrote 4 GB")
         except OSError as exc:
-            seen("fill %s" % directory, "%s after %d MB (quota %d MB)" % (why(exc), written >> 20,
-                                                                          PARAMS["disk_mb"]))
+            seen(f"fill {directory}", f"{why(exc)} after {written >> 20} MB (quota {PARAMS['disk_mb']} MB)")
         os.unlink(path)
 
 
-def memory_hog(seen):
+def memory_hog(seen: Seen) -> None:
     """Allocate twice the memory limit, page by page, in a child."""
     child = os.fork()
     if child == 0:
@@ -188,12 +193,12 @@ def memory_hog(seen):
         os._exit(0)
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
-        seen("allocate 2x the memory limit", "killed by %s" % signal.Signals(os.WTERMSIG(status)).name)
+        seen("allocate 2x the memory limit", f"killed by {signal.Signals(os.WTERMSIG(status)).name}")
     else:
         seen("allocate 2x the memory limit", "MemoryError" if os.WEXITSTATUS(status) == 3 else "ALLOCATED")
 
 
-def big_messages(seen):
+def big_messages(seen: Seen) -> None:
     """A 100 MB reply line on the runner's own channel, and one on stdout."""
     channel = socket.socket(fileno=os.dup(3))
     try:
@@ -207,7 +212,7 @@ def big_messages(seen):
     seen("a 100 MB line on stdout", "written (the log keeps 1 MB of it)")
 
 
-def daemon(seen):
+def daemon(seen: Seen) -> None:
     """setsid + double fork, a process tagged with the nonce: it must not outlive the job."""
     first = os.fork()
     if first == 0:
@@ -223,7 +228,7 @@ def daemon(seen):
     seen("setsid + double fork", "daemon started")
 
 
-def fork_bomb(seen):
+def fork_bomb(seen: Seen) -> None:
     """Fork until refused, for two seconds; the children stay (the job's end kills them)."""
     bomber = os.fork()
     if bomber == 0:
@@ -243,7 +248,7 @@ def fork_bomb(seen):
             os.waitpid(child, 0)
         except OSError as exc:
             refused = why(exc)
-    seen("fork bomb", "%d processes at most, then %s" % (len(pids()), refused or "never refused"))
+    seen("fork bomb", f"{len(pids())} processes at most, then {refused or 'never refused'}")
     try:
         subprocess.run(["/usr/bin/true"], timeout=10)
         seen("fork+exec during the bomb", "ran")
@@ -251,15 +256,15 @@ def fork_bomb(seen):
         seen("fork+exec during the bomb", why(exc))
 
 
-def map_chunk(text):
-    observed = {}
+def map_chunk(text: str) -> Iterable[tuple[str, int]]:
+    observed: dict[str, int] = {}
 
-    def seen(attempt, what):
-        observed["%s: %s" % (attempt, what)] = 1
+    def seen(attempt: str, what: str) -> None:
+        observed[f"{attempt}: {what}"] = 1
 
     try:
         attempts(seen)
     except Exception as exc:  # the output says where the attack itself broke
-        seen("the attack itself", "crashed: %r" % exc)
+        seen("the attack itself", f"crashed: {exc!r}")
     return observed.items()
 

@@ -47,7 +47,8 @@ def runner_spec(settings: SandboxSection) -> SandboxSpec:
                     nice=settings.nice)
     named = {"cpu_seconds": settings.cpu_seconds, "memory_mb": settings.memory_mb,
              "file_mb": settings.file_mb, "disk_mb": settings.disk_mb}  # the settings its failures name
-    return SandboxSpec(module=RUNNER_MODULE, name="runner", args=(json.dumps(named),), limits=limits)
+    return SandboxSpec(module=RUNNER_MODULE, name="runner", args=(json.dumps(named),), limits=limits,
+                       ro_dirs=tuple(settings.shared_dirs))
 
 
 class Runner:
@@ -141,6 +142,8 @@ class RunnerPool:
         self._busy: set[Runner] = set()
         self._dropped: OrderedDict[str, None] = OrderedDict()
         """Jobs cleaned up here, newest last."""
+        self._binding: dict[str, threading.Event] = {}
+        """Jobs a runner is being bound to right now; set when the bind is over."""
         self._lock = threading.Lock()
         self._closed = False
         self._refill = threading.Event()
@@ -186,26 +189,49 @@ class RunnerPool:
 
     def acquire(self, job: str, code: dict[str, bytes], partitions: int) -> Runner:
         """A runner bound to ``job``: an idle one of the job, else a spare (or a fresh one)
-        bound now by sending it ``code`` (file name -> bytes)."""
-        dead: list[Runner] = []
-        with self._lock:
-            if job in self._dropped:
-                raise TaskFailed(f"job {job} was cleaned up on this node; its task is not run")
-            idle = self._idle.get(job, [])
-            while idle and not idle[-1].alive():
-                dead.append(idle.pop())
-            runner = idle.pop() if idle else None
-            bind = runner is None
-            if bind:
-                while self._spares and not self._spares[-1].alive():
-                    dead.append(self._spares.pop())
-                runner = self._spares.pop() if self._spares else None
-                self._refill.set()
-            if runner is not None:
-                runner.job = job  # from now on, drop(job) finds and kills it, even mid-bind
-                self._busy.add(runner)
-        for ended in dead:
-            ended.kill()
+        bound now by sending it ``code`` (file name -> bytes).
+
+        While another runner of the job is being bound (the agent binds one when the job's
+        code is in), a task waits for it rather than take another spare: the bind takes
+        milliseconds, and a spare taken now would leave the next job to a cold start.
+        """
+        while True:
+            dead: list[Runner] = []
+            bound: threading.Event | None = None
+            with self._lock:
+                if job in self._dropped:
+                    raise TaskFailed(f"job {job} was cleaned up on this node; its task is not run")
+                idle = self._idle.get(job, [])
+                while idle and not idle[-1].alive():
+                    dead.append(idle.pop())
+                runner = idle.pop() if idle else None
+                binding = self._binding.get(job) if runner is None else None
+                if runner is None and binding is None:  # this call binds one
+                    while self._spares and not self._spares[-1].alive():
+                        dead.append(self._spares.pop())
+                    runner = self._spares.pop() if self._spares else None
+                    self._refill.set()
+                    self._binding[job] = bound = threading.Event()
+                if runner is not None:
+                    runner.job = job  # from now on, drop(job) finds and kills it, even mid-bind
+                    self._busy.add(runner)
+            for ended in dead:
+                ended.kill()
+            if binding is not None:
+                binding.wait(START_TIMEOUT)
+                continue
+            if bound is None:
+                assert runner is not None
+                return runner  # an idle runner of the job
+            try:
+                return self._bind(runner, job, code, partitions)
+            finally:
+                with self._lock:
+                    del self._binding[job]
+                bound.set()
+
+    def _bind(self, runner: Runner | None, job: str, code: dict[str, bytes], partitions: int) -> Runner:
+        """Send ``code`` to ``runner`` (a spare; a fresh one when None) for ``job``."""
         if runner is None:
             runner = self._start()
             with self._lock:
@@ -215,8 +241,6 @@ class RunnerPool:
             if dropped:
                 self.discard(runner)
                 raise TaskFailed(f"job {job} was cleaned up on this node; its task is not run")
-        if not bind:
-            return runner
         try:
             if not runner.started:
                 runner.wait_ready()

@@ -21,7 +21,10 @@ its own loopback, and the node's home is not in its mount namespace at all.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import py_compile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +63,23 @@ __import__(boot["module"], fromlist=["main"]).main()
 
 
 def shipped_files(package: Path) -> dict[str, bytes]:
-    """IPDC's files every sandbox gets, by their path inside (read once, by the zygote)."""
+    """IPDC's files every sandbox gets, by their path inside (made once, by the zygote).
+
+    Each module comes with its compiled form, an *unchecked* hash-based .pyc (PEP 552):
+    the sandbox's Python uses it without comparing it with the source (whose mtime, in
+    the sandbox, is its start), so no sandbox spends its start compiling them.
+    """
     files: dict[str, bytes] = {}
-    for pattern in SHIPPED:
-        for path in sorted(package.glob(pattern)):
-            files[f"{LIB}/ipdc/{path.relative_to(package)}"] = path.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="ipdc-pyc-") as tmp:
+        for pattern in SHIPPED:
+            for path in sorted(package.glob(pattern)):
+                inside = path.relative_to(package)
+                files[f"{LIB}/ipdc/{inside}"] = path.read_bytes()
+                compiled = Path(tmp) / "module.pyc"
+                py_compile.compile(str(path), cfile=str(compiled), doraise=True,
+                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                cached = Path(importlib.util.cache_from_source(f"{LIB}/ipdc/{inside}"))
+                files[str(cached)] = compiled.read_bytes()
     return files
 
 

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import site
 import stat
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: Where a root agent's readable copy of its Python goes.
 COPY_ROOT = Path("/opt")
@@ -105,13 +109,13 @@ def _fingerprint() -> dict[str, object]:
             "site": {str(s): s.stat().st_mtime_ns for s in sites}}
 
 
-def for_sandbox(separate_uid: bool) -> Interpreter:
+def for_sandbox(separate_uid: bool, prune: bool = False) -> Interpreter:
     """The interpreter sandboxes run: this one, unless their uid cannot read it (then the
     copy, made first when missing or out of date: root only)."""
     here = current()
     if not separate_uid or readable_by_others(here):
         return here
-    return copied(prepare_copy())
+    return copied(prepare_copy(prune))
 
 
 def copied(root: Path) -> Interpreter:
@@ -128,8 +132,13 @@ def _purelib(base: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(base)}))
 
 
-def prepare_copy() -> Path:
-    """Make (or refresh) the readable copy of this Python; return its root. Root only."""
+def prepare_copy(prune: bool = False) -> Path:
+    """Make (or refresh) the readable copy of this Python; return its root. Root only.
+
+    A copy it replaces is renamed aside, not deleted: running sandboxes may have it
+    mounted, and a file removed from it would vanish from under them. ``prune`` (for
+    ``deploy.py install``, run while the node is stopped) deletes copies set aside before.
+    """
     root = copy_path()
     wanted = _fingerprint()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +149,8 @@ def prepare_copy() -> Path:
                 return root
         except (OSError, ValueError):
             pass
+        log.info("making %s, a copy of %s its sandboxes can read (once; `python deploy.py install` makes "
+                 "it ahead)", root, sys.base_prefix)
         building = root.with_name(f".{root.name}.new-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         base = Path(sys.base_prefix).resolve()
@@ -151,11 +162,12 @@ def prepare_copy() -> Path:
                                 copy_function=_link_or_copy_new)
         building.chmod(0o755)
         (building / MARKER).write_text(json.dumps(wanted))
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
         if root.exists():
-            root.rename(old)
+            root.rename(root.with_name(f".{root.name}.old-{time.time_ns()}"))
         building.rename(root)
-        shutil.rmtree(old, ignore_errors=True)
+    if prune:
+        for old in root.parent.glob(f".{root.name}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
     return root
 
 

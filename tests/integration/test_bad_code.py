@@ -76,7 +76,8 @@ def test_an_infinite_loop_fails_the_job_and_names_the_timeout(limited: LocalClus
     assert_next_job_is_exact(limited, tmp_path)
 
 
-def test_a_10_gb_allocation_fails_the_job_and_names_the_memory_limit(limited: LocalCluster, tmp_path: Path) -> None:
+def test_a_10_gb_allocation_fails_the_job_and_names_the_memory_limit(limited: LocalCluster,
+                                                                      tmp_path: Path) -> None:
     code, stderr = submit(limited, tmp_path, TEN_GB)
     assert code != 0
     assert "exceeded the memory limit of 1024 MB (sandbox.memory_mb)" in stderr and "MemoryError" in stderr
@@ -86,7 +87,8 @@ def test_a_10_gb_allocation_fails_the_job_and_names_the_memory_limit(limited: Lo
 def test_a_fork_bomb_fails_the_job_and_is_contained(limited: LocalCluster, tmp_path: Path) -> None:
     groups = runner_groups(limited)
     agents = len(limited.nodes)
-    spares_held = [g for g in groups if members(g) and (g / "pids.max").read_text().strip() == str(LIMITS["max_pids"])]
+    limit = str(LIMITS["max_pids"])
+    spares_held = [g for g in groups if members(g) and (g / "pids.max").read_text().strip() == limit]
     if len({g.parent for g in spares_held}) < agents:
         pytest.fail("no pids cgroup holds the agents' runners here, so the fork bomb is not run: "
                     "it would not be contained")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -28,6 +29,7 @@ import httpx
 import pytest
 
 from ipdc.isolation.cgroups import delegate, undelegate
+from ipdc.isolation.zygote import UID_BASE
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
 from ipdc.submit.client import SwarmClient
@@ -161,17 +163,24 @@ def test_hostile_user_code_gets_out_nowhere(swarm_as: LocalCluster, tmp_path: Pa
                  ("the broker", "127.0.0.1", nodes[0].config.broker.port),
                  ("kubo's swarm port", "127.0.0.1", nodes[0].config.kubo.swarm_port),
                  ("the host's LAN address", host_address(), nodes[0].config.broker.port)]}
-    source = (REPO / "tests" / "hostile_map.py").read_text().replace(
-        "PARAMS: dict = {}  # filled in by the test", f"PARAMS: dict = {json.dumps(params)}")
+    placeholder = "PARAMS: dict[str, Any] = {}  # filled in by the test"
+    source = (REPO / "tests" / "hostile_map.py").read_text()
+    assert placeholder in source
+    source = source.replace(placeholder, f"PARAMS: dict[str, Any] = {json.dumps(params)}")
     (tmp_path / "Map.py").write_text(source)
     (tmp_path / "in.txt").write_text("a\nb\n")
     daemon = f"ipdc-daemon-{nonce}"
+    daemon_uids: list[int] = []
     daemon_seen = threading.Event()
     watching = threading.Event()
 
-    def watch() -> None:  # the daemon does exist outside, until the job's end
-        while not watching.is_set() and not daemon_seen.is_set():
-            if processes_with(daemon):
+    def watch() -> None:  # the daemon does exist outside, until the job's end; under which uid
+        while not daemon_seen.is_set() and not watching.wait(0.05):
+            for pid in processes_with(daemon):
+                try:
+                    daemon_uids.append(os.stat(f"/proc/{pid}").st_uid)
+                except OSError:
+                    continue
                 daemon_seen.set()
 
     watcher = threading.Thread(target=watch)
@@ -193,8 +202,9 @@ def test_hostile_user_code_gets_out_nowhere(swarm_as: LocalCluster, tmp_path: Pa
     assert "the attack itself" not in seen, report
     escaped = [(a, o) for a, obs in seen.items() for o in obs if not blocked(a, o, params)]
     assert escaped == [], f"attempts that got through: {escaped}\nall observations:\n{report}"
-    expected = {"kill(-1, SIGKILL)", "read <home>/ipdc.conf by path", "read <home>/keys/kubo-api.secret by path",
-                "read <home>/kubo/swarm.key by path", "open /proc/<ppid, 1 or agent>/cwd/../ipdc.conf",
+    expected = {"kill(-1, SIGKILL)", "read <home>/ipdc.conf by path",
+                "read <home>/keys/kubo-api.secret by path", "read <home>/kubo/swarm.key by path",
+                "open /proc/<ppid, 1 or agent>/cwd/../ipdc.conf",
                 "/proc/*/environ holds", "/proc/*/root<home>/ipdc.conf", "append to trusted_keys",
                 "connect to kubo's API", "connect to the broker", "connect to the host's LAN address",
                 "kill(agent, 0)", "ptrace(ATTACH, agent)", "read the other job's /job/secret", "fill /job",
@@ -204,6 +214,10 @@ def test_hostile_user_code_gets_out_nowhere(swarm_as: LocalCluster, tmp_path: Pa
 
     # nothing of the job is left anywhere on the machine: not its daemon, not its bomb
     assert daemon_seen.is_set()
+    if swarm_as.user is None:  # as root, user code runs under a uid of its own (0x70000000 + pid)
+        assert daemon_uids and all(uid >= UID_BASE for uid in daemon_uids), daemon_uids
+    else:  # as a normal user, under the agent's own (a gap the agent reports at start)
+        assert daemon_uids and set(daemon_uids) == {pwd.getpwnam(USER).pw_uid}, daemon_uids
     assert wait_for(lambda: processes_with(daemon) == [], 30), processes_with(daemon)
     # the node's files are as they were, and none of them leaked into the output
     assert [hashlib.sha256((n.home / "trusted_keys").read_bytes()).digest() for n in nodes] == trusted_before

@@ -35,7 +35,7 @@ import pytest
 from ipdc.agent.execute import Executor
 from ipdc.agent.sandbox import Runner, runner_spec
 from ipdc.config import SandboxSection
-from ipdc.errors import KuboError, TaskFailed
+from ipdc.errors import IPDCError, KuboError, TaskFailed
 from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import Sandbox, SandboxSpec, pid_alive, wait_for
@@ -100,7 +100,8 @@ UNSEALED_OUTPUT = """import json, os, socket
 def map_chunk(text):
     out = os.memfd_create("forged")
     os.write(out, b"x")
-    socket.send_fds(socket.socket(fileno=os.dup(3)), [json.dumps({"ok": True, "sizes": [1, 0]}).encode()], [out])
+    forged = json.dumps({"ok": True, "sizes": [1, 0]}).encode()
+    socket.send_fds(socket.socket(fileno=os.dup(3)), [forged], [out])
     return []
 """
 
@@ -172,7 +173,7 @@ def wordcount(executor: Executor, kubo: KuboClient, base: Path, inputs: tuple[by
 
 
 def failing_map(executor: Executor, kubo: KuboClient, base: Path, source: str,
-                cid: str | None = None) -> tuple[TaskFailed | KuboError, Runner]:
+                cid: str | None = None) -> tuple[IPDCError, Runner]:
     """Run one map task of ``source`` as the agent does; it must fail. Also the runner it ran in."""
     job = Job(base, source)
     runner = executor.pool.acquire(job.id, {"Map.py": source.encode()}, 2)
@@ -199,7 +200,7 @@ def in_background(task: Callable[[], object]) -> tuple[threading.Thread, list[Ex
     def run() -> None:
         try:
             task()
-        except Exception as exc:  # noqa: BLE001 - the test looks at it
+        except Exception as exc:
             errors.append(exc)
 
     worker = threading.Thread(target=run)
@@ -207,7 +208,8 @@ def in_background(task: Callable[[], object]) -> tuple[threading.Thread, list[Ex
     return worker, errors
 
 
-def test_a_normal_job_gives_exact_counts(make_executor: MakeExecutor, kubo: KuboClient, tmp_path: Path) -> None:
+def test_a_normal_job_gives_exact_counts(make_executor: MakeExecutor, kubo: KuboClient,
+                                         tmp_path: Path) -> None:
     executor = make_executor()
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
@@ -272,7 +274,7 @@ def test_files_past_the_memory_cgroup_get_the_runner_killed(make_executor: MakeE
 
 def test_a_disk_quota_stops_a_writer(make_executor: MakeExecutor, kubo: KuboClient, tmp_path: Path) -> None:
     executor = make_executor(disk_mb=64)
-    failed, runner = failing_map(executor, kubo, tmp_path, TMPFS_HOG)
+    failed, _ = failing_map(executor, kubo, tmp_path, TMPFS_HOG)
     assert "filled its disk quota of 64 MB (sandbox.disk_mb)" in str(failed)
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
 
@@ -292,7 +294,8 @@ def test_drop_kills_a_daemon_that_left_the_runners_session(make_executor: MakeEx
     executor = make_executor()
     tag = f"ipdc-escape-{secrets.token_hex(4)}"
     job = Job(tmp_path, ESCAPE.replace("TAG", tag))
-    worker, errors = in_background(lambda: executor.run_map(job.id, job.manifest, job.dir, kubo.add_bytes(TEXT)))
+    chunk = kubo.add_bytes(TEXT)
+    worker, errors = in_background(lambda: executor.run_map(job.id, job.manifest, job.dir, chunk))
     assert wait_for(lambda: processes_with(tag) != [], 30)
     daemon = processes_with(tag)[0]
     assert os.getsid(daemon) != os.getsid(os.getpid())
@@ -315,12 +318,12 @@ def test_a_runner_that_exits_takes_its_children_along(make_executor: MakeExecuto
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
 
 
-def test_the_runner_environment_holds_no_secrets(make_executor: MakeExecutor, kubo: KuboClient, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_runner_environment_holds_no_secrets(make_executor: MakeExecutor, kubo: KuboClient,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPDC_BROKER_PASSWORD", "hunter2-secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter3-secret")
     executor = make_executor()
-    failed, runner = failing_map(executor, kubo, tmp_path, ENVIRONMENT)
+    failed, _ = failing_map(executor, kubo, tmp_path, ENVIRONMENT)
     seen = json.loads(str(failed).split("ENV=", 1)[1])
     assert set(seen) <= {"PATH", "HOME", "TMPDIR", "LANG", "LD_LIBRARY_PATH", "PWD"}
     assert "secret" not in str(failed)
@@ -334,7 +337,8 @@ def test_an_oversized_reply_gets_the_runner_killed(make_executor: MakeExecutor, 
     """100 MB cannot even be sent as one message (EMSGSIZE); 150 KB arrives cut at the cap."""
     executor = make_executor()
     failed, runner = failing_map(executor, kubo, tmp_path, OVERSIZED_REPLY)
-    assert "the runner process sent a message of more than 65536 bytes (the cap); it was killed" in str(failed)
+    assert ("the runner process sent a message of more than 65536 bytes (the cap); it was killed"
+            in str(failed))
     assert_gone(runner)
     assert "a 100 MB message: Message too long" in (tmp_path / "logs" / "runners.log").read_text()
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
@@ -370,24 +374,26 @@ def test_a_fetch_that_stalls_fails_the_task(make_executor: MakeExecutor, kubo: K
     assert wordcount(executor, kubo, tmp_path) == reference_counts(TEXT)
 
 
-def test_a_big_input_is_fetched_and_counted(make_executor: MakeExecutor, kubo: KuboClient, tmp_path: Path) -> None:
+def test_a_big_input_is_fetched_and_counted(make_executor: MakeExecutor, kubo: KuboClient,
+                                            tmp_path: Path) -> None:
     """Inputs of several blocks (256 KiB each) are fetched with refs -r, then cat, then checked."""
     executor = make_executor()
     inputs = [TEXT * 400, TEXT * 250 + b"more words here\n"]  # 700 and 440 kB: several blocks each
-    assert wordcount(executor, kubo, tmp_path, tuple(inputs), partitions=3) == reference_counts(b"".join(inputs))
+    counts = wordcount(executor, kubo, tmp_path, tuple(inputs), partitions=3)
+    assert counts == reference_counts(b"".join(inputs))
 
 
 class _LyingKubo(http.server.BaseHTTPRequestHandler):
     """A kubo API that answers every ``cat`` with bytes other than the CID's."""
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server interface
+    def do_POST(self) -> None:
         body = b"not what you asked for\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the interface's name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -399,7 +405,7 @@ def test_bytes_that_do_not_match_their_cid_are_refused(kubo: KuboClient) -> None
     try:
         cid = kubo.add_bytes(TEXT)
         with KuboClient(f"http://127.0.0.1:{server.server_address[1]}") as liar, \
-                pytest.raises(KuboError, match=f"kubo returned 23 bytes for {cid} that are not what that CID names"):
+                pytest.raises(KuboError, match=f"kubo returned 23 bytes for {cid} that are not what"):
             liar.fetch_checked(cid, stall=5)
         assert kubo.fetch_checked(cid, stall=5) == TEXT
     finally:
@@ -411,7 +417,8 @@ def test_close_leaves_no_process(make_executor: MakeExecutor, kubo: KuboClient, 
     executor = make_executor()
     tag = f"ipdc-close-{secrets.token_hex(4)}"
     job = Job(tmp_path, ESCAPE.replace("TAG", tag))
-    worker, errors = in_background(lambda: executor.run_map(job.id, job.manifest, job.dir, kubo.add_bytes(TEXT)))
+    chunk = kubo.add_bytes(TEXT)
+    worker, errors = in_background(lambda: executor.run_map(job.id, job.manifest, job.dir, chunk))
     pool = executor.pool
     assert wait_for(lambda: processes_with(tag) != [] and len(pool._spares) == 1, 30)
     spares = list(pool._spares)
@@ -436,8 +443,9 @@ sandbox = Sandbox(Path(sys.argv[1]))
 pool = RunnerPool(SandboxSection(), sandbox, 1)
 assert wait_for(lambda: pool._spares and pool._spares[0].process.pid1() is not None, 30)
 spare = pool._spares[0].process
-print(json.dumps({"zygote": sandbox._zygote.proc.pid, "spare": spare.pid, "pid1": spare.pid1(),
-                  "pools": [str(d) for d in sandbox.cgroups.dirs.values()] if sandbox.cgroups else []}), flush=True)
+pools = [str(d) for d in sandbox.cgroups.dirs.values()] if sandbox.cgroups else []
+seen = {"zygote": sandbox._zygote.proc.pid, "spare": spare.pid, "pid1": spare.pid1(), "pools": pools}
+print(json.dumps(seen), flush=True)
 sys.stdin.read()
 """
 
@@ -484,17 +492,20 @@ def test_a_sandbox_gets_its_extra_dirs_sockets_and_environment(tmp_path: Path) -
     sandbox = Sandbox(tmp_path / "logs")
     try:
         process = sandbox.start(spec)
-        assert (got := process.recv(60)) is not None and got[0]["ready"]
+        got = process.recv(60)
+        assert got is not None and got[0]["ready"]
         code = fdmsg.sealed_memfd([PROBE.replace("DIR", repr(str(shared))).encode()])
         process.send({"op": "load", "job": "probe", "partitions": 1, "files": ["Map.py"]}, [code])
         os.close(code)
-        assert (got := process.recv(60)) is not None and got[0]["ok"]
+        got = process.recv(60)
+        assert got is not None and got[0]["ok"]
         data = fdmsg.sealed_memfd([b""])
         process.send({"op": "map"}, [data])
         os.close(data)
         with socket.create_connection(listener.getsockname(), timeout=60) as conn:
             assert conn.recv(1024) == b"hello|peer.sock"
-        assert (got := process.recv(60)) is not None and got[0]["ok"]
+        got = process.recv(60)
+        assert got is not None and got[0]["ok"]
         fdmsg.close_all(got[1])
         process.kill()
         assert process.exited.is_set() and not pid_alive(process.pid)
