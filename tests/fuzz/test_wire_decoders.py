@@ -59,9 +59,11 @@ json_leaf = st.one_of(
     st.none(), st.booleans(), st.text(max_size=40), st.floats(allow_nan=False, allow_infinity=False),
     st.integers(min_value=-(2**70), max_value=2**70),
 )
-json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                                             st.dictionaries(st.text(max_size=12), inner, max_size=5)),
-                          max_leaves=30)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+    max_leaves=30)
 
 
 def must_only_raise_message_error(channel: Channel[Any], payload: bytes) -> None:
@@ -131,5 +133,5 @@ def test_a_presence_nested_in_its_free_form_fields_is_refused() -> None:
     for _ in range(MAX_DEPTH + 2):
         nested = [nested]
     document["extra"] = {"a": nested}
-    with pytest.raises(MessageError, match="nested|expected str"):
+    with pytest.raises(MessageError, match=r"nested|expected str"):
         PRESENCE.decode(json.dumps(document).encode())
