@@ -12,6 +12,7 @@ commands; this script exists so a fresh clone works before `ipdc` is on PATH.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def main() -> None:
     if args[:1] == ["install"]:
         print(f"broker plugin: {ensure_plugin()}")  # installs mosquitto and the build tools first
         print(f"kubo: {ensure_kubo()}")
+        if os.geteuid() == 0:  # sandboxes run under uids of their own: they need a Python they can read
+            from ipdc.isolation.interpreter import for_sandbox
+
+            print(f"sandbox python: {for_sandbox(separate_uid=True, prune=True).executable}")
         return
     cli.main(args=["node", *args], prog_name="deploy.py")
 

@@ -110,7 +110,7 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
     from ipdc.submit.client import SwarmClient
 
     with LocalCluster(n, **cluster_args) as cluster:
-        with SwarmClient(cluster.nodes[0].config).connect() as client:
+        with SwarmClient(cluster.nodes[0].config, cluster.nodes[0].signer).connect() as client:
             deadline = time.monotonic() + 60
             while len(client.peers.live()) < n:
                 if time.monotonic() > deadline:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,13 +59,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.agent.sandbox import RunnerProcess, ZygoteProcess
+from ipdc.agent.sandbox import Runner, runner_spec
 from ipdc.bus import Bus, client_id
 from ipdc.config import SandboxSection
 from ipdc.kubo import KuboClient
 from ipdc.peers import Peer
+from ipdc.spawn import Sandbox
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
+from ipdc.wire import fdmsg
 from ipdc.wire.getresult import GetResult
 
 MILESTONES = ("check+select", "upload", "download", "map", "reduce", "fetch", "describe", "finish", "cleanup")
@@ -152,9 +153,10 @@ class TimedClient:
 class TimedController(MapReduceController):
     """The library's controller, with the milestones of ``Recorder`` marked."""
 
-    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob) -> None:
+    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path) -> None:
         self.rec = Recorder()
-        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job)  # type: ignore[arg-type]
+        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job,  # type: ignore[arg-type]
+                         home)
 
     def run(self) -> JobResult:
         self.rec.start = time.perf_counter()
@@ -276,34 +278,40 @@ def mqtt_round_trips(config: Any, n: int) -> list[float]:
 
 
 def runner_starts(n: int, work: Path) -> dict[str, list[float]]:
-    """What a task pays for a runner without a warm spare: the zygote's fork until the
-    runner is ready, then ``bind`` (the runner imports the job's Map.py and Reduce.py)."""
+    """What a task pays for a runner. Cold: a sandbox started (zygote fork, cgroups, uid
+    switch, bubblewrap, the interpreter, the runner's imports) until its runner is ready.
+    Then, as for a warm spare: ``load`` (the job's Map.py and Reduce.py sent as memfds and
+    imported) and one tiny map task (input memfd in, partitions memfd out)."""
     jobs = common.REPO / "ipdc" / "jobs" / "mapreduce"
-    for name in ("Map.py", "Reduce.py"):
-        shutil.copy(jobs / name, work / name)
+    code = {name: (jobs / name).read_bytes() for name in ("Map.py", "Reduce.py")}
     settings = SandboxSection()
+    spec = runner_spec(settings)
     out: dict[str, list[float]] = defaultdict(list)
     t = time.perf_counter()
-    zygote = ZygoteProcess(settings, work / "logs")
+    sandbox = Sandbox(work / "logs")
+    out["sandbox open (zygote start, probe)"].append(time.perf_counter() - t)
     try:
         for i in range(n + 1):
-            runner = RunnerProcess(settings, None)
             t0 = time.perf_counter()
-            zygote.fork(runner)
-            runner.wait_ready(timeout=60)
+            runner = Runner(sandbox.start(spec), settings)
+            runner.wait_ready()
             t1 = time.perf_counter()
-            runner.call({"op": "bind", "job": f"bench{i}", "dir": str(work), "kubo": "http://127.0.0.1:9",
-                         "partitions": 4, "map": str(work / "Map.py"), "reduce": str(work / "Reduce.py")},
-                        timeout=60)
+            memfds = [fdmsg.sealed_memfd([data]) for data in code.values()]
+            runner.call({"op": "load", "job": f"bench{i}", "partitions": 4, "files": list(code)}, memfds, 60)
             t2 = time.perf_counter()
+            task = [fdmsg.sealed_memfd([b"the quick brown fox\n" * 50])]
+            _, outputs = runner.call({"op": "map"}, task, 60)
+            fdmsg.close_all(memfds + task + outputs)
+            t3 = time.perf_counter()
             runner.kill()
-            if i == 0:
-                out["zygote start + first runner"].append(t1 - t)
-            else:
-                out["runner fork -> ready"].append(t1 - t0)
-                out["runner bind (import job code)"].append(t2 - t1)
+            t4 = time.perf_counter()
+            if i:  # the first one warms the page cache
+                out["cold sandbox start -> runner ready"].append(t1 - t0)
+                out["load job code (a warm spare's bind)"].append(t2 - t1)
+                out["tiny map task on a bound runner"].append(t3 - t2)
+                out["kill + cgroup removal"].append(t4 - t3)
     finally:
-        zygote.close()
+        sandbox.close()
     return out
 
 
@@ -378,10 +386,10 @@ def main() -> None:
         config = cluster.nodes[0].config
         data = tiny_input(Path(tmp) / "tiny.txt")
         with SwarmClient(config, cluster.nodes[0].signer).connect() as client, \
-                KuboClient(config.kubo_api_url) as kubo:
+                cluster.nodes[0].kubo() as kubo:
             for i in range(args.warmup + args.jobs):
                 job = MapReduceJob(input=data, k=args.k, output=Path(tmp) / f"out-{i}")
-                controller = TimedController(client, kubo, job)
+                controller = TimedController(client, kubo, job, cluster.nodes[0].home)
                 t = time.perf_counter()
                 controller.run()
                 returned = time.perf_counter()

@@ -38,7 +38,6 @@ import common  # noqa: E402
 SILENCE_CHECKS = 5
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.kubo import KuboClient  # noqa: E402
 from ipdc.peers import Peer, PeerTable, select_nearest  # noqa: E402
 from ipdc.submit.client import SwarmClient  # noqa: E402
 from ipdc.submit.mapreduce import MapReduceController, MapReduceJob  # noqa: E402
@@ -58,7 +57,7 @@ def fan_out(cluster: Any, rounds: int, input_file: Path) -> list[float]:
     """
     config = cluster.nodes[0].config
     samples = []
-    with SwarmClient(config, cluster.nodes[0].signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, cluster.nodes[0].signer).connect() as client, cluster.nodes[0].kubo() as kubo:
         for _ in range(rounds + 1):  # the first round warms the agents' kubo connections
             controller = MapReduceController(client, kubo, MapReduceJob(input=input_file, k=cluster.n),
                                              cluster.nodes[0].home)

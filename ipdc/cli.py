@@ -6,8 +6,8 @@ stderr through rich, results to stdout, so ``--json`` output pipes cleanly.
 
 Imports are late: each command loads what it uses, so ``ipdc --help`` loads click
 alone and ``ipdc mr`` only what talks to the node's controller service (the
-service holds the broker and kubo connections). ``Node``, ``SwarmClient`` and
-``KuboClient`` below are stand-ins that import their class on first call.
+service holds the broker and kubo connections). ``Node`` and ``SwarmClient`` below
+are stand-ins that import their class on first call.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from ipdc.config import Config
     from ipdc.control.history import History
-    from ipdc.kubo import KuboClient as KuboClientT
     from ipdc.node.lifecycle import Node as NodeT
     from ipdc.submit.client import SwarmClient as SwarmClientT
     from ipdc.trust import Signer
@@ -89,12 +88,6 @@ def SwarmClient(config: Config, signer: Signer | None = None) -> SwarmClientT:
     from ipdc.submit.client import SwarmClient as _SwarmClient
 
     return _SwarmClient(config, signer)
-
-
-def KuboClient(api_url: str) -> KuboClientT:
-    from ipdc.kubo import KuboClient as _KuboClient
-
-    return _KuboClient(api_url)
 
 
 def _table(*columns: str) -> Any:
@@ -196,6 +189,36 @@ def node_status() -> None:
 
 
 main.add_command(node_status, "status")
+
+
+@node.command("delegate-cgroups")
+@click.option("--user", required=True, help="The user the node's agent runs as.")
+@click.option("--remove", is_flag=True, help="Undo it (and remove any group left below).")
+@click.option("--max-pids", type=int, default=0, help="Cap on processes of all that user's sandboxes (0: none).")
+@click.option("--memory-mb", type=int, default=0, help="Cap on their memory (0: none).")
+@click.option("--cpu-percent", type=int, default=0, help="Cap on their CPU, in % of one core (0: none).")
+def node_delegate_cgroups(user: str, remove: bool, max_pids: int, memory_mb: int, cpu_percent: int) -> None:
+    """As root, once per boot: let USER's agent limit its sandboxes with cgroups.
+
+    An agent that is not root cannot create cgroups; without them its sandboxes get no
+    memory or CPU limit, and only RLIMIT_NPROC against fork bombs. This gives USER a
+    subtree in the pids, memory and cpu hierarchies (cgroup v1) that its agent finds at
+    start; the caps on the subtree itself stay root's. Run it from the unit that starts
+    the node (e.g. systemd's ExecStartPre=+).
+    """
+    from ipdc.isolation.cgroups import delegate, undelegate
+
+    if os.geteuid() != 0:
+        raise NodeError("delegate-cgroups writes to /sys/fs/cgroup: run it as root "
+                        f"(sudo ipdc node delegate-cgroups --user {user})")
+    try:
+        paths = undelegate(user) if remove else delegate(user, max_pids, memory_mb, cpu_percent)
+    except KeyError:
+        raise NodeError(f"there is no user {user!r} on this machine") from None
+    except OSError as exc:
+        raise NodeError(f"cannot delegate cgroups to {user}: {exc}") from None
+    verb = "removed" if remove else f"delegated to {user}"
+    click.echo(f"{verb}: {', '.join(map(str, paths)) or 'nothing'}")
 
 
 def _print_status(rows: list[Any]) -> None:
@@ -715,7 +738,7 @@ def _running_node() -> NodeT:
 
 @main.group(cls=TfGroup)
 def tf() -> None:
-    """Distributed TensorFlow clusters on the swarm: `ipdc tf SPEC`, `ipdc tf down NAME`, `ipdc tf list`."""
+    """Distributed TensorFlow on the swarm: `ipdc tf SPEC`, `ipdc tf run NAME -- CMD`, `ipdc tf down NAME`."""
 
 
 @tf.command("up")
@@ -725,51 +748,66 @@ def tf() -> None:
 def tf_up(spec_file: Path, name: str | None, as_json: bool) -> None:
     """Start a TF server per task of SPEC ({"chief": [0], "worker": [0, 1], "ps": [0]}, YAML or JSON).
 
-    Each task goes to a TF-capable peer near the cluster name by XOR distance; the
-    chief is your script, run with the TF_CONFIG this prints.
+    Each server task goes to a TF-capable peer near the cluster name by XOR distance,
+    in a loopback-only sandbox reachable only over the private swarm; the chief is your
+    script, run here with `ipdc tf run NAME -- python script.py`.
     """
     from ipdc.submit.tf import TfController, load_spec
 
     spec = load_spec(spec_file)
     node = _running_node()
     with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo, \
             err.status(f"starting {sum(map(len, spec.values()))} TF task(s)..."):
-        cluster = TfController(client, kubo, node.home).up(spec, name)
+        cluster = TfController(client, node.home).up(spec, name)
     if as_json:
         click.echo(json.dumps(cluster.to_dict(), indent=2))
         return
-    table = _table("task", "address", "peer", "runs")
-    for t in cluster.tasks:
-        table.add_row(f"/job:{t.job}/task:{t.index}", t.address, t.peer,
-                      "tf server" if t.server else "your script")
-    click.echo(f"TF cluster {cluster.name} is up (files in {cluster.dir})")
+    table = _table("task", "address (in its sandbox)", "peer", "runs")
+    for t in cluster.to_dict()["tasks"]:
+        table.add_row(f"/job:{t['job']}/task:{t['index']}", t["address"], t["peer"],
+                      "tf server" if t["server"] else "your script (ipdc tf run)")
+    click.echo(f"TF cluster {cluster.name} is up")
     out.print(table)
     click.echo(f"run your script as the chief:\n  {cluster.command()}")
     click.echo(f"stop it with: ipdc tf down {cluster.name}")
 
 
+@tf.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def tf_run(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND as the chief of cluster NAME: `ipdc tf run NAME -- python script.py`.
+
+    It runs in a network namespace with loopback only, with TF_CONFIG set and every
+    server reachable at its ClusterSpec address; the exit code is COMMAND's.
+    """
+    from ipdc.submit.tf import load_cluster, run_chief
+
+    node = _running_node()
+    sys.exit(run_chief(load_cluster(node.home, name), list(command), node.config.node.name,
+                       node.config.tf.trusted_network))
+
+
 @tf.command("down")
 @click.argument("name")
 def tf_down(name: str) -> None:
-    """Stop every server of cluster NAME on every peer and remove its files."""
+    """Remove cluster NAME from every host: its servers, relays, p2p listeners, forwards and sockets."""
     node = _running_node()
     from ipdc.submit.tf import TfController
 
-    with SwarmClient(node.config, node.signer).connect() as client, \
-            KuboClient(node.config.kubo_api_url) as kubo:
-        cluster = TfController(client, kubo, node.home).down(name)
-    click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s) on "
+    with SwarmClient(node.config, node.signer).connect() as client:
+        cluster = TfController(client, node.home).down(name)
+    click.echo(f"stopped TF cluster {cluster.name} ({len(cluster.servers)} server(s); hosts "
                f"{', '.join(cluster.peers)})")
 
 
 @tf.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def tf_list(as_json: bool) -> None:
-    """The TF clusters started from this node, and whether every server answers."""
-    from ipdc.submit.tf import cluster_is_up, list_clusters
+    """The TF clusters started from this node, and whether every server answers through the swarm."""
+    from ipdc.submit.tf import list_clusters, unanswered
 
-    rows = [{**c.to_dict(), "up": cluster_is_up(c)} for c in list_clusters(Node().home)]
+    rows = [{**c.to_dict(), "up": not unanswered(c)} for c in list_clusters(Node().home)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -64,7 +64,6 @@ class BrokerSection:
 class KuboSection:
     binary: str = ""
     api_port: int = 5001
-    gateway_port: int = 8080
     swarm_port: int = 4001
     bootstrap: list[str] = field(default_factory=list)
     """Multiaddrs of swarm members this node dials and keeps peered with."""
@@ -89,12 +88,13 @@ class AgentSection:
 
 @dataclass(frozen=True)
 class SandboxSection:
-    """Limits of the runner processes that run user code (see ipdc/sandbox.py)."""
+    """Limits of the sandboxed runners that run user code (see ipdc/agent/sandbox.py)."""
 
     cpu_seconds: int = 3600
     """RLIMIT_CPU of one runner, over all the tasks of its job it serves."""
     memory_mb: int = 4096
-    """RLIMIT_AS (address space) of one runner."""
+    """Memory of one runner: its memory cgroup's limit (what it holds, its /job files
+    included) and RLIMIT_AS (its address space)."""
     file_mb: int = 4096
     """RLIMIT_FSIZE: the largest file user code may write."""
     task_timeout: float = 3600.0
@@ -102,11 +102,33 @@ class SandboxSection:
     nice: int = 19
     """Added to the runner's CPU niceness, so a volunteer's machine stays usable."""
     max_pids: int = 64
-    """pids.max of each runner's cgroup: processes and threads one job's code may have at
-    once. RLIMIT_NPROC does not bind root, so this is what contains a fork bomb."""
+    """Processes and threads one runner may have at once: pids.max of its cgroup, and
+    RLIMIT_NPROC inside its sandbox (the bound where no pids cgroup is available)."""
+    cpu_percent: int = 100
+    """CPU bandwidth of one runner, in percent of one core (its cgroup's CPU quota); 0
+    for no limit."""
+    disk_mb: int = 1024
+    """Disk quota of one runner: the size of its writable /job (and /tmp), a tmpfs that
+    counts against memory_mb."""
     fetch_stall: float = 30.0
-    """A runner's read of a CID fails when no byte arrives for this long: the peer
+    """Fetching a task's input fails when no byte arrives for this long: the peer
     holding the data may have left, and the task can be retried elsewhere."""
+    shared_dirs: list[str] = field(default_factory=list)
+    """Host directories every runner sees, read-only, at the same path (say a dataset
+    kept on this machine). Nothing of the host is visible otherwise. As root, every
+    directory on the way must be searchable by others: runners run under uids of their own."""
+
+
+@dataclass(frozen=True)
+class TfSection:
+    """Distributed TensorFlow (``ipdc tf``) on this node."""
+
+    trusted_network: bool = False
+    """TensorFlow's own requirement, stated in its SECURITY.md: a TF server executes any graph
+    it is sent, with no authentication. IPDC keeps every TF server of this node in a
+    loopback-only network namespace, reachable only through the private swarm. Where the
+    node cannot make one (no unprivileged user namespaces, no bubblewrap), it refuses TF
+    tasks, unless this says that everyone who can reach the node's network may run code on it."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,7 @@ class Config:
     kubo: KuboSection = field(default_factory=KuboSection)
     agent: AgentSection = field(default_factory=AgentSection)
     sandbox: SandboxSection = field(default_factory=SandboxSection)
+    tf: TfSection = field(default_factory=TfSection)
 
     @property
     def slots(self) -> int:
@@ -144,7 +167,6 @@ def config_from_dict(data: Any) -> Config:
     for where, port in (
         ("broker.port", cfg.broker.port),
         ("kubo.api_port", cfg.kubo.api_port),
-        ("kubo.gateway_port", cfg.kubo.gateway_port),
         ("kubo.swarm_port", cfg.kubo.swarm_port),
     ):
         if not 0 < port < 65536:
@@ -166,9 +188,16 @@ def config_from_dict(data: Any) -> Config:
     box = cfg.sandbox
     for where, value in (("sandbox.cpu_seconds", box.cpu_seconds), ("sandbox.memory_mb", box.memory_mb),
                          ("sandbox.file_mb", box.file_mb), ("sandbox.task_timeout", box.task_timeout),
-                         ("sandbox.max_pids", box.max_pids), ("sandbox.fetch_stall", box.fetch_stall)):
+                         ("sandbox.max_pids", box.max_pids), ("sandbox.fetch_stall", box.fetch_stall),
+                         ("sandbox.disk_mb", box.disk_mb)):
         if value <= 0:
             raise ConfigError(f"{where}: must be positive, got {value}")
+    for path in box.shared_dirs:
+        if not path.startswith("/"):
+            raise ConfigError(f"sandbox.shared_dirs: {path!r} is not an absolute path")
+    if box.cpu_percent < 0:
+        raise ConfigError(f"sandbox.cpu_percent: must be 0 (no limit) or a percentage of one core, got "
+                          f"{box.cpu_percent}")
     if not 0 <= box.nice <= 19:
         raise ConfigError(f"sandbox.nice: must be 0 to 19 (added to the runners' niceness), got {box.nice}")
     return cfg

@@ -38,6 +38,11 @@ class KuboError(IPDCError):
     """The kubo RPC API failed or could not be reached."""
 
 
+class SandboxError(IPDCError):
+    """A sandbox for user code could not be set up, or a process in one broke its protocol
+    (an oversized or malformed message, an unsealed output)."""
+
+
 class BusError(IPDCError):
     """The MQTT broker refused us or could not be reached."""
 

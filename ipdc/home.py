@@ -14,6 +14,7 @@ Everything a node owns lives under its home (``$IPDC_HOME``, default ``~/.ipdc``
     keys/node.crt|key  its broker identity (ECDSA P-256, CN = node name), ca.crt the swarm's CA
     keys/ca.key        the swarm's CA key                   (founding node only)
     keys/founder.pub   the founder's submitter key: it signs membership changes
+    keys/kubo-api.secret the bearer secret kubo's RPC API demands (mode 0600)
     trusted_keys       submitters whose jobs this node runs (``ipdc trust``)
     work/<job-id>/     one directory per job, removed by CleanUp
 
@@ -73,6 +74,19 @@ class NodeHome:
             return str(json.loads((self.kubo_repo / "config").read_text())["Identity"]["PeerID"])
         except (OSError, ValueError, KeyError) as exc:
             raise NodeError(f"cannot read the kubo identity in {self.kubo_repo}: {exc}") from None
+
+    @property
+    def kubo_secret_file(self) -> Path:
+        return self.home / "keys" / "kubo-api.secret"
+
+    def kubo(self, timeout: float = 60.0) -> KuboClient:
+        """A client of this node's kubo, with the API's bearer secret."""
+        try:
+            secret = self.kubo_secret_file.read_text().strip()
+        except OSError as exc:
+            raise NodeError(f"cannot read kubo's API secret {self.kubo_secret_file} ({exc}); the node's "
+                            "IPDC processes need it: run them as the user that owns the node") from None
+        return KuboClient(self.config.kubo_api_url, secret=secret, timeout=timeout)
 
     def kubo_env(self) -> dict[str, str]:
         return {**os.environ, "IPFS_PATH": str(self.kubo_repo), "LIBP2P_FORCE_PNET": "1",
@@ -141,7 +155,7 @@ class NodeHome:
         cfg = self.config
         service = Service(self.home, "ipfs")
         service.start([cfg.kubo.binary, "daemon", "--migrate=false"], env=self.kubo_env())
-        with KuboClient(cfg.kubo_api_url, timeout=5) as kubo:
+        with self.kubo(timeout=5) as kubo:
             def healthy() -> bool:
                 try:
                     kubo.id()
@@ -215,4 +229,34 @@ class SubmittedJobs:
                 continue
             if not alive:
                 found.append((path.stem, cids))
+        return found
+
+
+class RenewedJobs:
+    """Jobs this node owns that outlive the command that started them (TF clusters), in
+    ``run/renew/``: the node's agent renews their lease with each of their peers for as long
+    as the record stays. Without it, every peer would drop the cluster after its
+    ``agent.job_lease``; with it, a cluster whose owner node is gone still ends then."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "run" / "renew"
+
+    def add(self, job_id: str, peers: list[str]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{job_id}.tmp"
+        tmp.write_text(json.dumps({"peers": peers}))
+        tmp.replace(self.dir / f"{job_id}.json")
+
+    def remove(self, job_id: str) -> None:
+        (self.dir / f"{job_id}.json").unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[str, list[str]]]:
+        """(job id, peers) of every job to renew."""
+        found = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                found.append((path.stem, [str(p) for p in json.loads(path.read_text())["peers"]]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("removing the unreadable renewal record %s", path)
+                path.unlink(missing_ok=True)
         return found

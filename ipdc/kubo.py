@@ -4,6 +4,11 @@ ipfshttpclient 0.7.0, the last release of the library the design card names,
 refuses every kubo since 0.8 with ``VersionMismatch``; this module replaces it.
 Every call has a timeout, and every failure becomes a :class:`KuboError` that
 names the command and the daemon's own message.
+
+The API is an admin interface (``shutdown``, ``config``, ``pin/rm``, ``repo/gc``), so
+each node's kubo answers only requests with its bearer secret (``API.Authorizations``,
+written at ``ipfs init``; the secret is in ``keys/kubo-api.secret``, mode 0600). Build
+clients with :meth:`ipdc.home.NodeHome.kubo`, which reads it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import httpx  # noqa: E402
 
 from ipdc.errors import KuboError  # noqa: E402
 from ipdc.wire.ids import Cid  # noqa: E402
+from ipdc.wire.unixfs import UnsupportedCid, verify  # noqa: E402
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
@@ -60,11 +66,13 @@ class _Window(io.RawIOBase):
 class KuboClient:
     """One kubo daemon's RPC API. Thread-safe; keep one per process."""
 
-    def __init__(self, api_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, api_url: str, *, secret: str = "", timeout: float = 60.0) -> None:
+        """``secret``: the node's API bearer secret ("" for a kubo without authorizations)."""
         self.api_url = api_url.rstrip("/")
         self._timeout = timeout
         self._http = httpx.Client(
             base_url=f"{self.api_url}/api/v0/",
+            headers={"Authorization": f"Bearer {secret}"} if secret else None,
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             # kubo's API is plain HTTP on loopback: loading the CA bundle for a TLS that never
@@ -111,6 +119,34 @@ class KuboClient:
 
     def swarm_connect(self, multiaddr: str) -> None:
         self._post("swarm/connect", {"arg": multiaddr})
+
+    # -- stream mounting (Experimental.Libp2pStreamMounting) ---------------------------
+    def p2p_listen(self, protocol: str, target: str) -> None:
+        """Carry streams of ``protocol`` from peers to the TCP ``target``; kubo first writes
+        ``<peer-id>\\n`` on each connection (report-peer-id), so the target can check who dials."""
+        self._post("p2p/listen", [("arg", protocol), ("arg", target), ("report-peer-id", "true")])
+
+    def p2p_forward(self, protocol: str, listen: str, peer_id: str) -> None:
+        """Accept connections on ``listen`` (e.g. ``/unix/PATH``) and carry each to ``peer_id``'s
+        listener for ``protocol`` over the swarm."""
+        self._post("p2p/forward", [("arg", protocol), ("arg", listen), ("arg", f"/p2p/{peer_id}")])
+
+    def p2p_ls(self) -> list[dict[str, str]]:
+        """Every listener and forward: ``Protocol``, ``ListenAddress``, ``TargetAddress``."""
+        return list(self._json("p2p/ls").get("Listeners") or [])
+
+    def p2p_close(self, protocol: str) -> int:
+        """Close the listeners and forwards of exactly ``protocol`` (kubo matches no prefix), and
+        cut its open streams, which closing a listener leaves alone. Returns how many closed."""
+        closed = int(self._json("p2p/close", {"protocol": protocol}) or 0)
+        for stream in self._json("p2p/stream/ls").get("Streams") or []:
+            if stream.get("Protocol") == protocol:
+                try:
+                    self._post("p2p/stream/close", {"arg": str(stream["HandlerID"])})
+                except KuboError as exc:  # it ended by itself meanwhile
+                    if "not found" not in str(exc):
+                        raise
+        return closed
 
     # -- content ---------------------------------------------------------------------
     def add_bytes(self, data: bytes, name: str = "data", *, pin: bool = True) -> Cid:
@@ -175,6 +211,19 @@ class KuboClient:
         if response.status_code != 200:
             raise KuboError(f"kubo {cmd} {cid} failed: {_daemon_message(response)}")
         return data
+
+    def fetch_checked(self, cid: str, *, stall: float) -> bytes:
+        """:meth:`fetch`, and the bytes checked against the CID before anything uses them:
+        what a peer served, or a compromised kubo returned, is exactly what ``cid`` names."""
+        data = self.fetch(cid, stall=stall)
+        try:
+            if verify(data, cid):
+                return data
+        except UnsupportedCid as exc:
+            raise KuboError(f"cannot check {cid}: {exc} (IPDC adds everything as CIDv1, raw leaves, "
+                            "sha2-256)") from None
+        raise KuboError(f"kubo returned {len(data)} bytes for {cid} that are not what that CID names; "
+                        "they were not used")
 
     def cat_to(self, cid: str, path: Path) -> int:
         """Stream one file's bytes to ``path``; returns the byte count."""

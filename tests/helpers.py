@@ -12,6 +12,12 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ipdc.isolation.cgroups import POOL_GROUP, placement
+
+if TYPE_CHECKING:
+    from ipdc.node.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,3 +164,42 @@ class ArgvWatch:
     def leaks(self, secrets: list[str]) -> list[tuple[str, str]]:
         """(secret, command line) for every command line that holds one of ``secrets``."""
         return [(s, line) for line in self.seen for s in secrets if s and s in line]
+def processes_with(tag: str) -> list[int]:
+    """Every live process on the machine whose command line holds ``tag`` (zombies excluded:
+    they are dead, only not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if tag.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def runner_groups(cluster: LocalCluster) -> list[Path]:
+    """The pids cgroups of every runner of the cluster's agents (none without cgroups)."""
+    parent = placement().parents.get("pids")
+    if parent is None:
+        return []
+    agents = {str(node.services["agent"].pid()) for node in cluster.nodes}
+    pools = [p for p in parent.iterdir() if (m := POOL_GROUP.fullmatch(p.name)) and m.group(1) in agents]
+    return [group for pool in pools for group in pool.glob("runner-*")]
+
+
+def members(group: Path) -> list[str]:
+    try:
+        return (group / "cgroup.procs").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def live_runners(cluster: LocalCluster) -> int:
+    """How many runners of the cluster's agents hold a process: after a job is dropped, only
+    each agent's warm spares. (Inside its sandbox a runner's cwd is /job, so the process
+    table cannot tell whose it is; its cgroup can.)"""
+    return sum(1 for group in runner_groups(cluster) if members(group))

@@ -13,8 +13,10 @@ bottom in :meth:`Agent.run`:
 The paho network thread only queues messages. The dispatcher thread decodes them,
 checks who sent them, and hands them to the job table (:mod:`ipdc.agent.jobs`),
 which decides; this shell carries out its actions: code fetches on a small I/O
-pool, tasks on a pool of ``node.slots`` threads that each drive one runner process
-(:mod:`ipdc.agent.execute`). User code never runs here.
+pool, tasks on a pool of ``node.slots`` threads that each drive one runner
+(:mod:`ipdc.agent.execute`). User code never runs here: it runs in sandboxes
+(:mod:`ipdc.spawn`), and the agent itself is not dumpable, so no process of its uid
+can trace it or read its memory, environment or open files.
 
 Only signed jobs run (see ipdc.trust). A message must be signed by a trusted key,
 for this node and this channel; a Download must also be fresh, carry an unseen
@@ -65,8 +67,8 @@ from ipdc.agent.jobs import (  # noqa: E402
 from ipdc.agent.membership import Membership, check_identity  # noqa: E402
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
-from ipdc.home import NodeHome, SubmittedJobs  # noqa: E402
-from ipdc.kubo import KuboClient  # noqa: E402
+from ipdc.home import NodeHome, RenewedJobs, SubmittedJobs  # noqa: E402
+from ipdc.spawn import Sandbox, make_undumpable  # noqa: E402
 from ipdc.trust import digest, signer_of, verify  # noqa: E402
 from ipdc.wire import INBOX_CHANNELS  # noqa: E402
 from ipdc.wire.buffer import Buffer  # noqa: E402
@@ -79,8 +81,8 @@ from ipdc.wire.ids import JobId, NodeName  # noqa: E402
 from ipdc.wire.logs import LOGS_REPLY, Logs  # noqa: E402
 from ipdc.wire.manifest import JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
-from ipdc.wire.renew import Renew  # noqa: E402
-from ipdc.wire.tf import Tf  # noqa: E402
+from ipdc.wire.renew import RENEW, Renew  # noqa: E402
+from ipdc.wire.tf import Tf, TfPlan, socket_root  # noqa: E402
 
 if TYPE_CHECKING:
     from ipdc.agent.tfhost import TfHost
@@ -116,11 +118,12 @@ class Agent:
         self.node = node
         self.config = cfg = node.config
         self.name = cfg.node.name
-        self.kubo = KuboClient(cfg.kubo_api_url, timeout=600)
+        self.kubo = node.kubo(timeout=600)
         self.table = JobTable(self.name)
         self.trust = node.trust
         self.nonces = node.nonces()
         self.submitted = SubmittedJobs(node.home)
+        self.renewed = RenewedJobs(node.home)
         self.running = 0
         self.peer_id = ""
         self._lock = threading.Lock()
@@ -130,7 +133,8 @@ class Agent:
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="fetch")
         """A job's code files are fetched at once, each from wherever the swarm has it."""
-        self.executor = Executor(cfg.sandbox, cfg.kubo_api_url, node.home / "logs", cfg.agent.warm_runners)
+        self.sandbox = Sandbox.open_shared(node.home / "logs")
+        self.executor = Executor(cfg.sandbox, self.sandbox, self.kubo, cfg.agent.warm_runners)
         self._tf: TfHost | None = None
         self.logs = JobLogs(self.name, node.home / "logs", self.kubo, self.io,
                             lambda r: self.bus.publish(LOGS_REPLY.topic(node=self.name, job=r.job_id),
@@ -148,6 +152,9 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.peer_id = self.kubo.id()["ID"]
         check_identity(self.node)
+        if socket_root(self.node.home).exists():
+            from ipdc.agent.tfhost import sweep
+            sweep(self.node.home, self.kubo)
         self.bus.subscribe(f"ipdc/peer/{self.name}/+", *self.membership.topics())
         self.bus.connect(timeout=30)
         log.info("agent %s (peer %s) serving %d slots", self.name, self.peer_id, self.config.slots)
@@ -176,7 +183,8 @@ class Agent:
             self.bus.publish(HEARTBEAT.topic(node=self.name), b"", retain=True)
         self.executor.close()
         if self._tf is not None:
-            self._tf.close()  # TF servers run in their own sessions: stopping the agent's group misses them
+            self._tf.close()  # its kubo listeners and forwards outlive its sandboxes
+        self.sandbox.close()
         self.tasks.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.fetchers.shutdown(wait=False, cancel_futures=True)
@@ -212,10 +220,22 @@ class Agent:
                 log.info("unpinned the input and code of job %s: its submitter on this node is gone", job_id)
             beats += 1
             if beats % 5 == 0:
+                self._renew_owned()
                 try:
                     self.node.connect_swarm(self.kubo)
                 except IPDCError as exc:
                     log.warning("swarm check failed: %s", exc)
+
+    def _renew_owned(self) -> None:
+        """Renew the jobs this node owns beyond their command (TF clusters) with their peers."""
+        renewals = self.renewed.entries()
+        if not renewals:
+            return
+        signer = self.node.signer
+        for job_id, peers in renewals:
+            for peer in peers:
+                self.bus.publish(RENEW.topic(node=peer), RENEW.encode(signer.sign(Renew(JobId(job_id)),
+                                                                                   RENEW.name, peer)))
 
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self, message: Inbound) -> None:
@@ -285,6 +305,10 @@ class Agent:
                 raise MessageError(f"download: unsafe file name {name!r} in job {manifest.job_id}")
         if manifest.kind == "mapreduce" and (not manifest.chunks or not manifest.partitions):
             raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
+        if manifest.kind == "tf" and (manifest.code or set(manifest.workers) != set(
+                TfPlan.from_params(manifest.params).peers)):
+            raise MessageError(f"download: TF cluster {manifest.job_id} carries code, or its workers "
+                               "are not its plan's hosts")
         if self.name not in manifest.workers:
             return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
                          "replayed from another node?)")]
@@ -296,23 +320,23 @@ class Agent:
         return self.table.download(manifest, re, now)
 
     def _tf_request(self, msg: Tf, re: str, now: float) -> list[Action]:
-        """Tf ops are served by the TF host (:mod:`ipdc.agent.tfhost`), for a held cluster only.
-        The TF host reports on its own; its answers echo ``re``."""
+        """Tf ops are served by the TF host (:mod:`ipdc.agent.tfhost`), for a held cluster only,
+        from the plan its Download carried. The TF host reports on its own; its answers echo ``re``."""
         key = (msg.submitter, str(msg.cluster_id))
         job = self.table.jobs.get(key)
-        if job is None and msg.op != "port":
+        if job is None or job.manifest.kind != "tf":
             return [Note(f"refused tf {msg.op} of cluster {msg.cluster_id}: the cluster is unknown here")]
-        if job is not None:
-            job.last_heard = now
-        job_dir = self.node.work_dir / job_dir_name(key) if job is not None and job.ready else None
-        self.io.submit(self.tf_host().handle, msg, job_dir, re)
+        job.last_heard = now
+        self.io.submit(self.tf_host().handle, msg.op, key, TfPlan.from_params(job.manifest.params), re)
         return []
 
     def tf_host(self) -> TfHost:
-        """Made on the first TF request: most agents never host TF, and it costs memory."""
+        """Made on the first TF request: most agents never host TF."""
         if self._tf is None:
             from ipdc.agent.tfhost import TfHost
-            self._tf = TfHost(self.name, self.config.node.host, self.node.home / "logs", self.report)
+            cfg = self.config
+            self._tf = TfHost(self.name, self.node.home, self.kubo, self.sandbox, self.peer_id,
+                              capabilities(cfg.node.tf).tf, cfg.tf.trusted_network, self.report)
         return self._tf
 
     # -- actions ---------------------------------------------------------------------
@@ -344,8 +368,11 @@ class Agent:
         error = ""
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            list(self.fetchers.map(lambda item: self.kubo.cat_to(item[1], job_dir / item[0]),
-                                   action.manifest.code.items()))
+            stall = self.config.sandbox.fetch_stall
+            contents = self.fetchers.map(lambda cid: self.kubo.fetch_checked(cid, stall=stall),
+                                         action.manifest.code.values())
+            for name, data in zip(action.manifest.code, contents, strict=True):
+                (job_dir / name).write_bytes(data)
         except Exception as exc:  # whatever it was, the submitter must hear of it
             if not isinstance(exc, (IPDCError, OSError)):
                 log.exception("download of job %s failed", action.key[1])
@@ -404,7 +431,7 @@ class Agent:
     def _drop(self, action: Drop) -> None:
         self.executor.drop(job_dir_name(action.key))
         if self._tf is not None:
-            self._tf.stop(action.key[1])
+            self._tf.stop(action.key)
         shutil.rmtree(self._dir(action.key), ignore_errors=True)
         self._unpin(action.created, f"the files of job {action.key[1]}")
         log.info("dropped job %s: %s", action.key[1], action.why)
@@ -434,6 +461,7 @@ def _load() -> float:
 
 
 def main() -> None:
+    make_undumpable()
     node = NodeHome()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

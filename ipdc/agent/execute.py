@@ -1,66 +1,131 @@
-"""How the agent runs one task of a job: in a runner from its pool, never in itself.
+"""How the agent runs one task of a job: in a sandboxed runner, never in itself.
 
 The agent's shell decides *that* a task runs (see :mod:`ipdc.agent.jobs`); this
-module does it: it finds or binds a runner for the job, sends it the task, and
-checks the answer before anything of it goes back on the wire.
+module does it. A runner has no network, so the agent does all of a task's I/O:
+
+1. it fetches each input from its kubo and checks the bytes against their CID
+   (:meth:`ipdc.kubo.KuboClient.fetch_checked`);
+2. hands them to the job's runner as one sealed memfd;
+3. takes the outputs back as one sealed memfd (an unsealed one, or one over
+   ``sandbox.file_mb``, is refused), with their sizes in the reply;
+4. adds them to kubo in one request, and reports their CIDs.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ipdc.agent.sandbox import RunnerPool
 from ipdc.config import SandboxSection
-from ipdc.errors import MessageError
+from ipdc.errors import SandboxError, TaskFailed
+from ipdc.kubo import EMPTY_CID, KuboClient
+from ipdc.spawn import Sandbox
+from ipdc.wire import fdmsg
 from ipdc.wire.ids import Cid
 from ipdc.wire.manifest import JobManifest
 
 log = logging.getLogger(__name__)
 
+#: Map outputs a reduce task fetches at once: each one from another peer is a bitswap round trip.
+FETCH_THREADS = 8
+
+Result = tuple[list[Cid], dict[str, float]]
+
 
 class Executor:
     """Runs map and reduce tasks of the jobs this agent holds, each in the job's own runners."""
 
-    def __init__(self, settings: SandboxSection, kubo_url: str, log_dir: Path, warm: int) -> None:
+    def __init__(self, settings: SandboxSection, sandbox: Sandbox, kubo: KuboClient, warm: int) -> None:
         self.settings = settings
-        self.kubo_url = kubo_url
-        self.pool = RunnerPool(settings, log_dir, warm)
-
-    def _bind(self, manifest: JobManifest, job_dir: Path) -> dict[str, Any]:
-        code = manifest.code
-        return {
-            "dir": str(job_dir), "kubo": self.kubo_url, "partitions": manifest.partitions,
-            "map": str(job_dir / "Map.py") if "Map.py" in code else "",
-            "reduce": str(job_dir / "Reduce.py") if "Reduce.py" in code else "",
-        }
+        self.kubo = kubo
+        self.pool = RunnerPool(settings, sandbox, warm)
+        self.fetchers = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="input")
 
     def prepare(self, job: str, manifest: JobManifest, job_dir: Path) -> None:
         """Bind a runner to the job now, while its first task is on its way."""
-        self.pool.release(self.pool.acquire(job, self._bind(manifest, job_dir)))
+        self.pool.release(self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions))
 
-    def run_map(self, job: str, manifest: JobManifest, job_dir: Path, chunk: Cid) -> tuple[list[Cid], dict[str, float]]:
-        return self._run(job, manifest, job_dir, {"op": "map", "cid": chunk}, manifest.partitions)
+    def run_map(self, job: str, manifest: JobManifest, job_dir: Path, chunk: Cid) -> Result:
+        t0 = time.perf_counter()
+        data = self.fetch(chunk)
+        return self._run(job, manifest, job_dir, {"op": "map"}, [data], manifest.partitions,
+                         {"fetch": time.perf_counter() - t0, "bytes": float(len(data))})
 
-    def run_reduce(self, job: str, manifest: JobManifest, job_dir: Path,
-                   inputs: tuple[Cid, ...]) -> tuple[list[Cid], dict[str, float]]:
-        return self._run(job, manifest, job_dir, {"op": "reduce", "cids": list(inputs)}, 1)
+    def run_reduce(self, job: str, manifest: JobManifest, job_dir: Path, inputs: tuple[Cid, ...]) -> Result:
+        t0 = time.perf_counter()
+        documents = list(self.fetchers.map(self.fetch, inputs))
+        return self._run(job, manifest, job_dir, {"op": "reduce", "sizes": [len(d) for d in documents]},
+                         documents, 1, {"fetch": time.perf_counter() - t0})
+
+    def fetch(self, cid: str) -> bytes:
+        """One input, from wherever the swarm holds it, checked against its CID."""
+        return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall)
 
     def _run(self, job: str, manifest: JobManifest, job_dir: Path, request: dict[str, Any],
-             outputs: int) -> tuple[list[Cid], dict[str, float]]:
-        runner = self.pool.acquire(job, self._bind(manifest, job_dir))
+             inputs: list[bytes], outputs: int, stats: dict[str, float]) -> Result:
+        memfd = fdmsg.sealed_memfd(inputs, "ipdc-input")
+        runner = self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions)
         try:
-            reply = runner.call(request, timeout=self.settings.task_timeout)
+            reply, fds = runner.call(request, [memfd], timeout=self.settings.task_timeout)
+            try:
+                documents = self._outputs(reply, fds, outputs)
+            except TaskFailed:
+                runner.kill()  # it broke the protocol: never hand it out again
+                raise
         finally:
+            fdmsg.close_all([memfd])
             self.pool.release(runner)
-        cids = [Cid(c) for c in reply["cids"]]
-        if len(cids) != outputs:
-            raise MessageError(f"the runner answered {len(cids)} CIDs, not {outputs}")
-        return cids, {str(k): float(v) for k, v in dict(reply.get("stats", {})).items()}
+        t0 = time.perf_counter()
+        cids = self._store(documents)
+        task_stats = reply.get("stats")
+        if isinstance(task_stats, dict):
+            stats.update({str(k): float(v) for k, v in task_stats.items() if isinstance(v, (int, float))})
+        stats["store"] = time.perf_counter() - t0
+        return cids, stats
+
+    def _outputs(self, reply: dict[str, Any], fds: list[int], count: int) -> list[bytes]:
+        """The ``count`` documents the runner handed back; TaskFailed when they do not add up."""
+        sizes = reply.get("sizes")
+        try:
+            if len(fds) != 1:
+                raise SandboxError(f"{len(fds)} output fds, not 1")
+            data = fdmsg.read_sealed(fds.pop(), self.settings.file_mb << 20)
+        except SandboxError as exc:
+            raise TaskFailed(f"the runner's output was refused: {exc} (sandbox.file_mb = "
+                             f"{self.settings.file_mb} MB)") from None
+        finally:
+            fdmsg.close_all(fds)
+        if (not isinstance(sizes, list) or len(sizes) != count
+                or not all(type(s) is int and s >= 0 for s in sizes) or sum(sizes) != len(data)):
+            raise TaskFailed(f"the runner's output was refused: {count} sizes adding up to {len(data)} bytes "
+                             "were expected")
+        documents, start = [], 0
+        for size in sizes:
+            documents.append(data[start:start + size])
+            start += size
+        return documents
+
+    def _store(self, documents: list[bytes]) -> list[Cid]:
+        """Add the outputs to kubo in one request; an empty one is the empty CID without a
+        request (each added file costs kubo a few ms of pinning)."""
+        streams = [(f"out-{i}", io.BytesIO(d)) for i, d in enumerate(documents) if d]
+        added = iter(self.kubo.add_streams(streams))
+        return [next(added) if d else Cid(EMPTY_CID) for d in documents]
 
     def drop(self, job: str) -> None:
         self.pool.drop(job)
 
     def close(self) -> None:
         self.pool.close()
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
+
+
+def _code(manifest: JobManifest, job_dir: Path) -> dict[str, bytes]:
+    """The job's code files, as the agent fetched (and checked) them into its work dir."""
+    return {name: (job_dir / name).read_bytes() for name in manifest.code}
+

@@ -186,7 +186,7 @@ class Membership:
                 self.node.write_swarm_key(key)
                 Service(self.node.home, "ipfs").stop()
                 self.node.start_kubo(KUBO_RESTART_TIMEOUT)
-                with KuboClient(self.node.config.kubo_api_url, timeout=10) as kubo:
+                with self.node.kubo(timeout=10) as kubo:
                     if not wait_for(lambda: self.node.connect_swarm(kubo), KUBO_RESTART_TIMEOUT, 0.5):
                         log.warning("kubo runs with the new swarm key but has not reached its bootstrap "
                                     "peers yet")

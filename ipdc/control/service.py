@@ -71,7 +71,7 @@ class ControlService:
         self.log_dir = node.home / "logs"
         self.history = History(node.home / DB_NAME)
         self.client = SwarmClient(self.config, node.signer)
-        self.kubo = KuboClient(self.config.kubo_api_url, timeout=600)
+        self.kubo = node.kubo(timeout=600)
         self.ctx = Context(self.client, self.kubo, self.history, node.signer, node.home, self._changed)
         self.runs: dict[str, JobRun] = {}
         self.pool = ThreadPoolExecutor(MAX_RUNNING, thread_name_prefix="job")

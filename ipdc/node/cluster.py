@@ -24,7 +24,7 @@ from ipdc.node.membership import invite
 
 log = logging.getLogger(__name__)
 
-PORT_KEYS = ("broker", "api", "gateway", "swarm")
+PORT_KEYS = ("broker", "api", "swarm")
 
 
 def local_slots(n: int) -> int:
@@ -42,8 +42,12 @@ class LocalCluster:
     """``n`` real nodes under one temporary directory, on 127.0.0.1."""
 
     def __init__(self, n: int, base: Path | None = None, slots: int = 0, keep: bool = False,
-                 tf: dict[int, str] | None = None, settings: dict[str, dict[str, Any]] | None = None) -> None:
-        """``slots``: tasks each node runs at once; 0 shares the cores (:func:`local_slots`)."""
+                 tf: dict[int, str] | None = None, settings: dict[str, dict[str, Any]] | None = None,
+                 user: str | None = None) -> None:
+        """``slots``: tasks each node runs at once; 0 shares the cores (:func:`local_slots`).
+        ``user``: the nodes' homes belong to that user and their agents run as it (the cluster
+        is made by root; kubo and mosquitto stay root's), as on a machine whose node runs as a
+        dedicated user. ``base`` must then be a directory that user can reach."""
         if n < 1:
             raise ValueError("a cluster needs at least one node")
         self.n = n
@@ -53,6 +57,7 @@ class LocalCluster:
         """node.tf of some nodes by index, e.g. ``{3: "no"}`` for a node that never hosts TF."""
         self.settings = settings or {}
         """ipdc.conf sections for every node, e.g. ``{"sandbox": {"task_timeout": 5}}``."""
+        self.user = user
         self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
         self.nodes: list[Node] = []
 
@@ -67,12 +72,13 @@ class LocalCluster:
             return chosen
 
         try:
-            first = Node(self.base / "node-0")
+            first = Node(self.base / "node-0", self.user)
             self.nodes.append(first)
             first.init(host="127.0.0.1", slots=self.slots, ports=ports())
             self._configure(0)
+            self._give(first)
             first.start()
-            others = [Node(self.base / f"node-{i}") for i in range(1, self.n)]
+            others = [Node(self.base / f"node-{i}", self.user) for i in range(1, self.n)]
             self.nodes.extend(others)
             for node in others:
                 node.init(host="127.0.0.1", slots=self.slots, ports=ports(), join=invite(first))
@@ -83,6 +89,8 @@ class LocalCluster:
                 first.trust.add(node.signer.public_key, node.config.node.name)
                 for other in others:
                     other.trust.add(node.signer.public_key, node.config.node.name)
+            for node in others:
+                self._give(node)
             if others:
                 with ThreadPoolExecutor(len(others)) as pool:
                     list(pool.map(lambda node: node.start(), self.nodes[1:]))
@@ -97,7 +105,14 @@ class LocalCluster:
         if sections:
             node = self.nodes[i]
             save_config(node.config.replace(**sections), node.conf_path)
-            self.nodes[i] = Node(node.home)
+            self.nodes[i] = Node(node.home, self.user)
+
+    def _give(self, node: Node) -> None:
+        """Hand a node's home to the cluster's user (after every file of it was made)."""
+        if self.user is None:
+            return
+        for path in [node.home, *node.home.rglob("*")]:
+            shutil.chown(path, self.user, self.user)
 
     def close(self) -> None:
         """Stop every node (agents first, the broker host last) and delete the files."""

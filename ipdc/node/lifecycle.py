@@ -21,13 +21,14 @@ from ipdc.config import CERT_FILE, KEY_FILE, BrokerSection, Config, KuboSection,
 from ipdc.ctlsock import ControlClient, socket_path
 from ipdc.errors import ControlError, NodeError
 from ipdc.home import NodeHome
+from ipdc.isolation import interpreter
 from ipdc.net import free_port, port_in_use, port_open
 from ipdc.node.broker import Broker
 from ipdc.node.install import ensure_kubo, ensure_mosquitto, ensure_plugin
 from ipdc.node.invite import Invite
 from ipdc.node.membership import enroll, found
 from ipdc.private import private_dir, write_private
-from ipdc.spawn import Service, wait_for
+from ipdc.spawn import PACKAGE, Service, wait_for
 from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import PRESENCE
 
@@ -50,8 +51,10 @@ class ServiceStatus:
 class Node(NodeHome):
     """The node whose state lives in ``home``, with its services."""
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, user: str | None = None) -> None:
+        """``user``: run the agent as that user (started by root; see LocalCluster's ``user``)."""
         super().__init__(home)
+        self.user = user
         self.services = {name: Service(self.home, name) for name in SERVICES}
 
     def running(self) -> bool:
@@ -70,10 +73,10 @@ class Node(NodeHome):
         kubo_binary = ensure_kubo()
         plugin = ensure_plugin() if join is None else None
         taken: set[int] = set()
-        wanted = {"broker": 8883, "api": 5001, "gateway": 8080, "swarm": 4001, **(ports or {})}
+        wanted = {"broker": 8883, "api": 5001, "swarm": 4001, **(ports or {})}
         chosen = {}
         for key, preferred in wanted.items():
-            bind = "127.0.0.1" if key in ("api", "gateway") else host
+            bind = "127.0.0.1" if key == "api" else host
             chosen[key] = free_port(bind, preferred, taken)
             taken.add(chosen[key])
 
@@ -99,8 +102,7 @@ class Node(NodeHome):
         cfg = Config(
             node=NodeSection(name=name, host=host, slots=slots),
             broker=broker,
-            kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"],
-                             gateway_port=chosen["gateway"], swarm_port=chosen["swarm"],
+            kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"], swarm_port=chosen["swarm"],
                              bootstrap=bootstrap),
         )
         save_config(cfg, self.conf_path)
@@ -120,11 +122,12 @@ class Node(NodeHome):
         self.write_swarm_key(swarm_key)
         config_file = self.kubo_repo / "config"
         kc = json.loads(config_file.read_text())
-        kc["Addresses"].update(
-            API=f"/ip4/127.0.0.1/tcp/{ports['api']}",
-            Gateway=f"/ip4/127.0.0.1/tcp/{ports['gateway']}",
-            Swarm=[f"/ip4/{host}/tcp/{ports['swarm']}"],
-        )
+        # The gateway is off: IPDC does not use it, and any local user could read any CID through it.
+        kc["Addresses"].update(API=f"/ip4/127.0.0.1/tcp/{ports['api']}", Gateway=[],
+                               Swarm=[f"/ip4/{host}/tcp/{ports['swarm']}"])
+        # The RPC API is an admin interface: only requests with the node's secret are served.
+        kc.setdefault("API", {})["Authorizations"] = {
+            "ipdc": {"AuthSecret": f"bearer:{self._new_kubo_secret()}", "AllowedPaths": ["/api/v0"]}}
         # Peers are dialled by IPDC once the daemon is ready (see Node.connect_swarm), not by
         # kubo's Bootstrap or Peering: those dial during start-up, before bitswap listens for
         # new connections, and bitswap then never sends wants to that peer.
@@ -140,11 +143,19 @@ class Node(NodeHome):
         # peers (kubo < 0.36 behaviour). Broadcast control could skip a freshly connected peer.
         kc.setdefault("Internal", {})["Bitswap"] = {"BroadcastControl": {"Enable": False}}
         kc["Routing"]["Type"] = "dht"
+        # TF streams between cluster hosts ride the private swarm (`p2p listen/forward`, ipdc.wire.tf).
+        kc.setdefault("Experimental", {})["Libp2pStreamMounting"] = True
         # A private network is TCP only.
         kc["Swarm"]["Transports"]["Network"] = {
             "QUIC": False, "WebTransport": False, "WebRTCDirect": False, "Websocket": False,
         }
         config_file.write_text(json.dumps(kc, indent=2))
+
+    def _new_kubo_secret(self) -> str:
+        """A fresh API secret in a file only this user can read (O_EXCL: never one that existed)."""
+        secret = secrets.token_urlsafe(32)
+        write_private(self.kubo_secret_file, secret + "\n")
+        return secret
 
     # -- start / stop / status -------------------------------------------------------
     def start(self, timeout: float = 60.0) -> list[ServiceStatus]:
@@ -165,7 +176,6 @@ class Node(NodeHome):
 
     def _check_ports(self, cfg: Config, services: list[str]) -> None:
         checks = {"ipfs": [("127.0.0.1", cfg.kubo.api_port, "kubo.api_port"),
-                           ("127.0.0.1", cfg.kubo.gateway_port, "kubo.gateway_port"),
                            (cfg.node.host, cfg.kubo.swarm_port, "kubo.swarm_port")],
                   "mosquitto": [(cfg.node.host, cfg.broker.port, "broker.port")]}
         for host, port, key in [c for name in services for c in checks.get(name, [])]:
@@ -192,11 +202,16 @@ class Node(NodeHome):
     def _start_agent(self, cfg: Config, timeout: float) -> None:
         service = self.services["agent"]
         env = {**os.environ, "IPDC_HOME": str(self.home)}
+        argv = [sys.executable, "-m", "ipdc.agent"]
+        if self.user is not None:  # a Python, and this ipdc, that the user can read
+            python = interpreter.for_sandbox(separate_uid=True)
+            argv[0] = python.executable
+            env.update(python.environ(), PYTHONPATH=str(PACKAGE.parent))
         with Bus(cfg.broker, client_id(cfg.node.name, "start"), session_expiry=0) as bus:
             bus.connect(timeout)
             topic = PRESENCE.topic(node=cfg.node.name)
             started = time.time()
-            service.start([sys.executable, "-m", "ipdc.agent"], env=env)
+            service.start(argv, env=env, user=self.user)
             bus.subscribe(topic)
 
             def announced() -> bool:

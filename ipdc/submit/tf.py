@@ -1,39 +1,41 @@
-"""Distributed TensorFlow on the swarm: ``ipdc tf spec.conf``.
+"""Distributed TensorFlow on the swarm: ``ipdc tf spec.conf``, ``ipdc tf run``, ``ipdc tf down``.
 
 The user gives a *virtual* cluster spec, task names and indices only, e.g.
 ``{"chief": [0], "worker": [0, 1], "ps": [0]}``. Bringing it up:
 
-1. each task gets a peer: the TF-capable peers nearest the cluster name by XOR
-   distance, one task per peer while peers last (``ipdc.peers.assign_nearest``);
-2. each chosen agent reserves a free port per task it hosts (Tf op ``port``);
-3. the controller writes ClusterSpec.json (the real ClusterSpec, a TaskIndex
-   ``ip:port -> [job, index]`` and a ready TF_CONFIG per task) and create_worker.py
-   (from jobs/tf/create_worker_template.py) under ``$IPDC_HOME/tf/<name>/``, adds
-   both to IPFS and sends Download, then Tf ``start``, to each chosen agent;
-4. each agent runs one create_worker.py process per task (a ``tf.distribute.Server``)
-   and answers once the server's port answers; the controller checks every port
-   itself, then prints how to run the user's script as the chief.
+1. each server task (every job but ``chief``) gets a peer: the TF-capable peers nearest
+   the cluster name by XOR distance, one task per peer while peers last
+   (``ipdc.peers.assign_nearest``). The chief is the user's script, run on this node;
+2. the controller sends each of those nodes, and this one, a Download whose manifest
+   carries the cluster's plan as data (:class:`ipdc.wire.tf.TfPlan`: who hosts which
+   task, and each host's kubo peer ID), then Tf ``start``. Each agent then forwards to
+   the tasks hosted elsewhere over the private libp2p swarm, and starts its own servers
+   in loopback-only sandboxes (:mod:`ipdc.agent.tfhost`);
+3. the controller checks that every server answers gRPC through this node's forwards,
+   i.e. across the swarm, and prints how to run the user's script:
+   ``ipdc tf run NAME -- python script.py`` runs it as the chief in a network namespace
+   of its own, with relays to every server and the right ``TF_CONFIG``.
 
-Tasks of the ``chief`` job are the user's script (a ParameterServerStrategy
-coordinator), so no server is started for them; their port stays reserved.
-
-The cluster outlives the command. ``ipdc tf down NAME`` stops its servers (Tf op
-``stop``), sends CleanUp and removes the generated files; an agent that stops
-also stops the servers it started (:class:`TfHost`).
+No TF port is ever on a network: every task listens on a fixed loopback address in its
+own namespace, and the only way in is a stream of the private swarm from one of the
+cluster's own hosts. The cluster outlives the command: this node's agent renews its
+lease with every host. ``ipdc tf down NAME`` stops its servers, relays, listeners,
+forwards and sockets on every host (Tf ``stop``, then CleanUp).
 
 No TensorFlow import happens here: the agent and the CLI stay light.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import os
 import queue
 import re
 import shlex
 import shutil
-import string
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,39 +43,43 @@ from typing import Any
 
 import yaml
 
-from ipdc.errors import (
-    IPDCError,
-    JobError,
-    KuboError,
-    NotEnoughPeers,
-    SpecError,
-    TaskFailed,
-)
+from ipdc.errors import IPDCError, JobError, NotEnoughPeers, SpecError, TaskFailed
+from ipdc.home import RenewedJobs
 from ipdc.jobs import shipped
-from ipdc.kubo import KuboClient
-from ipdc.net import port_open
+from ipdc.net import grpc_answers
 from ipdc.peers import Peer, assign_nearest
-from ipdc.spawn import wait_for
+from ipdc.spawn import PACKAGE, wait_for
 from ipdc.submit.client import SwarmClient
+from ipdc.tfsandbox import chief_argv, isolation_problem, refusal
+from ipdc.wire.channel import Channel
 from ipdc.wire.cleanup import CLEANUP, CleanUp
 from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GetResult
-from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.schema import build
-from ipdc.wire.tf import SPEC_FILE, TASK_TYPE, TF, WORKER_FILE, Tf, TfTask
+from ipdc.wire.tf import (
+    COORDINATOR_JOBS,
+    MAX_TASKS,
+    TASK_TYPE,
+    TF,
+    Task,
+    Tf,
+    TfPlan,
+    base_port,
+    cluster_dir,
+    cluster_token,
+)
 
 log = logging.getLogger(__name__)
 
-TF_JOBS_DIR = shipped("tf")
-TEMPLATE = TF_JOBS_DIR / "create_worker_template.py"
-EXAMPLE = TF_JOBS_DIR / "example.py"
+EXAMPLE = shipped("tf", "example.py")
 STATE_FILE = "cluster.json"
-#: Jobs whose tasks are the user's own script (the coordinator), not a server.
-COORDINATOR_JOBS = ("chief",)
 #: Memory one TF process needs (measured ~550 MB RSS): a peer hosts at most free/this tasks.
 TF_TASK_MB = 600
 CLUSTER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: Seconds ``ipdc tf down`` waits for the hosts to say they stopped, before it goes on regardless.
+STOP_TIMEOUT = 30.0
 
 
 # -- the spec --------------------------------------------------------------------------
@@ -102,6 +108,11 @@ def parse_spec(data: Any, source: str = "spec") -> dict[str, list[int]]:
         if job in COORDINATOR_JOBS and len(indices) != 1:
             raise SpecError(f"{source}: {job!r} has one task only ([0]), not {indices!r}")
         spec[job] = sorted(indices)
+    if set(spec) <= set(COORDINATOR_JOBS):
+        raise SpecError(f"{source}: no server task: add jobs such as \"worker\" and \"ps\" beside "
+                        f"{', '.join(COORDINATOR_JOBS)}")
+    if sum(map(len, spec.values())) > MAX_TASKS:
+        raise SpecError(f"{source}: at most {MAX_TASKS} tasks in one cluster")
     return spec
 
 
@@ -123,71 +134,55 @@ def tf_capacity(peer: Peer) -> int:
     return min(peer.presence.slots, peer.presence.caps.mem_free_mb // TF_TASK_MB)
 
 
-# -- a cluster as the controller records it ---------------------------------------------
-@dataclass(frozen=True)
-class Placement:
-    """One task, where it runs and who runs it."""
-
-    job: str
-    index: int
-    address: str
-    peer: str
-    server: bool
-    """False for a coordinator task (the user's script): only its port is reserved."""
-
-
+# -- a cluster as its owner records it ----------------------------------------------------
 @dataclass
 class TfCluster:
-    """What ``ipdc tf`` brought up; saved as cluster.json next to the generated files."""
+    """What ``ipdc tf`` brought up; saved as ``$IPDC_HOME/tf/<name>/cluster.json``."""
 
     name: str
     cluster_id: str
-    dir: str
-    tasks: list[Placement]
-    cluster_spec: dict[str, list[str]]
-    tf_config: dict[str, list[str]]
-    cids: dict[str, str] = field(default_factory=dict)
+    submitter: str
+    plan: dict[str, Any]
+    """The :class:`TfPlan` as its manifest carried it."""
+    sockets: str
+    """This node's directory of the cluster's sockets: the chief's way to every server."""
     created: float = field(default_factory=time.time)
 
     @property
-    def peers(self) -> list[str]:
-        return sorted({t.peer for t in self.tasks})
+    def tf_plan(self) -> TfPlan:
+        return TfPlan.from_params(self.plan)
 
     @property
-    def servers(self) -> list[Placement]:
-        return [t for t in self.tasks if t.server]
+    def peers(self) -> list[str]:
+        return self.tf_plan.hosts
+
+    @property
+    def servers(self) -> list[Task]:
+        return self.tf_plan.servers()
+
+    def tf_config(self) -> dict[str, Any]:
+        """The chief's TF_CONFIG (a client's, when the spec has no chief)."""
+        plan = self.tf_plan
+        config: dict[str, Any] = {"cluster": plan.cluster_spec()}
+        if COORDINATOR_JOBS[0] in plan.tasks:
+            config["task"] = {"type": COORDINATOR_JOBS[0], "index": 0}
+        return config
 
     def command(self) -> str:
-        """The shell command that runs the user's script against this cluster."""
-        chief = self.tf_config.get(COORDINATOR_JOBS[0])
-        config = chief[0] if chief else json.dumps({"cluster": self.cluster_spec})
-        script = EXAMPLE if chief and {"ps", "worker"} <= self.cluster_spec.keys() else "your_script.py"
-        return f"TF_CONFIG={shlex.quote(config)} python {script}"
+        """How the user runs a script as the chief of this cluster."""
+        plan = self.tf_plan
+        example = COORDINATOR_JOBS[0] in plan.tasks and {"ps", "worker"} <= plan.tasks.keys()
+        script = shlex.quote(str(EXAMPLE)) if example else "your_script.py"
+        return f"ipdc tf run {self.name} -- python {script}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "command": self.command()}
-
-    def spec_file(self) -> dict[str, Any]:
-        """The content of ClusterSpec.json."""
-        return {
-            "name": self.name,
-            "ClusterSpec": self.cluster_spec,
-            "TaskIndex": {t.address: [t.job, t.index] for t in self.tasks},
-            "TF_CONFIG": self.tf_config,
-        }
-
-
-def make_cluster(name: str, cluster_id: str, directory: Path,
-                 tasks: list[tuple[str, int, Peer, int]]) -> TfCluster:
-    """The real cluster from placed tasks ``(job, index, peer, port)``."""
-    placements = [Placement(job, index, f"{peer.presence.host}:{port}", peer.name,
-                            job not in COORDINATOR_JOBS) for job, index, peer, port in tasks]
-    spec: dict[str, list[str]] = {}
-    for p in placements:
-        spec.setdefault(p.job, []).append(p.address)
-    tf_config = {job: [json.dumps({"cluster": spec, "task": {"type": job, "index": i}})
-                       for i in range(len(addresses))] for job, addresses in spec.items()}
-    return TfCluster(name, cluster_id, str(directory), placements, spec, tf_config)
+        """The record, plus what a script wants to know: tasks, ClusterSpec, TF_CONFIG, command."""
+        tasks = [{"job": t.job, "index": t.index, "peer": t.host, "address": f"127.0.0.1:{t.port}",
+                  "server": t.server} for t in self.tf_plan.task_list()]
+        return {"name": self.name, "cluster_id": self.cluster_id, "submitter": self.submitter,
+                "plan": self.plan, "sockets": self.sockets, "created": self.created, "tasks": tasks,
+                "cluster_spec": self.tf_plan.cluster_spec(), "tf_config": self.tf_config(),
+                "command": self.command()}
 
 
 def cluster_root(home: Path) -> Path:
@@ -203,8 +198,8 @@ def load_cluster(home: Path, name: str) -> TfCluster:
                         f"({home}); see `ipdc tf list`") from None
     except ValueError as exc:
         raise SpecError(f"{path} is corrupt ({exc}); remove {path.parent} by hand") from None
-    data.pop("command", None)
-    return build(TfCluster, data, str(path), SpecError)
+    record = {k: v for k, v in data.items() if k in TfCluster.__dataclass_fields__}
+    return build(TfCluster, record, str(path), SpecError)
 
 
 def list_clusters(home: Path) -> list[TfCluster]:
@@ -214,72 +209,87 @@ def list_clusters(home: Path) -> list[TfCluster]:
     return [load_cluster(home, d.name) for d in sorted(root.iterdir()) if (d / STATE_FILE).exists()]
 
 
-def answers(address: str) -> bool:
-    """True when ``host:port`` accepts a TCP connection."""
-    host, port = address.rsplit(":", 1)
-    return port_open(host, int(port))
-
-
-def cluster_is_up(cluster: TfCluster) -> bool:
-    """True when every server's port answers."""
-    return all(answers(t.address) for t in cluster.servers)
+def unanswered(cluster: TfCluster) -> list[str]:
+    """The servers that do not answer gRPC through this node's sockets: across the swarm,
+    through the relays, the peer checks and their sandboxes."""
+    return [f"/job:{t.job}/task:{t.index}" for t in cluster.servers
+            if not grpc_answers(Path(cluster.sockets) / t.sock)]
 
 
 # -- the controller ---------------------------------------------------------------------
 class TfController:
     """Brings TF clusters up and down from the submitting node."""
 
-    def __init__(self, client: SwarmClient, kubo: KuboClient, home: Path, timeout: float = 180.0) -> None:
+    def __init__(self, client: SwarmClient, home: Path, timeout: float = 240.0) -> None:
         self.client = client
-        self.kubo = kubo
         self.home = home
         self.timeout = timeout
+        self.renewed = RenewedJobs(home)
+        self.sent: dict[str, set[str]] = {}
+        """Peer -> digests of the requests sent to it: only replies to these count."""
 
-    def place(self, spec: dict[str, list[int]], name: str) -> list[tuple[str, int, Peer]]:
-        """A peer for every task, by XOR distance to the cluster name; TF peers only."""
-        tasks = [(job, i) for job, indices in spec.items() for i in indices]
+    def place(self, spec: dict[str, list[int]], name: str) -> dict[str, list[NodeName]]:
+        """A peer for every server task, by XOR distance to the cluster name, TF peers only;
+        the chief (the user's script) on this node."""
+        tasks = [(job, i) for job, indices in spec.items() if job not in COORDINATOR_JOBS for i in indices]
         live = self.client.peers.live()
         hosts = assign_nearest(live, name, len(tasks), tf_capacity, lambda p: p.presence.caps.tf)
         if len(hosts) < len(tasks):
             capable = [p for p in live if p.presence.caps.tf]
             room = ", ".join(f"{p.name}: {tf_capacity(p)}" for p in capable) or "none"
             raise NotEnoughPeers(
-                f"the spec asks for {len(tasks)} TF tasks but the swarm can host {len(hosts)}: "
+                f"the spec asks for {len(tasks)} TF server tasks but the swarm can host {len(hosts)}: "
                 f"{len(capable)} of {len(live)} live peer(s) have TensorFlow (tasks each: {room}; "
                 f"a peer hosts at most its slots, and one task per {TF_TASK_MB} MB free). "
                 "Install TF on more nodes (`python deploy.py init --with-tf`) or shrink the spec"
             )
-        return [(job, i, peer) for (job, i), peer in zip(tasks, hosts)]
+        placed: dict[str, list[NodeName]] = {job: [NodeName(self.client.name)] for job in spec
+                                             if job in COORDINATOR_JOBS}
+        for (job, _), peer in zip(tasks, hosts, strict=True):
+            placed.setdefault(job, []).append(NodeName(peer.name))
+        return placed
 
     def up(self, spec: dict[str, list[int]], name: str | None = None) -> TfCluster:
         cluster_id = JobId.new()
         name = name or f"tf-{cluster_id[:8]}"
         if not CLUSTER_NAME.fullmatch(name):
             raise SpecError(f"--name {name!r}: use lower-case letters, digits and '-' (at most 63)")
-        directory = cluster_root(self.home) / name
-        if directory.exists():
+        record_dir = cluster_root(self.home) / name
+        if record_dir.exists():
             raise SpecError(f"a TF cluster named {name!r} exists already: `ipdc tf down {name}` "
                             "first, or choose another --name")
         placed = self.place(spec, name)
-        peers = {peer.name: peer for _, _, peer in placed}
+        live = {p.name: p for p in self.client.peers.live()}
+        if self.client.name not in live:
+            raise JobError(f"this node ({self.client.name}) is not live in the swarm: its agent "
+                           "hosts the chief's side of the cluster, so start it (`python deploy.py start`)")
+        hosts = sorted({h for nodes in placed.values() for h in nodes} | {self.client.name})
+        token = cluster_token(self.client.submitter, cluster_id)
+        plan = TfPlan(name, placed, {NodeName(h): live[h].peer_id for h in hosts}, base_port(token))
+        cluster = TfCluster(name, cluster_id, self.client.submitter, plan.to_params(),
+                            str(cluster_dir(self.home, token)))
         log.info("TF cluster %s (%s): %s", name, cluster_id,
-                 ", ".join(f"{job}:{i}@{peer.name}" for job, i, peer in placed))
+                 ", ".join(f"{t.name}@{t.host}" for t in plan.task_list()))
         results = self.client.watch(cluster_id)
-        cluster: TfCluster | None = None
+        self.renewed.add(cluster_id, hosts)
+        holding: list[str] = []
         try:
-            ports = self._reserve(cluster_id, placed, results)
-            cluster = make_cluster(name, cluster_id, directory,
-                                   [(job, i, peer, ports[peer.name].pop(0)) for job, i, peer in placed])
-            self._write(cluster)
-            self._download(cluster, list(peers), results)
-            self._start(cluster, results)
-            (directory / STATE_FILE).write_text(json.dumps(cluster.to_dict(), indent=2) + "\n")
+            self._download(cluster, plan, results)
+            holding = hosts
+            self._ask(cluster_id, hosts, "start", results, "start its part of the cluster")
+            if not wait_for(lambda: not unanswered(cluster), 30, 0.2):
+                raise JobError(f"TF cluster {name}: every host started its servers, but "
+                               f"{', '.join(unanswered(cluster))} do not answer through this node's "
+                               f"forwards in {cluster.sockets}; see the hosts' logs/runners.log")
+            record_dir.mkdir(parents=True)
+            (record_dir / STATE_FILE).write_text(json.dumps(cluster.to_dict(), indent=2) + "\n")
             return cluster
         except BaseException:
             try:
-                self._teardown(cluster_id, list(peers), results, cluster.cids if cluster else {}, directory)
+                self._teardown(cluster_id, holding, hosts, results)
             except IPDCError as exc:  # the first error is the one to report
                 log.warning("TF cluster %s: tearing down after a failed start: %s", name, exc)
+            shutil.rmtree(record_dir, ignore_errors=True)
             raise
         finally:
             self.client.unwatch(cluster_id)
@@ -288,88 +298,59 @@ class TfController:
         cluster = load_cluster(self.home, name)
         results = self.client.watch(cluster.cluster_id)
         try:
-            self._teardown(cluster.cluster_id, cluster.peers, results, cluster.cids, Path(cluster.dir))
+            self._teardown(cluster.cluster_id, cluster.peers, cluster.peers, results)
         finally:
             self.client.unwatch(cluster.cluster_id)
+            shutil.rmtree(cluster_root(self.home) / name, ignore_errors=True)
         return cluster
 
     # -- steps -----------------------------------------------------------------------
-    def _reserve(self, cluster_id: str, placed: list[tuple[str, int, Peer]],
-                 results: "queue.Queue[GetResult]") -> dict[str, list[int]]:
-        counts: dict[str, int] = {}
-        for _, _, peer in placed:
-            counts[peer.name] = counts.get(peer.name, 0) + 1
-        for peer_name, count in counts.items():
-            self.client.send(TF, peer_name, Tf("port", JobId(cluster_id), count=count))
-        replies = self._await(results, set(counts), "port", "reserve ports")
-        for peer_name, reply in replies.items():
-            if len(reply.ports) != counts[peer_name]:
-                raise JobError(f"{peer_name} reserved {len(reply.ports)} ports, not {counts[peer_name]}")
-        return {peer_name: list(reply.ports) for peer_name, reply in replies.items()}
+    def _send(self, channel: Channel[Any], peer: str, message: Any) -> None:
+        self.sent.setdefault(peer, set()).add(self.client.send(channel, peer, message))
 
-    def _write(self, cluster: TfCluster) -> None:
-        """Write ClusterSpec.json and create_worker.py, and add both to IPFS."""
-        directory = Path(cluster.dir)
-        directory.mkdir(parents=True)
-        (directory / SPEC_FILE).write_text(json.dumps(cluster.spec_file(), indent=2) + "\n")
-        worker = string.Template(TEMPLATE.read_text()).substitute(name=cluster.name)
-        (directory / WORKER_FILE).write_text(worker)
-        with open(directory / SPEC_FILE, "rb") as spec, open(directory / WORKER_FILE, "rb") as code:
-            cids = self.kubo.add_streams([(SPEC_FILE, spec), (WORKER_FILE, code)])
-        cluster.cids = {SPEC_FILE: cids[0], WORKER_FILE: cids[1]}
-
-    def _download(self, cluster: TfCluster, peers: list[str], results: "queue.Queue[GetResult]") -> None:
+    def _download(self, cluster: TfCluster, plan: TfPlan, results: queue.Queue[GetResult]) -> None:
         manifest = JobManifest(
-            job_id=JobId(cluster.cluster_id), owner=NodeName(self.client.name),
-            code={n: Cid(c) for n, c in cluster.cids.items()}, chunks=[], partitions=0,
-            workers=[NodeName(p) for p in peers],
-            submitter=self.client.submitter, kind="tf", params={"name": cluster.name},
+            job_id=JobId(cluster.cluster_id), owner=NodeName(self.client.name), code={}, chunks=[],
+            partitions=0, workers=[NodeName(h) for h in plan.hosts], submitter=self.client.submitter,
+            kind="tf", params=plan.to_params(),
         )
-        for peer_name in peers:
-            self.client.send(DOWNLOAD, peer_name, Download(manifest))
-        self._await(results, set(peers), "ready", "download ClusterSpec.json and create_worker.py")
+        for peer in plan.hosts:
+            self._send(DOWNLOAD, peer, Download(manifest))
+        self._await(results, set(plan.hosts), "ready", "accept the cluster")
 
-    def _start(self, cluster: TfCluster, results: "queue.Queue[GetResult]") -> None:
-        by_peer: dict[str, list[TfTask]] = {}
-        for t in cluster.servers:
-            by_peer.setdefault(t.peer, []).append(TfTask(t.job, t.index))
-        for peer_name, tasks in by_peer.items():
-            self.client.send(TF, peer_name, Tf("start", JobId(cluster.cluster_id), tasks=tasks))
-        self._await(results, set(by_peer), "started", "start its TF servers")
-        closed = [t.address for t in cluster.servers if not answers(t.address)]
-        if closed and not wait_for(lambda: cluster_is_up(cluster), 30, 0.2):
-            raise JobError(f"TF cluster {cluster.name}: the agents started the servers, but "
-                           f"{', '.join(closed)} do not answer from this node (a firewall?)")
+    def _ask(self, cluster_id: str, peers: list[str], op: str, results: queue.Queue[GetResult], what: str,
+             lenient: bool = False) -> None:
+        for peer in peers:
+            self._send(TF, peer, Tf(op, JobId(cluster_id)))
+        self._await(results, set(peers), {"start": "started", "stop": "stopped"}[op], what, lenient)
 
-    def _teardown(self, cluster_id: str, peers: list[str], results: "queue.Queue[GetResult]",
-                  cids: dict[str, str], directory: Path) -> None:
-        """Stop every server, drop the agents' copies, unpin and delete the files."""
-        for peer_name in peers:
-            self.client.send(TF, peer_name, Tf("stop", JobId(cluster_id)))
+    def _teardown(self, cluster_id: str, holding: list[str], peers: list[str],
+                  results: queue.Queue[GetResult]) -> None:
+        """Stop the part of the cluster on each host ``holding`` it, then drop it on all ``peers``."""
+        self.renewed.remove(cluster_id)
         try:
-            self._await(results, set(peers), "stopped", "stop its TF servers", lenient=True)
+            self._ask(cluster_id, holding, "stop", results, "stop its part of the cluster", lenient=True)
         finally:
-            for peer_name in peers:
-                self.client.send(CLEANUP, peer_name, CleanUp(JobId(cluster_id)))
-            for cid in cids.values():
-                try:
-                    self.kubo.pin_rm(cid)
-                except KuboError as exc:
-                    log.warning("could not unpin %s: %s", cid, exc)
-            shutil.rmtree(directory, ignore_errors=True)
+            for peer in peers:
+                self.client.send(CLEANUP, peer, CleanUp(JobId(cluster_id)))
 
-    def _await(self, results: "queue.Queue[GetResult]", peers: set[str], kind: str, what: str,
+    def _await(self, results: queue.Queue[GetResult], peers: set[str], kind: str, what: str,
                lenient: bool = False) -> dict[str, GetResult]:
-        """One ``kind`` reply from each of ``peers``.
+        """One ``kind`` reply to our own request from each of ``peers``.
 
-        Raises on an ``error`` reply, a peer that leaves, or the timeout; when
-        ``lenient`` (tearing down), a peer that is gone no longer counts, since its
-        agent stopped its servers on the way out, and an error is only logged.
+        Raises on an ``error`` reply, a peer that leaves, or the timeout. When ``lenient``
+        (tearing down), errors and silence are only logged, after STOP_TIMEOUT: a peer that
+        is gone stopped its TF processes on its way out, and one that dropped the cluster
+        (its lease ran out) refuses, unanswered, a request for a cluster it no longer holds.
         """
         got: dict[str, GetResult] = {}
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (STOP_TIMEOUT if lenient else self.timeout)
         while peers - got.keys():
             missing = peers - got.keys()
+            if time.monotonic() > deadline and lenient:
+                log.warning("no answer from %s to %s: gone, or it dropped the cluster already",
+                            ", ".join(sorted(missing)), what)
+                break
             if time.monotonic() > deadline:
                 raise JobError(f"no answer from {', '.join(sorted(missing))} to {what} "
                                f"within {self.timeout:.0f}s")
@@ -378,16 +359,51 @@ class TfController:
             except queue.Empty:
                 gone = missing - {p.name for p in self.client.peers.live()}
                 if gone and lenient:
-                    log.warning("%s left the swarm; its agent stopped its TF servers", ", ".join(gone))
+                    log.warning("%s left the swarm; its agent stopped its TF processes on the way",
+                                ", ".join(sorted(gone)))
                     peers = peers - gone
                 elif gone:
                     raise JobError(f"peer(s) {', '.join(sorted(gone))} left the swarm while waiting "
-                                   f"for them to {what}")
+                                   f"for them to {what}") from None
                 continue
-            if reply.peer not in peers:
+            if reply.peer not in peers or reply.re not in self.sent.get(reply.peer, ()):
+                log.warning("ignored a %s reply from %s that answers no request of ours",
+                            reply.kind, reply.peer)
                 continue
             if reply.kind == "error" and not lenient:
                 raise TaskFailed(f"{reply.peer} failed to {what}: {reply.error}", peer=reply.peer)
+            if reply.kind == "error":
+                log.warning("%s failed to %s: %s", reply.peer, what, reply.error)
             if reply.kind in (kind, "error"):
                 got.setdefault(reply.peer, reply)
         return got
+
+
+# -- the chief ----------------------------------------------------------------------------
+def run_chief(cluster: TfCluster, command: list[str], node: str, trusted_network: bool) -> int:
+    """Run ``command`` as the chief of ``cluster`` and return its exit code.
+
+    It runs in a network namespace of its own with loopback only, where relays carry each
+    server task's ClusterSpec address to this node's socket for it, so the chief's own TF
+    server (which binds every interface) is on no network. Where no namespace can be made,
+    it runs here unisolated only if ``tf.trusted_network`` allows it.
+    """
+    missing = unanswered(cluster)
+    if missing:
+        raise JobError(f"TF cluster {cluster.name} is not fully up: {', '.join(missing)} do not answer "
+                       f"(see `ipdc tf list`); bring it down and up again")
+    problem = isolation_problem()
+    if problem and not trusted_network:
+        raise JobError(refusal(node, problem))
+    plan = cluster.tf_plan
+    config = cluster.tf_config()
+    maps = [] if problem else [
+        {"listen": f"tcp:127.0.0.1:{t.port}", "target": f"unix:{Path(cluster.sockets) / t.sock}"}
+        for t in plan.servers()]
+    chief = {"label": f"{cluster.name}/chief", "cluster": config["cluster"], "task": config.get("task"),
+             "maps": maps}
+    launcher = [sys.executable, "-m", "ipdc.runner.tfserver", json.dumps(chief), "--", *command]
+    argv = launcher if problem else chief_argv() + launcher
+    path = [str(PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run(argv, env=env, check=False).returncode

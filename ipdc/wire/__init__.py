@@ -9,7 +9,7 @@ Topics:
     ipdc/peer/<node>/domap        DoMap      run one map task
     ipdc/peer/<node>/buffer       Buffer     a map output partition for this reducer
     ipdc/peer/<node>/cleanup      CleanUp    drop a finished job's files and runners
-    ipdc/peer/<node>/tf           Tf         reserve ports, start or stop a TF cluster's servers
+    ipdc/peer/<node>/tf           Tf         start or stop this node's part of a TF cluster
     ipdc/peer/<node>/renew        Renew      the job's owner is alive: its lease goes on
     ipdc/peer/<node>/logs         Logs       send your log lines of a job (answered by CID)
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner

@@ -21,7 +21,7 @@ MAX_ERROR = 8192
 #: Attempts of one task: far more than any --max-attempts.
 MAX_ATTEMPT = 1 << 16
 
-KINDS = ("ready", "map", "reduce", "error", "port", "started", "stopped", "logs")
+KINDS = ("ready", "map", "reduce", "error", "started", "stopped", "logs")
 PHASES = ("", "download", "map", "reduce")
 
 
@@ -31,7 +31,7 @@ class GetResult:
     peer: NodeName
     kind: str
     """One of KINDS: ``ready`` after Download, ``map``/``reduce`` after a task, ``error``;
-    ``port``/``started``/``stopped`` answer the Tf channel's ops; ``logs`` answers Logs."""
+    ``started``/``stopped`` answer the Tf channel's ops; ``logs`` answers Logs."""
     task: int = 0
     attempt: int = 0
     cids: list[Cid] = field(default_factory=list)
@@ -40,8 +40,6 @@ class GetResult:
     phase: str = ""
     """``error``: what failed ("download", "map" or "reduce")."""
     stats: dict[str, float] = field(default_factory=dict)
-    ports: list[int] = field(default_factory=list)
-    """``port``: the TCP ports the agent reserved for the cluster's tasks."""
     re: str = ""
     """The digest (:func:`ipdc.trust.digest`) of the signed request this answers: the
     submitter acts only on answers to requests it sent that peer."""
@@ -52,7 +50,6 @@ class GetResult:
         in_range("getresult.cids", len(self.cids), 0, MAX_PARTITIONS, MessageError)
         in_range("getresult.error", len(self.error), 0, MAX_ERROR, MessageError)
         in_range("getresult.stats", len(self.stats), 0, 32, MessageError)
-        in_range("getresult.ports", len(self.ports), 0, 64, MessageError)
         in_range("getresult.re", len(self.re), 0, 64, MessageError)
         if self.kind not in KINDS:
             raise MessageError(f"getresult.kind: {self.kind!r} is not one of {', '.join(KINDS)}")

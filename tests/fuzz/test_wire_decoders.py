@@ -33,7 +33,7 @@ from ipdc.wire.manifest import JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
 from ipdc.wire.renew import Renew
-from ipdc.wire.tf import Tf, TfTask
+from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
 
 CHANNELS: dict[str, Channel[Any]] = {**INBOX_CHANNELS, "presence": PRESENCE, "heartbeat": HEARTBEAT,
@@ -48,7 +48,7 @@ VALID: dict[str, Any] = {
     "domap": SIGNER.sign(DoMap(JOB, 3, 1), "domap", "n-b"),
     "buffer": SIGNER.sign(Buffer(JOB, 0, 0, CID, 2), "buffer", "n-b"),
     "cleanup": SIGNER.sign(CleanUp(JOB), "cleanup", "n-b"),
-    "tf": SIGNER.sign(Tf("start", JOB, tasks=[TfTask("worker", 0)]), "tf", "n-b"),
+    "tf": SIGNER.sign(Tf("start", JOB), "tf", "n-b"),
     "renew": SIGNER.sign(Renew(JOB), "renew", "n-b"),
     "logs": SIGNER.sign(Logs(JOB), "logs", "n-b"),
     "record": SIGNER.sign(JobRecord(JOB, NodeName("n-a"), "mapreduce", CID, 2, 1.0, 2.0), "record", SWARM),
@@ -64,8 +64,9 @@ json_leaf = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
 )
 json_value = st.recursive(
-    json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                       st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+    json_leaf,
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.text(max_size=12), inner, max_size=5)),
     max_leaves=30)
 
 

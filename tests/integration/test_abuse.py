@@ -23,14 +23,13 @@ import pytest
 
 from ipdc.bus import Bus, client_id
 from ipdc.control.history import DB_NAME, History
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
 from ipdc.submit.client import SwarmClient
 from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat
 from ipdc.wire.ids import NodeName
-from tests.helpers import read_output, reference_counts, run_cli
+from tests.helpers import live_runners, read_output, reference_counts, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,20 +87,9 @@ def job_dirs(cluster: LocalCluster) -> dict[str, list[str]]:
     return {node.config.node.name: sorted(p.name for p in node.work_dir.iterdir()) for node in cluster.nodes}
 
 
-def processes_under(root: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cwd").resolve().is_relative_to(root):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: LocalCluster,
                                                                        tmp_path: Path) -> None:
-    kubos = [KuboClient(node.config.kubo_api_url) for node in trio.nodes]
+    kubos = [node.kubo() for node in trio.nodes]
     try:
         before = [k.pins() for k in kubos]
         data = b"one two three four\n" * 24
@@ -114,6 +102,8 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert wait_for(lambda: all(job_dirs(trio).values()), 60), job_dirs(trio)
         job_id = next(iter(job_dirs(trio).values()))[0].split("-", 1)[1]
+        spares = sum(node.config.agent.warm_runners for node in trio.nodes)
+        assert wait_for(lambda: live_runners(trio) > spares, 30), "the job's runners never showed up"
         # the job's controller runs in the node's controller service: that is the submitter to kill
         os.kill(submitter.services["control"].pid() or 0, signal.SIGKILL)
         os.kill(proc.pid, signal.SIGKILL)
@@ -121,7 +111,7 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
 
         def clean() -> bool:
             return (not any(job_dirs(trio).values()) and [k.pins() for k in kubos] == before
-                    and all(processes_under(node.work_dir) == [] for node in trio.nodes))
+                    and live_runners(trio) == spares)
         left = [k.pins() - b for k, b in zip(kubos, before, strict=True)]
         assert wait_for(clean, LEASE + 30, 0.2), (job_dirs(trio), left)
         for node in trio.nodes:

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 
 from ipdc.control.history import DB_NAME, History
-from ipdc.kubo import EMPTY_CID, KuboClient
+from ipdc.kubo import EMPTY_CID
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
-from tests.helpers import REPO, read_output, reference_counts, run_cli
+from tests.helpers import REPO, live_runners, read_output, reference_counts, run_cli
 
 #: A map that takes a while per chunk, so a test can act while the job runs.
 SLOW_MAP = ("import time\nfrom collections import Counter\n\n"
@@ -138,24 +138,13 @@ def job_cids(row: dict[str, Any]) -> set[str]:
     return cids - {EMPTY_CID}
 
 
-def job_processes(job_id: str) -> list[int]:
-    """Processes whose working directory is the job's work dir (its runners)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and job_id in os.readlink(proc / "cwd"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_cancel_leaves_no_runner_work_dir_or_pin_anywhere(cluster: LocalCluster, tmp_path: Path) -> None:
     node = cluster.nodes[0]
     make_input(tmp_path / "in.txt", seed=3)
     job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 1.0)),
                            "--chunks", "30", "-o", str(tmp_path / "out")])
-    assert wait_for(lambda: maps_done(node, job_id) >= 2 and job_processes(job_id), 120, 0.05)
+    spares = sum(n.config.agent.warm_runners for n in cluster.nodes)
+    assert wait_for(lambda: maps_done(node, job_id) >= 2 and live_runners(cluster) > spares, 120, 0.05)
     done = run_cli(["job", "cancel", job_id[:10], "--json"], node.home)
     assert json.loads(done.stdout) == {"job_id": job_id, "state": "cancelled"}
     row = job_row(node, job_id)
@@ -167,10 +156,10 @@ def test_cancel_leaves_no_runner_work_dir_or_pin_anywhere(cluster: LocalCluster,
         for n in cluster.nodes:
             if any(job_id in d.name for d in n.work_dir.iterdir()):
                 return False
-            with KuboClient(n.config.kubo_api_url) as kubo:
+            with n.kubo() as kubo:
                 if cids & kubo.pins():
                     return False
-        return not job_processes(job_id)
+        return live_runners(cluster) == spares
 
     assert wait_for(nothing_left, 60, 0.2)
     status = json.loads(run_cli(["job", "status", job_id, "--json"], node.home).stdout)

@@ -11,13 +11,16 @@ import json
 import os
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from ipdc.config import Config, save_config
 from ipdc.errors import JobError, NotEnoughPeers, TaskFailed
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
+from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
@@ -49,7 +52,7 @@ def make_text(path: Path, lines: int = 3000, seed: int = 7) -> bytes:
 def run_job(cluster: LocalCluster, job: MapReduceJob, node: int = 0) -> JobResult:
     config = cluster.nodes[node].config
     with SwarmClient(config, cluster.nodes[node].signer).connect() as client, \
-            KuboClient(config.kubo_api_url) as kubo:
+            cluster.nodes[node].kubo() as kubo:
         return MapReduceController(client, kubo, job, cluster.nodes[node].home).run()
 
 
@@ -115,7 +118,7 @@ def test_two_masters_at_once(swarm: LocalCluster, tmp_path: Path) -> None:
         try:
             results[i] = run_job(swarm, MapReduceJob(tmp_path / f"in{i}.txt", k=3,
                                                      output=tmp_path / f"out{i}"), node=node)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=submit, args=(0, 0)), threading.Thread(target=submit, args=(1, 2))]
@@ -163,20 +166,39 @@ def test_map_that_raises_fails_fast_with_the_remote_traceback(swarm: LocalCluste
                  b"still alive\n", 3)
 
 
+@contextmanager
+def file_limit(cluster: LocalCluster, i: int, file_mb: int) -> Iterator[Node]:
+    """Node ``i``'s agent restarted with another sandbox.file_mb (its runners' RLIMIT_FSIZE,
+    which user code can see: the one thing that tells it which node it runs on)."""
+    original = cluster.nodes[i].config
+
+    def restart(config: Config) -> Node:
+        cluster.nodes[i].services["agent"].stop()
+        save_config(config, cluster.nodes[i].conf_path)
+        cluster.nodes[i] = Node(cluster.nodes[i].home)
+        cluster.nodes[i].start()
+        return cluster.nodes[i]
+
+    try:
+        yield restart(original.replace(sandbox={"file_mb": file_mb}))
+    finally:
+        restart(original)
+
+
 def test_a_task_that_fails_on_one_peer_is_retried_on_another(swarm: LocalCluster, tmp_path: Path) -> None:
-    """A broken node (here: user code that fails only in node 1's home) must not sink the job
-    while healthy peers can run its tasks: with --max-attempts 2, every task that failed
-    there is retried elsewhere, and the counts are exact."""
+    """A broken node (here: user code that fails only under node 1's file limit) must not sink
+    the job while healthy peers can run its tasks: with --max-attempts 2, every task that
+    failed there is retried elsewhere, and the counts are exact."""
     data = make_text(tmp_path / "in.txt", lines=4000)
-    broken = swarm.nodes[1]
     flaky = tmp_path / "Map.py"
-    flaky.write_text("import os\nfrom collections import Counter\n\n"
+    flaky.write_text("import resource\nfrom collections import Counter\n\n"
                      "def map_chunk(text):\n"
-                     f"    if os.getcwd().startswith({str(broken.home)!r}):\n"
+                     "    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] == 4095 << 20:\n"
                      "        raise RuntimeError('this node is broken')\n"
                      "    return Counter(text.split()).items()\n")
-    result = run_job(swarm, MapReduceJob(tmp_path / "in.txt", k=3, map_file=flaky, chunks=9, max_attempts=2,
-                                         output=tmp_path / "out"))
+    with file_limit(swarm, 1, 4095) as broken:
+        result = run_job(swarm, MapReduceJob(tmp_path / "in.txt", k=3, map_file=flaky, chunks=9, max_attempts=2,
+                                             output=tmp_path / "out"))
     assert_exact(result, data, 3)
     assert broken.config.node.name not in result.map_tasks.values()
 
@@ -239,7 +261,7 @@ def test_result_directory_is_the_one_ipfs_add_makes_and_is_pinned(swarm: LocalCl
     for name, data in files.items():
         (tmp_path / "dir" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "dir" / name).write_bytes(data)
-    with KuboClient(swarm.nodes[2].config.kubo_api_url) as kubo:
+    with swarm.nodes[2].kubo() as kubo:
         parts = {name: kubo.add_bytes(data) for name, data in files.items()}
         sizes = {name: kubo.cumulative_size(cid) for name, cid in parts.items()}
         made = kubo.make_directory(parts, sizes)

@@ -32,7 +32,6 @@ from ipdc import pki
 from ipdc.bus import Bus, client_id, tls_context
 from ipdc.config import BrokerSection, save_config
 from ipdc.errors import BusError, IdentityRefused, KuboError
-from ipdc.kubo import KuboClient
 from ipdc.net import free_port
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.invite import Invite
@@ -112,7 +111,7 @@ def wordcount(submitter: Node, tmp_path: Path, k: int) -> list[str]:
     (tmp_path / "in.txt").write_bytes(TEXT)
     job = MapReduceJob(input=tmp_path / "in.txt", k=k, output=tmp_path / "out")
     config = submitter.config
-    with SwarmClient(config, submitter.signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, submitter.signer).connect() as client, submitter.kubo() as kubo:
         result = MapReduceController(client, kubo, job, submitter.home).run()
     assert read_output(result.output, k)[0] == reference_counts(TEXT)
     return [w["name"] for w in result.workers]
@@ -246,13 +245,12 @@ def _detach_copy(copy: Path) -> None:
     cfg = node.config
     taken: set[int] = set()
     ports = {}
-    for key in ("api_port", "gateway_port", "swarm_port"):
+    for key in ("api_port", "swarm_port"):
         ports[key] = free_port("127.0.0.1", 0, taken)
         taken.add(ports[key])
     save_config(cfg.replace(kubo={**ports, "bootstrap": []}), node.conf_path)
     kubo_config = json.loads((copy / "kubo" / "config").read_text())
     kubo_config["Addresses"].update(API=f"/ip4/127.0.0.1/tcp/{ports['api_port']}",
-                                    Gateway=f"/ip4/127.0.0.1/tcp/{ports['gateway_port']}",
                                     Swarm=[f"/ip4/127.0.0.1/tcp/{ports['swarm_port']}"])
     (copy / "kubo" / "config").write_text(json.dumps(kubo_config))
     for pid_file in (copy / "run").glob("*.pid"):
@@ -335,7 +333,7 @@ def test_a_removed_node_is_refused_everywhere_and_rotation_locks_it_out(four: Lo
     remaining = four.nodes[:3]
     name, key = removed.config.node.name, removed.signer.public_key
     assert all(key in node.trust for node in remaining)
-    with KuboClient(removed.config.kubo_api_url, timeout=30) as kubo:
+    with removed.kubo(timeout=30) as kubo:
         kubo.swarm_connect(remaining[1].swarm_multiaddr())  # before: the swarm key lets it in
 
     started = time.monotonic()
@@ -348,7 +346,7 @@ def test_a_removed_node_is_refused_everywhere_and_rotation_locks_it_out(four: Lo
         SwarmClient(removed.config, removed.signer).connect()  # its jobs cannot even be submitted
 
     # its signed Download, delivered by any member, is refused by every node with a reason
-    with KuboClient(founder.config.kubo_api_url) as kubo:
+    with founder.kubo() as kubo:
         code = {"Map.py": kubo.add_bytes(b"def map(line):\n    return []\n"),
                 "Reduce.py": kubo.add_bytes(b"def reduce(key, values):\n    return 0\n")}
     job = JobId.new()
@@ -368,7 +366,7 @@ def test_a_removed_node_is_refused_everywhere_and_rotation_locks_it_out(four: Lo
     done = run_cli(["swarm", "rotate-key"], founder.home)
     match = re.search(r"(\d+) live member\(s\) switched in ([\d.]+) s", done.stdout)
     assert match and int(match[1]) == 3, done.stdout
-    with KuboClient(removed.config.kubo_api_url, timeout=30) as kubo:
+    with removed.kubo(timeout=30) as kubo:
         for node in remaining:
             with pytest.raises(KuboError, match="failed to negotiate security protocol"):
                 kubo.swarm_connect(node.swarm_multiaddr())

@@ -66,7 +66,7 @@ def test_file_added_on_node1_is_read_by_cid_on_node3(homes: list[Path]) -> None:
     n1, n3 = Node(homes[0]), Node(homes[2])
     assert n1.kubo_repo != n3.kubo_repo and n1.peer_id() != n3.peer_id()
     payload = secrets.token_bytes(700_000)  # several blocks, unique to this run
-    with KuboClient(n1.config.kubo_api_url) as k1, KuboClient(n3.config.kubo_api_url, timeout=30) as k3:
+    with n1.kubo() as k1, n3.kubo(timeout=30) as k3:
         cid = k1.add_bytes(payload)
         assert k3.cat(cid) == payload
 

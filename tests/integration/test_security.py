@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,6 @@ import pytest
 
 from ipdc.agent.agent import job_dir_name
 from ipdc.bus import Bus, client_id
-from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import wait_for
@@ -58,11 +58,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def code(pair: LocalCluster) -> dict[str, Cid]:
-    with KuboClient(pair.nodes[0].config.kubo_api_url) as kubo:
+    with pair.nodes[0].kubo() as kubo:
         return {
-            # map() leaves a mark in the job's work dir, where user code runs: proof that it ran
-            "Map.py": kubo.add_bytes(b"def map(line):\n    open('map-ran', 'w').close()\n"
-                                     b"    return [(w, 1) for w in line.split()]\n"),
+            # a map task that ran is answered on GetResult with its outputs: proof that it ran
+            "Map.py": kubo.add_bytes(b"def map(line):\n    return [(w, 1) for w in line.split()]\n"),
             "Reduce.py": kubo.add_bytes(b"def reduce(key, values):\n    return sum(values)\n"),
         }
 
@@ -243,6 +242,7 @@ def test_another_member_cannot_steer_a_job(pair: LocalCluster, code: dict[str, C
     trusted = pair.nodes[0].signer
     manifest = manifest_for(code, pair.nodes[0].config.node.name, [agent.name], trusted.public_key)
     job = manifest.job_id
+    answers = Answers(pair, job)
     agent.publish("download", encode(trusted.sign(Download(manifest), "download", agent.name)))
     job_dir = agent.job_dir(trusted.public_key, job)
     assert wait_for(lambda: (job_dir / "Map.py").exists(), 20)
@@ -260,13 +260,15 @@ def test_another_member_cannot_steer_a_job(pair: LocalCluster, code: dict[str, C
          "rejected buffer 0->0", "not trusted"),
         ("cleanup", encode(dataclasses.replace(renew)), "rejected cleanup", "this channel"),
     ]
-    for channel, payload, what, reason in cases:
-        agent.publish(channel, payload)
-        assert reason in agent.expect_log(what, job)
-    assert job_dir.exists() and not (job_dir / "map-ran").exists()
-    # the submitter's own: it runs
-    agent.publish("domap", encode(trusted.sign(DoMap(job, 0), "domap", agent.name)))
-    assert wait_for(lambda: (job_dir / "map-ran").exists(), 20)
+    try:
+        for channel, payload, what, reason in cases:
+            agent.publish(channel, payload)
+            assert reason in agent.expect_log(what, job)
+        assert job_dir.exists() and "map" not in {r.kind for r in answers.until(lambda r: r.kind == "ready")}
+        agent.publish("domap", encode(trusted.sign(DoMap(job, 0), "domap", agent.name)))  # the submitter's own
+        answers.until(lambda r: r.kind == "map")
+    finally:
+        answers.close()
     agent.publish("cleanup", encode(trusted.sign(CleanUp(job), "cleanup", agent.name)))
     assert wait_for(lambda: not job_dir.exists(), 20)
 
@@ -305,8 +307,7 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str,
         ("unknown job", "buffer", encode(signer.sign(Buffer(unknown, 0, 0, code["Map.py"]), "buffer", me)),
          "unknown"),
         ("unknown job", "cleanup", encode(signer.sign(CleanUp(unknown), "cleanup", me)), "refused cleanup"),
-        ("negative count", "tf", b'{"op": "port", "cluster_id": "' + unknown.encode() + b'", "count": -1}',
-         "dropped"),
+        ("unknown op", "tf", b'{"op": "port", "cluster_id": "' + unknown.encode() + b'"}', "dropped"),
         ("unknown channel", "no-such-channel", b"{}", "unknown topic"),
     ]
     return cases
@@ -336,7 +337,7 @@ def test_bad_messages_on_every_channel_are_logged_and_survived(pair: LocalCluste
     (tmp_path / "in.txt").write_bytes(data)
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
     config = pair.nodes[0].config
-    with SwarmClient(config, signer).connect() as client, KuboClient(config.kubo_api_url) as kubo:
+    with SwarmClient(config, signer).connect() as client, pair.nodes[0].kubo() as kubo:
         result = MapReduceController(client, kubo, job, pair.nodes[0].home).run()
     assert agent.name in {w["name"] for w in result.workers}
     assert read_output(result.output, 2)[0] == reference_counts(data)
@@ -390,7 +391,7 @@ def test_forged_requests_and_replies_during_a_job_remove_no_worker(pair: LocalCl
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=tmp_path / "Map.py", output=tmp_path / "out")
     stop = threading.Event()
     with SwarmClient(submitter.config, submitter.signer).connect() as client, \
-            KuboClient(submitter.config.kubo_api_url) as kubo:
+            submitter.kubo() as kubo:
         controller = MapReduceController(client, kubo, job, submitter.home)
         job_id = controller.job_id
         me = member.config.node.name
@@ -433,7 +434,7 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
         (tmp_path / "in.txt").write_bytes(data)
         job = MapReduceJob(input=tmp_path / "in.txt", k=2, output=tmp_path / "out")
         with SwarmClient(submitter.config, submitter.signer).connect() as client, \
-                KuboClient(submitter.config.kubo_api_url) as kubo:
+                submitter.kubo() as kubo:
             result = MapReduceController(client, kubo, job, submitter.home).run()
     finally:
         refuser.trust.add(key, submitter.config.node.name)
@@ -443,26 +444,28 @@ def test_a_worker_that_does_not_trust_the_submitter_is_replaced(pair: LocalClust
 
 
 def test_user_code_cannot_see_the_nodes_secrets(pair: LocalCluster, tmp_path: Path) -> None:
-    """User code runs as the agent's user; its runner's view of the node's home holds only
-    the job's own dir, so the node's broker key, the submitter key, the trusted list and other
-    jobs' files are out of its reach."""
+    """User code runs in a sandbox whose mount namespace holds no part of the node's home:
+    not the broker password (ipdc.conf), the keys, the trusted list, the kubo repo or other
+    jobs' files. It sees /usr, its Python, IPDC's runner modules and its own /job. (The
+    hostile suite, tests/integration/test_hostile.py, tries the other ways in.)"""
+    home = pair.nodes[0].home
     probe = tmp_path / "Map.py"
     probe.write_text(
         "import os\n\n"
+        f"HOME = {str(home)!r}\n"
+        "SECRETS = ('ipdc.conf', 'keys/submitter.key', 'keys/kubo-api.secret', 'trusted_keys', 'kubo/swarm.key')\n\n"
         "def map_chunk(text):\n"
-        "    home = os.path.dirname(os.path.dirname(os.getcwd()))\n"
-        "    seen = sorted(os.listdir(home)) + sorted(os.listdir(os.path.join(home, 'work')))\n"
-        "    readable = [p for p in ('ipdc.conf', 'keys/submitter.key', 'trusted_keys', 'kubo/swarm.key')\n"
-        "                if os.path.exists(os.path.join(home, p))]\n"
-        "    return {'seen:' + ','.join(seen): 1, 'readable:' + ','.join(readable): 1,\n"
+        "    readable = [p for p in SECRETS if os.path.exists(os.path.join(HOME, p))]\n"
+        "    return {'cwd:' + os.getcwd(): 1, 'root:' + ','.join(sorted(os.listdir('/'))): 1,\n"
+        "            'home:' + str(os.path.exists(HOME)): 1, 'readable:' + ','.join(readable): 1,\n"
         "            'own code:' + str(os.path.exists('Map.py')): 1}.items()\n")
     (tmp_path / "in.txt").write_text("x\n")
     job = MapReduceJob(input=tmp_path / "in.txt", k=2, map_file=probe, output=tmp_path / "out")
     config = pair.nodes[0].config
-    with SwarmClient(config, pair.nodes[0].signer).connect() as client, \
-            KuboClient(config.kubo_api_url) as kubo:
-        result = MapReduceController(client, kubo, job, pair.nodes[0].home).run()
+    with SwarmClient(config, pair.nodes[0].signer).connect() as client, pair.nodes[0].kubo() as kubo:
+        result = MapReduceController(client, kubo, job, home).run()
     keys = {key.decode() for key in read_output(result.output, 2)[0]}
-    own_dir = next(k for k in keys if k.startswith("seen:")).removeprefix("seen:work,")
-    assert own_dir.endswith(f"-{result.job_id}")
-    assert keys == {f"seen:work,{own_dir}", "readable:", "own code:True"}
+    root = next(k for k in keys if k.startswith("root:")).removeprefix("root:").split(",")
+    assert keys - {f"root:{','.join(root)}"} == {"cwd:/job", "home:False", "readable:", "own code:True"}
+    python_top = {Path(p).parts[1] for p in (sys.base_prefix, "/opt/ipdc-python")}  # its interpreter's top dir
+    assert set(root) <= {"bin", "dev", "etc", "ipdc", "job", "lib", "lib64", "proc", "sbin", "tmp", "usr"} | python_top

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -44,8 +43,8 @@ def cluster(four_hosts: Cluster) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def gates(tmp_path: Path) -> Iterator[Gates]:
+def gates(four_hosts: Cluster) -> Iterator[Gates]:
     """This test's gates; all opened at the end, so no user code stays held."""
-    made = Gates(tmp_path)
+    made = four_hosts.new_gates()
     yield made
     made.open_all()

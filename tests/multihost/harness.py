@@ -4,7 +4,9 @@ Why namespaces: each host gets its own network stack and address, so these tests
 cover what a one-machine LocalCluster cannot: nodes that reach each other only over
 a (virtual) LAN, a host that drops off that LAN and comes back, and a broker that
 restarts under live clients. The filesystem stays shared, so the tests can read
-each node's files and talk to user code through marker files (see Gates).
+each node's files; user code, which runs sandboxed, tells the test it reached a gate
+in its runner's log, and waits for a file in a directory every node shares read-only
+with its runners (``sandbox.shared_dirs``; see Gates).
 
 Layout (every name carries a per-run prefix, so concurrent runs never collide, and
 nothing is added to the root namespace's network):
@@ -17,7 +19,7 @@ Host 0 founds the swarm (``deploy.py init --host``), hosts mosquitto and submits
 the jobs; hosts 1-3 join with token files from ``ipdc invite -o FILE`` on host 0
 (``deploy.py init --join-file``). Every command runs through ``ip netns exec <ns>``
 with that host's own IPDC_HOME. Each namespace has its own loopback, so every node
-gets the default ports (8883, 5001, 8080, 4001); kubo's API and gateway listen on
+gets the default ports (8883, 5001, 4001); kubo's API listens on
 the namespace's 127.0.0.1 only, the swarm port and the broker on the host address.
 """
 
@@ -28,9 +30,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -246,6 +250,10 @@ class Cluster:
         self.outsider = lab.outsider
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.gates = Path(tempfile.mkdtemp(prefix="ipdc-gates-"))
+        """Shared read-only with every node's runners: where the tests open gates. Outside
+        pytest's 0700 temp dirs, so that runners under uids of their own can reach it."""
+        self.gates.chmod(0o755)
         self._seq = itertools.count()
         self._jobs: list[Job] = []
         self._brokers: list[subprocess.Popen[bytes]] = []
@@ -295,11 +303,12 @@ class Cluster:
         self.wait_all_live()
 
     def _tune(self, host: Host) -> None:
-        """Fast liveness (see HEARTBEAT_INTERVAL); the submitter reads it from host 0's file."""
+        """Fast liveness (see HEARTBEAT_INTERVAL; the submitter reads it from host 0's file),
+        and the gates directory shared with the runners."""
         conf = host.home / "ipdc.conf"
         cfg = load_config(conf)
-        save_config(cfg.replace(agent={"heartbeat_interval": HEARTBEAT_INTERVAL,
-                                       "peer_timeout": PEER_TIMEOUT}), conf)
+        liveness = {"heartbeat_interval": HEARTBEAT_INTERVAL, "peer_timeout": PEER_TIMEOUT}
+        save_config(cfg.replace(agent=liveness, sandbox={"shared_dirs": [str(self.gates)]}), conf)
         host.name = cfg.node.name
 
     # -- state -----------------------------------------------------------------------
@@ -322,16 +331,19 @@ class Cluster:
                 self.restart_node(host)
         self.wait_all_live()
 
-    def host_of(self, workdir: Path) -> Host:
-        """The host whose node home holds ``workdir`` (a job's work dir)."""
-        for host in self.hosts:
-            if workdir.resolve().is_relative_to(host.home.resolve()):
-                return host
-        raise AssertionError(f"{workdir} is in no host's home")
+    def new_gates(self) -> Gates:
+        return Gates(Path(tempfile.mkdtemp(dir=self.gates)))
 
     def hosts_at_gate(self, gates: Gates, phase: str) -> set[Host]:
-        """The hosts where user code has reached ``phase``'s gate (for this test's job)."""
-        return {self.host_of(w) for w in gates.workdirs(phase)}
+        """The hosts where user code has reached ``phase``'s gate (for this test's job): its
+        runner said so in that host's runners.log."""
+        mark = gates.mark(phase)
+        found = set()
+        for host in self.hosts:
+            log = host.home / "logs" / "runners.log"
+            if log.exists() and mark in log.read_text(errors="replace"):
+                found.add(host)
+        return found
 
     def wait_at_gate(self, job: Job, gates: Gates, phase: str, hosts: int, timeout: float = 60) -> set[Host]:
         """Wait until user code on ``hosts`` distinct hosts has reached ``phase``'s gate."""
@@ -422,6 +434,7 @@ class Cluster:
         self._jobs.clear()
 
     def close(self) -> None:
+        shutil.rmtree(self.gates, ignore_errors=True)
         """Stop jobs, then every node (joiners first, the broker host last)."""
         self.stop_jobs()
         for host in reversed(self.hosts):
@@ -454,13 +467,13 @@ def _listening(pid: int, port: int) -> bool:
 _GATE_HEAD = '''\
 """WordCount, {phase} side, held at a gate by tests/multihost.
 
-On its first call in this runner process it leaves a marker file holding the job's
-work dir (so the test knows which host runs it), then waits until the test creates
-go-{phase}; the wait is bounded, so a test that never opens the gate fails the task.
+On its first call in this runner process it prints a mark to its log (so the test
+knows which host runs it), then waits until the test creates go-{phase} in the gates
+directory, which the node shares read-only with its runners; the wait is bounded, so
+a test that never opens the gate fails the task.
 """
 import os
 import time
-import uuid
 
 GATE_DIR = {gate_dir!r}
 TIMEOUT = {timeout!r}
@@ -472,11 +485,7 @@ def _gate():
     if _reached:
         return
     _reached = True
-    name = "{phase}-%d-%s" % (os.getpid(), uuid.uuid4().hex)
-    hidden = os.path.join(GATE_DIR, "." + name)
-    with open(hidden, "w") as f:
-        f.write(os.getcwd())
-    os.replace(hidden, os.path.join(GATE_DIR, name))
+    print({mark!r}, flush=True)
     go = os.path.join(GATE_DIR, "go-{phase}")
     deadline = time.monotonic() + TIMEOUT
     while not os.path.exists(go):
@@ -507,24 +516,25 @@ def reduce(word, counts):
 
 
 class Gates:
-    """Gated Map.py / Reduce.py for one test, and the markers their user code leaves.
+    """Gated Map.py / Reduce.py for one test. Its user code marks reaching a gate in its
+    runner's log (``mark``), and waits for ``go-<phase>`` in ``dir``."""
 
-    A marker ``<dir>/<phase>-<pid>-<uuid>`` holds ``os.getcwd()`` of the runner, i.e.
-    ``<node home>/work/<job id>``: which host runs that task.
-    """
-
-    def __init__(self, base: Path, timeout: float = 240) -> None:
-        self.dir = base / "gates"
-        self.dir.mkdir(parents=True)
-        self.code = base / "code"
+    def __init__(self, directory: Path, timeout: float = 240) -> None:
+        self.dir = directory
+        self.dir.chmod(0o755)
+        self.code = directory / "code"
         self.code.mkdir()
         self.timeout = timeout
+
+    def mark(self, phase: str) -> str:
+        """What user code prints on reaching ``phase``'s gate: unique to this test."""
+        return f"ipdc-gate {phase} {self.dir.name}"
 
     def file(self, phase: str) -> Path:
         """Write the gated ``Map.py`` ("map") or ``Reduce.py`` ("reduce"); return its path."""
         path = self.code / ("Map.py" if phase == "map" else "Reduce.py")
-        path.write_text(_GATE_HEAD.format(phase=phase, gate_dir=str(self.dir), timeout=self.timeout)
-                        + _BODIES[phase])
+        path.write_text(_GATE_HEAD.format(phase=phase, gate_dir=str(self.dir), timeout=self.timeout,
+                                          mark=self.mark(phase)) + _BODIES[phase])
         return path
 
     def open(self, phase: str) -> None:
@@ -533,10 +543,6 @@ class Gates:
     def open_all(self) -> None:
         for phase in _BODIES:
             self.open(phase)
-
-    def workdirs(self, phase: str) -> list[Path]:
-        """The work dir of every runner that reached ``phase``'s gate so far."""
-        return [Path(p.read_text()) for p in sorted(self.dir.glob(f"{phase}-*"))]
 
 
 # -- input -------------------------------------------------------------------------------

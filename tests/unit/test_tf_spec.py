@@ -1,4 +1,5 @@
-"""Issue 4: the TF spec's validation, and how tasks are placed on peers (pure functions)."""
+"""The TF spec's validation, how tasks are placed on peers, and the plan every host derives its part
+from (pure functions)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from ipdc.errors import SpecError
+from ipdc.errors import MessageError, SpecError
 from ipdc.peers import Peer, assign_nearest, select_nearest, xor_key
-from ipdc.submit.tf import load_spec, make_cluster, parse_spec
+from ipdc.submit.tf import TfCluster, load_spec, parse_spec
+from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import Capabilities, Presence
+from ipdc.wire.tf import TfPlan, base_port, cluster_token, protocol
 
 
 def peer(name: str, tf: bool = True, slots: int = 2) -> Peer:
-    return Peer(Presence(name=name, peer_id=f"12D3Koo-{name}", host="127.0.0.1", addrs=[],
+    return Peer(Presence(name=NodeName(name), peer_id=f"12D3Koo-{name}", host="127.0.0.1", addrs=[],
                          caps=Capabilities(cores=2, mem_free_mb=8000, tf=tf), slots=slots,
                          load=0.0, ts=0.0))
 
@@ -33,6 +36,8 @@ def test_a_spec_comes_back_sorted_and_checked() -> None:
     ({"worker": [0, True]}, "'worker'"),
     ({"ps": [0], "Bad-Name": [0]}, "'Bad-Name'"),
     ({"chief": [0, 1]}, "'chief'"),
+    ({"chief": [0]}, "no server task"),
+    ({"worker": list(range(65))}, "at most 64"),
     ([0, 1], "mapping"),
     ({}, "mapping"),
     (None, "mapping"),
@@ -48,7 +53,7 @@ def test_load_spec_reads_yaml_and_json(tmp_path: Path) -> None:
     assert load_spec(tmp_path / "a.conf") == {"chief": [0], "ps": [0], "worker": [0, 1]}
     assert load_spec(tmp_path / "b.json") == {"local": [0, 1]}
     (tmp_path / "c.conf").write_text("worker: [0, 1\n")
-    with pytest.raises(SpecError, match="c.conf"):
+    with pytest.raises(SpecError, match=r"c\.conf"):
         load_spec(tmp_path / "c.conf")
     with pytest.raises(SpecError, match="cannot read"):
         load_spec(tmp_path / "missing.conf")
@@ -79,15 +84,54 @@ def test_peers_without_tf_are_never_chosen() -> None:
     assert chosen[0].name == ("b" if nearest_b else "d")
 
 
-def test_the_cluster_spec_task_index_and_tf_configs_agree(tmp_path: Path) -> None:
-    a, b = peer("a"), peer("b")
-    cluster = make_cluster("demo", "0" * 32, tmp_path, [
-        ("chief", 0, a, 5000), ("ps", 0, b, 5001), ("worker", 0, a, 5002), ("worker", 1, b, 5003)])
-    spec = cluster.spec_file()
-    assert spec["ClusterSpec"] == {"chief": ["127.0.0.1:5000"], "ps": ["127.0.0.1:5001"],
-                                   "worker": ["127.0.0.1:5002", "127.0.0.1:5003"]}
-    assert spec["TaskIndex"]["127.0.0.1:5003"] == ["worker", 1]
-    config = json.loads(spec["TF_CONFIG"]["worker"][1])
-    assert config == {"cluster": spec["ClusterSpec"], "task": {"type": "worker", "index": 1}}
-    assert [t.server for t in cluster.tasks] == [False, True, True, True]
-    assert cluster.command().startswith("TF_CONFIG=") and "example.py" in cluster.command()
+PEER_A = "12D3KooW" + "A" * 44
+PEER_B = "12D3KooW" + "B" * 44
+
+
+def plan(**changes: object) -> TfPlan:
+    fields: dict[str, object] = {
+        "name": "demo", "tasks": {"chief": ["a"], "ps": ["b"], "worker": ["a", "b"]},
+        "peers": {"a": PEER_A, "b": PEER_B}, "base_port": base_port(cluster_token("key", "0" * 32))}
+    return TfPlan.from_params({**fields, **changes})
+
+
+def test_every_host_derives_the_same_loopback_cluster_from_the_plan() -> None:
+    p = plan()
+    base = p.base_port
+    assert p.cluster_spec() == {"chief": [f"127.0.0.1:{base}"], "ps": [f"127.0.0.1:{base + 1}"],
+                                "worker": [f"127.0.0.1:{base + 2}", f"127.0.0.1:{base + 3}"]}
+    assert [(t.name, t.host, t.sock, t.server) for t in p.task_list()] == [
+        ("chief-0", "a", "t0.sock", False), ("ps-0", "b", "t1.sock", True),
+        ("worker-0", "a", "t2.sock", True), ("worker-1", "b", "t3.sock", True)]
+    assert [t.name for t in p.servers()] == ["ps-0", "worker-0", "worker-1"]
+    assert TfPlan.from_params(p.to_params()) == p
+    token = cluster_token("key", "0" * 32)
+    assert protocol(token, p.servers()[0]) == f"/x/ipdc-tf/{token}/t1"
+    assert cluster_token("other key", "0" * 32) != token  # two submitters' clusters never share sockets
+
+
+def test_a_cluster_record_offers_the_chiefs_command_and_tf_config(tmp_path: Path) -> None:
+    p = plan()
+    cluster = TfCluster("demo", "0" * 32, "key", p.to_params(), str(tmp_path))
+    assert cluster.tf_config() == {"cluster": p.cluster_spec(), "task": {"type": "chief", "index": 0}}
+    assert cluster.command().startswith("ipdc tf run demo -- python ") and "example.py" in cluster.command()
+    rows = cluster.to_dict()["tasks"]
+    assert [(r["job"], r["peer"], r["server"]) for r in rows][:2] == [("chief", "a", False),
+                                                                      ("ps", "b", True)]
+
+
+@pytest.mark.parametrize(("changes", "names"), [
+    ({"tasks": {"worker": ["c"]}}, "no peer ID"),
+    ({"tasks": {"chief": ["a", "b"]}}, "'chief' has 2 tasks"),
+    ({"tasks": {"Worker": ["a"]}}, "not a TF job name"),
+    ({"tasks": {"worker": ["a"] * 65}}, "out of range"),
+    ({"tasks": {}}, "out of range"),
+    ({"peers": {"a": "not-a-peer", "b": PEER_B}}, "not a kubo peer ID"),
+    ({"peers": {"a": PEER_A, "b": PEER_A}}, "two nodes claim one peer ID"),
+    ({"peers": {"../a": PEER_A, "b": PEER_B}}, "node name"),
+    ({"base_port": 80}, "base port"),
+    ({"code": "import os"}, "unknown key"),
+])
+def test_a_malformed_plan_is_refused_by_name(changes: dict[str, object], names: str) -> None:
+    with pytest.raises(MessageError, match=names):
+        plan(**changes)

@@ -1,7 +1,7 @@
 """Train a small regression model on an IPDC TF cluster with ParameterServerStrategy.
 
-    ipdc tf ipdc/jobs/tf/spec.conf            # prints the command below, with the real TF_CONFIG
-    TF_CONFIG='{"cluster": ..., "task": {"type": "chief", "index": 0}}' python ipdc/jobs/tf/example.py
+    ipdc tf ipdc/jobs/tf/spec.conf --name demo     # brings the servers up on the swarm
+    ipdc tf run demo -- python ipdc/jobs/tf/example.py --steps 100
 
 This script is the chief: it holds a ClusterCoordinator and schedules training
 steps on the workers, while the model's variables live on the ps tasks. Keras 3
@@ -11,7 +11,9 @@ cannot run ``model.fit`` under this strategy, so the model is a plain
 The data is synthetic: ``y = x . w + sin(x0)`` with a fixed ``w``. Each step
 prints its loss and the worker that ran it; the last line, ``RESULT {json}``,
 sums up the run for scripts: loss before and after training on a fixed
-evaluation set, steps per worker, and the device of every variable.
+evaluation set, steps per worker, the device of every variable, and timings
+(steps per second over the timed steps, after ``--warmup`` untimed ones that
+trace the step function; seconds from start to the end, TF's import included).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import Counter
+
+STARTED = time.monotonic()
 
 os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,17 +56,19 @@ def target(x: tf.Tensor) -> tf.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     args = parser.parse_args()
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     jobs = resolver.cluster_spec().as_dict()
     if resolver.task_type != "chief" or not jobs.get("ps") or not jobs.get("worker"):
-        sys.exit("example.py runs as the chief of a cluster with ps and worker tasks: set TF_CONFIG "
-                 "to the chief's, as printed by `ipdc tf SPEC`")
+        sys.exit("example.py runs as the chief of a cluster with ps and worker tasks: run it with "
+                 "`ipdc tf run NAME -- python example.py`, which sets TF_CONFIG")
     strategy = tf.distribute.ParameterServerStrategy(resolver)
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
     with strategy.scope():
@@ -77,7 +84,7 @@ def main() -> None:
             with tf.GradientTape() as tape:
                 loss = loss_of(x)
             grads = tape.gradient(loss, model.trainable_variables)
-            for var, grad in zip(model.trainable_variables, grads):
+            for var, grad in zip(model.trainable_variables, grads, strict=True):
                 var.assign_sub(args.lr * grad)
             return loss
         loss = strategy.run(replica_step)
@@ -89,8 +96,13 @@ def main() -> None:
 
     before = float(coordinator.schedule(evaluate).fetch())
     print(f"loss before training: {before:.4f}", flush=True)
+    for _ in range(args.warmup):
+        coordinator.schedule(train_step)
+    coordinator.join()
+    timed = time.monotonic()
     scheduled = [coordinator.schedule(train_step) for _ in range(args.steps)]
     coordinator.join()
+    train_seconds = time.monotonic() - timed
     per_worker: Counter[int] = Counter()
     for step, remote in enumerate(scheduled, 1):
         loss, worker = remote.fetch()
@@ -102,7 +114,9 @@ def main() -> None:
     print("RESULT " + json.dumps({
         "loss_before": before, "loss_after": after, "steps": args.steps,
         "steps_per_worker": {str(w): n for w, n in sorted(per_worker.items())},
-        "variable_devices": devices,
+        "variable_devices": devices, "train_seconds": round(train_seconds, 3),
+        "steps_per_second": round(args.steps / train_seconds, 1),
+        "wall_seconds": round(time.monotonic() - STARTED, 2),
     }), flush=True)
 
 
