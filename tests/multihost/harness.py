@@ -198,13 +198,24 @@ class Job:
     stdout: Path
     stderr: Path
     output: Path
+    control_log: Path
+    """The log of host 0's controller service, where the job's controller runs."""
+    control_offset: int
+    """Its size when the job was submitted: only what came after is this job's."""
 
     def log(self) -> str:
-        """The controller's log so far (``-v``: INFO and up)."""
-        return self.stderr.read_text(errors="replace")
+        """The controller's log since the job was submitted, and the command's stderr."""
+        try:
+            with open(self.control_log, "rb") as f:
+                f.seek(self.control_offset)
+                control = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            control = ""
+        return control + self.stderr.read_text(errors="replace")
 
     def _tail(self) -> str:
-        return f"--- last lines of {self.stderr}:\n{_tail(self.stderr)}"
+        return (f"--- last lines of {self.control_log}:\n{_tail(self.control_log)}\n"
+                f"--- last lines of {self.stderr}:\n{_tail(self.stderr)}")
 
     def wait_until(self, predicate: Callable[[], T], timeout: float, what: str) -> T:
         """``wait_until``, but fail at once, with the controller's log, if the job ends first."""
@@ -420,11 +431,13 @@ class Cluster:
         where = self.logs / f"{next(self._seq):03d}-job"
         where.mkdir()
         host = self.broker_host
+        control_log = host.home / "logs" / "control.log"
+        offset = control_log.stat().st_size if control_log.exists() else 0
         with open(where / "stdout", "wb") as out, open(where / "stderr", "wb") as err:
             proc = subprocess.Popen(host.argv([sys.executable, "-m", "ipdc.cli", *args]), env=host.env(),
                                     cwd=host.home.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
-        job = Job(proc, where / "stdout", where / "stderr", output)
+        job = Job(proc, where / "stdout", where / "stderr", output, control_log, offset)
         self._jobs.append(job)
         return job
 
