@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: dependency checks, process-tree RSS
-sampling, a warm local IPDC cluster, canonical WordCount hashes and tables.
+sampling, a warm local IPDC cluster, running a variant as its own process tree,
+canonical hashes of job results and tables.
 
 Each script imports this module by path (``bench/`` is not a package), so the
 scripts run from a clean clone as ``python bench/<name>.py``.
@@ -13,13 +14,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -88,7 +90,7 @@ class TreeRSS:
             self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> TreeRSS:
         self._thread.start()
         return self
 
@@ -106,9 +108,8 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
     :class:`TreeRSS` over our children sees them.
     """
     sys.path.insert(0, str(REPO))
-    from ipdc.client import SwarmClient
-
     from ipdc.node.cluster import LocalCluster
+    from ipdc.submit.client import SwarmClient
 
     with LocalCluster(n, **cluster_args) as cluster:
         with SwarmClient(cluster.nodes[0].config).connect() as client:
@@ -126,25 +127,67 @@ def cluster_pids(cluster: Any) -> list[int]:
             if (pid := service.pid()) is not None]
 
 
-# -- WordCount output -----------------------------------------------------------------
-def canonical_sha256(counts: Mapping[str, int]) -> str:
-    """One hash for a word count, whatever produced it: ``word\\tcount\\n`` lines
-    sorted by word (code point order), UTF-8 with surrogate escapes."""
+# -- job output -------------------------------------------------------------------------
+def _field(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def canonical_sha256(result: Mapping[Any, Any]) -> str:
+    """One hash for a job's result, whatever produced it: ``key\\tvalue\\n`` lines sorted
+    by key, UTF-8 with surrogate escapes; strings as they are, anything else as JSON with
+    sorted dict keys (a tuple key and the list IPDC's output holds are the same line).
+    For a word count: ``word\\tcount`` lines sorted by word (code point order)."""
+    lines = sorted((_field(key), _field(value)) for key, value in result.items())
     digest = hashlib.sha256()
-    for word in sorted(counts):
-        digest.update(f"{word}\t{counts[word]}\n".encode("utf-8", "surrogateescape"))
+    for key, value in lines:
+        digest.update(f"{key}\t{value}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def read_ipdc_output(output: Path) -> dict[str, int]:
-    """Parse an ``ipdc mr`` output directory (part-NNNNN: ``word<TAB>count`` lines)."""
-    counts: dict[str, int] = {}
+def read_ipdc_output(output: Path, parse_key: Callable[[str], Any] = str,
+                     parse_value: Callable[[str], Any] = int) -> dict[Any, Any]:
+    """Parse an ``ipdc mr`` output directory (part-NNNNN: ``key<TAB>value`` lines; for a
+    word count the word as it is and its count; JSON fields for other jobs)."""
+    result: dict[Any, Any] = {}
     for part in sorted(output.glob("part-*")):
         for line in part.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
             if line:
-                word, _, value = line.rpartition("\t")
-                counts[word] = int(value)
-    return counts
+                key, _, value = line.rpartition("\t")
+                result[_hashable(parse_key(key))] = parse_value(value)
+    return result
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(map(_hashable, key)) if isinstance(key, list) else key
+
+
+# -- running a variant --------------------------------------------------------------------
+class Run(NamedTuple):
+    wall: float
+    peak_rss: int
+    stdout: str
+
+
+def run_tree(argv: list[str], env: Mapping[str, str], roots: Iterable[int] = ()) -> Run:
+    """Run one command as its own process tree; its wall time, the peak RSS of the tree
+    (plus ``roots``' trees, e.g. a warm cluster's services) and its stdout. A failure
+    raises with the end of its stderr."""
+    t = time.perf_counter()
+    with TreeRSS(roots) as rss:
+        proc = subprocess.Popen(argv, env=dict(env), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        rss.add(proc.pid)
+        out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} failed (exit {proc.returncode}):\n{err[-4000:]}")
+    return Run(wall, rss.peak, out)
+
+
+def ipdc_mr_argv(corpus: Path, output: Path, *options: str) -> list[str]:
+    """``ipdc mr --k 2`` as the benchmarks run it: a fresh CLI process, quiet, into ``output``."""
+    return [sys.executable, "-m", "ipdc.cli", "mr", str(corpus), "--k", "2", "-q", "-o", str(output),
+            *options]
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -168,10 +211,10 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print(f"\n### {title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |")
     sys.stdout.flush()
 
 
@@ -181,6 +224,14 @@ def save(name: str, data: Any) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=str) + "\n")
     return path
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
 
 
 def mb(n_bytes: float) -> str:
