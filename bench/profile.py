@@ -9,8 +9,14 @@ for its next task is left out). The raw collapsed stacks stay in ``--out``
 (feed them to any flamegraph tool, e.g. ``flamegraph.pl`` or speedscope).
 
     python bench/profile.py                        # WordCount without map_chunk, 50 MB
+    python bench/profile.py --job wordcount-fast   # ... with it (the shipped Map.py)
     python bench/profile.py --job weather --size 50MB
     python bench/profile.py --job weather-no-combine --size 20MB
+    python bench/profile.py --job weather --phases 12MB   # CPU seconds per step, no cluster
+
+Samples are of wall time: on a machine others are using, a runner (nice 19) that waits
+for a core is sampled where it waits, so shares move between runs. ``--phases`` measures
+CPU time instead, of the runner's own functions on one chunk in this process.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -33,12 +42,15 @@ import wordcount
 
 #: Frames of a runner's tasks: samples without one are a runner or fork server waiting.
 TASKS = re.compile(r"Runner\.(map|reduce) ")
+#: Map outputs a reduce task merges in ``--phases`` (a 2-worker job of 202 MB has 8 map tasks).
+REDUCE_INPUTS = 8
 
 
 def job_files(job: str, scratch: Path, size: int) -> tuple[Path, list[str]]:
-    """The input and the ``ipdc mr`` options of one of the benchmarks' generic jobs."""
-    if job == "wordcount":
-        return wordcount.slice_corpus(wordcount.CORPUS, size), ["--map", str(wordcount.generic_map(scratch))]
+    """The input and the ``ipdc mr`` options of one of the benchmarks' jobs."""
+    if job.startswith("wordcount"):
+        mapper = wordcount.MAP if job == "wordcount-fast" else wordcount.generic_map(scratch)
+        return wordcount.slice_corpus(wordcount.CORPUS, size), ["--map", str(mapper)]
     mapper, reducer = weather.job_files(scratch, combine=job == "weather")
     data = weather.make_data(common.BENCH / "corpus" / f"weather-{size}.csv", size)
     return data, ["--map", str(mapper), "--reduce", str(reducer)]
@@ -63,14 +75,62 @@ def top(stacks: Counter[str], n: int) -> tuple[list[list[str]], list[list[str]]]
             [[f"{100 * c / total:.1f}%", f] for f, c in inclusive.most_common(n)])
 
 
+def phases(job: str, scratch: Path, size: int, chunk: int, repeat: int) -> None:
+    """CPU seconds of each step of one map task and one reduce task, run in this process
+    on one chunk of the job's input: the runner's own functions, without a cluster.
+
+    CPU time (``time.process_time``, best of ``repeat``) hardly moves with other load on
+    the machine, unlike wall time and py-spy's samples, so it is what compares two
+    versions of the code. The reduce merges ``REDUCE_INPUTS`` copies of the chunk's first
+    partition, as a reducer of a job of that many map tasks does.
+    """
+    sys.path.insert(0, str(common.REPO))
+    from ipdc.runner.mapreduce import load_module, map_pairs, reduce_partitions
+    from ipdc.wire.partition import write_partitions
+
+    data, options = job_files(job, scratch, size)
+    files = dict(zip(options[::2], options[1:][::2], strict=True))
+    mapper = load_module(Path(files["--map"]), "profiled_map")
+    reducer = load_module(Path(files.get("--reduce", str(wordcount.REDUCE))), "profiled_reduce")
+    with open(data, "rb") as f:
+        raw = f.read(chunk)
+    raw = raw[: raw.rfind(b"\n") + 1]
+
+    def best(step: Callable[[], Any]) -> tuple[float, Any]:
+        times, result = [], None
+        for _ in range(repeat):
+            t = time.process_time()
+            result = step()
+            times.append(time.process_time() - t)
+        return min(times), result
+
+    decode, text = best(lambda: raw.decode("utf-8", "surrogateescape"))
+    mapped, pairs = best(lambda: map_pairs(mapper, text))
+    written, docs = best(lambda: write_partitions(pairs, 2))
+    reduced, _ = best(lambda: reduce_partitions(reducer, [docs[0]] * REDUCE_INPUTS))
+    common.print_table(
+        f"{job}, {common.REPO}: one map task of {common.mb(len(raw))}, one reduce task of {REDUCE_INPUTS} "
+        f"map outputs of {len(docs[0]) / 1e3:.0f} kB; CPU s, best of {repeat}",
+        ["decode", "map_pairs", "write_partitions (K=2)", "reduce_partitions"],
+        [[f"{decode:.3f}", f"{mapped:.3f}", f"{written:.3f}", f"{reduced:.3f}"]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", choices=("wordcount", "weather", "weather-no-combine"), default="wordcount")
+    parser.add_argument("--job", choices=("wordcount", "wordcount-fast", "weather", "weather-no-combine"),
+                        default="wordcount", help="wordcount: without map_chunk; wordcount-fast: with it")
     parser.add_argument("--size", type=common.parse_size, default=50 * 10**6)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--out", type=Path, default=common.RESULTS / "profile")
+    parser.add_argument("--phases", type=common.parse_size, metavar="CHUNK",
+                        help="instead: CPU seconds of each step on one CHUNK of input, in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="with --phases: best of this many")
     args = parser.parse_args()
+    if args.phases:
+        with tempfile.TemporaryDirectory(prefix="ipdc-profile-") as tmp:
+            phases(args.job, Path(tmp), max(args.size, args.phases), args.phases, args.repeat)
+        return
     common.require("psutil")
     if shutil.which("py-spy") is None:
         sys.exit(f"py-spy is not installed: {common.INSTALL_HINT}")

@@ -55,6 +55,8 @@ COMBINE_EVERY = 256
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _DIGITS = re.compile(rb"-?[1-9][0-9]*")
+#: The deepest nesting msgpack's C unpacker reads (its stack): no value read is deeper.
+_MAX_DEPTH = 1024
 #: Digits of a header field (a document is far below 10**20 bytes), and so the most
 #: bytes a header line can have.
 _MAX_FIELD = 20
@@ -205,13 +207,19 @@ class KeyGroups:
             for value in values:
                 yield key, value
 
-    def __len__(self) -> int:
-        return len(self.by_key)
-
 
 def _mixed_order(key: Any) -> tuple[str, str]:
     key = _user_key(key)
     return type(key).__name__, _canonical_json(key)
+
+
+class Columns(NamedTuple):
+    """One document's content: its keys, and for each key either its one value
+    (``single``: every key of the document has one) or the list of its values."""
+
+    keys: list[Any]
+    values: list[Any]
+    single: bool
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -220,8 +228,10 @@ def write_partitions(pairs: Iterable[tuple[Any, Any]], partitions: int) -> list[
 
     ``pairs`` that are a :class:`KeyGroups` or a dict's items (``map_chunk``'s
     ``Counter(...).items()``) hold each key once and are split as they are; any other
-    pairs are grouped by key first. A key or value that is not JSON data raises
-    TypeError here, in the map task, rather than at a reducer.
+    pairs are grouped by key first. A key that is not JSON data, or a value that is
+    not, raises TypeError here, in the map task. What a value holds inside is checked by
+    the reducer (:func:`read_groups`): checking it here too, in every map task, costed
+    as much as packing it (values that map created one by one lie all over memory).
     """
     items: Iterable[tuple[Any, Any]]
     if isinstance(pairs, ItemsView):
@@ -256,7 +266,7 @@ def _document(columns: Columns) -> bytes:
         entries, single = values, True
     try:
         _check_json(keys, (list, tuple))
-        _check_json(values, (list, tuple))
+        _check_json(values, (list, tuple), depth=1)
     except PartitionError as exc:
         raise TypeError(f"map output is not JSON data: {exc} (see README, 'Writing a job')") from None
     try:
@@ -281,15 +291,6 @@ def _big_int(obj: Any) -> msgpack.ExtType:
 
 
 # -- reading ----------------------------------------------------------------------------
-class Columns(NamedTuple):
-    """One document's content: its keys, and for each key either its one value
-    (``single``: every key of the document has one) or the list of its values."""
-
-    keys: list[Any]
-    values: list[Any]
-    single: bool
-
-
 def read_groups(document: bytes) -> Columns:
     """Parse one partition (format in the module docstring); keys' arrays are tuples.
 
@@ -312,7 +313,9 @@ def read_groups(document: bytes) -> Columns:
         entries = _unpack(body[key_len:], use_list=True)
     except PartitionError:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # bad msgpack or UTF-8, a list map key
+    except TypeError:  # msgpack made a dict of a map whose key is an array: unhashable
+        raise PartitionError("a dict key that is not a string, number, boolean or None") from None
+    except (ValueError, msgpack.UnpackException) as exc:  # not msgpack, not UTF-8, too deep
         raise PartitionError(f"unreadable partition: {exc}") from None
     if type(keys) is not tuple or type(entries) is not list or not len(keys) == len(entries) == n or not n:
         raise PartitionError(f"partition announces {n} keys but does not hold {n} keys and entries")
@@ -358,9 +361,10 @@ def _read_ext(code: int, data: bytes) -> int:
     return int(data)  # ValueError past Python's digit limit
 
 
-def _check_json(items: list[Any], arrays: tuple[type, ...]) -> None:
-    """Raise PartitionError unless every item, at every depth, is JSON data: a scalar,
-    an array of one of the ``arrays`` types, or a dict whose keys are scalars.
+def _check_json(items: list[Any], arrays: tuple[type, ...], depth: int = _MAX_DEPTH) -> None:
+    """Raise PartitionError unless every item is JSON data, down to ``depth`` levels (1:
+    the items' own types): a scalar, an array of one of the ``arrays`` types, or a dict
+    whose keys are scalars.
 
     It goes level by level with C iterators (``map``, ``compress``, ``chain``), so the
     cost is a few passes over the data at C speed, not a Python call per value. Read
@@ -368,12 +372,15 @@ def _check_json(items: list[Any], arrays: tuple[type, ...]) -> None:
     ``json.dumps`` takes them.
     """
     level = items
-    while level:
-        kinds = set(map(type, level))
-        if kinds <= _SCALARS:
+    for down in range(depth - 1, -1, -1):
+        containers = set(map(type, level)) - _SCALARS
+        for kind in containers:
+            if not issubclass(kind, (*arrays, dict)) and not _is_scalar(kind):
+                raise PartitionError(f"a {kind.__name__} where only JSON data may be")
+        if not down or not containers:
             return
         inner: list[Iterable[Any]] = []
-        for kind in kinds - _SCALARS:
+        for kind in containers:
             found = compress(level, map(is_, map(type, level), repeat(kind)))
             if issubclass(kind, arrays):
                 inner.append(chain.from_iterable(found))
@@ -382,8 +389,6 @@ def _check_json(items: list[Any], arrays: tuple[type, ...]) -> None:
                 if not all(map(_is_scalar, set(map(type, chain.from_iterable(dicts))))):
                     raise PartitionError("a dict key that is not a string, number, boolean or None")
                 inner.append(chain.from_iterable(map(dict.values, dicts)))
-            elif not _is_scalar(kind):
-                raise PartitionError(f"a {kind.__name__} where only JSON data may be")
         level = list(chain.from_iterable(inner))
 
 

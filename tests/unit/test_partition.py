@@ -67,10 +67,19 @@ def test_values_keep_their_types_order_and_float_specials() -> None:
     assert list(map(repr, got)) == list(map(repr, map(as_value, values)))
 
 
-@pytest.mark.parametrize("value", [b"bytes", {1, 2}, object(), {("a", 1): 2}])
-def test_what_is_not_json_is_refused_in_the_map_task(value: object) -> None:
-    with pytest.raises(TypeError, match=r"not JSON data|cannot write"):
+@pytest.mark.parametrize("value", [b"bytes", {1, 2}, object(), [{1, 2}]])
+def test_a_value_that_is_not_json_is_refused_in_the_map_task(value: object) -> None:
+    with pytest.raises(TypeError, match=r"not JSON data|cannot write|serialize"):
         write_partitions([("k", value)], 1)
+    with pytest.raises(TypeError, match=r"JSON"):
+        write_partitions([(("k", value), 1)], 1)  # a key is checked all the way down
+
+
+@pytest.mark.parametrize("value", [[b"bytes"], {"a": b"x"}, {("a", 1): 2}, [[bytearray(b"x")]]])
+def test_a_value_holding_what_is_not_json_is_refused_by_the_reducer(value: object) -> None:
+    (doc,) = write_partitions([("k", value)], 1)  # the map task checks a value's own type only
+    with pytest.raises(PartitionError, match=r"bytes|dict key"):
+        read_groups(doc)
 
 
 def test_an_int_past_the_printable_limit_is_refused_in_the_map_task() -> None:
