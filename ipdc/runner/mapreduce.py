@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
-from collections.abc import ItemsView, Iterable
+from collections.abc import ItemsView, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,8 +56,9 @@ def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
     merged groups are held, never every document at once.
     """
     groups = KeyGroups()
-    for document in documents:
-        groups.add_columns(read_groups(document))
+    with _collector_paused():
+        for document in documents:
+            groups.add_columns(read_groups(document))
     reduce = module.reduce
     lines = []
     for key, values in groups.sorted_items():
@@ -65,6 +68,24 @@ def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
         else:
             lines.append(f"{format_field(key)}\t{format_field(value)}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while map outputs are decoded and merged.
+
+    Decoding makes a container per value (a dict, a list), all kept, and every 700 of
+    them the collector would walk the young ones, and now and then everything: a fifth
+    of the merge's time when values are dicts. The merge runs no user code and makes no
+    reference cycles, so the collector could find nothing to free there.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def format_field(value: Any) -> str:

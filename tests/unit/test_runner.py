@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import types
 from collections import Counter
@@ -103,3 +104,19 @@ def test_sandbox_settings_are_checked(sandbox: dict[str, object], error: str) ->
     with pytest.raises(ConfigError, match=error):
         config_from_dict({"sandbox": sandbox})
     assert config_from_dict({"sandbox": {"max_pids": 8, "fetch_stall": 2.5}}).sandbox.max_pids == 8
+
+
+def test_reduce_leaves_the_garbage_collector_as_it_found_it() -> None:
+    docs = write_partitions([("a", 1)], 1)
+    assert gc.isenabled()
+    reduce_partitions(module(reduce=lambda k, vs: sum(vs)), docs)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        reduce_partitions(module(reduce=lambda k, vs: sum(vs)), docs)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):
+        reduce_partitions(module(reduce=lambda k, vs: sum(vs)), [b"not a partition"])
+    assert gc.isenabled()
