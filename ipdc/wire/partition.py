@@ -230,7 +230,7 @@ def write_partitions(pairs: Iterable[tuple[Any, Any]], partitions: int) -> list[
     ``Counter(...).items()``) hold each key once and are split as they are; any other
     pairs are grouped by key first. A key that is not JSON data, or a value that is
     not, raises TypeError here, in the map task. What a value holds inside is checked by
-    the reducer (:func:`read_groups`): checking it here too, in every map task, costed
+    the reducer (:func:`read_groups`): checking it here too, in every map task, cost
     as much as packing it (values that map created one by one lie all over memory).
     """
     items: Iterable[tuple[Any, Any]]

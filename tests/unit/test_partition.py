@@ -43,7 +43,7 @@ def as_value(x: Any) -> Any:
 
 
 def read_all(docs: list[bytes]) -> list[tuple[Any, Any]]:
-    pairs = []
+    pairs: list[tuple[Any, Any]] = []
     for p, doc in enumerate(docs):
         keys, entries, single = read_groups(doc)
         for key, entry in zip(keys, entries, strict=True):
