@@ -6,13 +6,20 @@ variants run alternately (run 1 of each, then run 2 of each, ...) so that noise
 from other users of the machine spreads over all of them, and each runs in its
 own process tree, so its peak RSS is its own:
 
-  ipdc-warm      ``ipdc mr --k 2`` on a warm 2-node local cluster (input upload counts)
-  ipdc-embedded  ``ipdc mr --k 2`` with no node running: starts and removes a cluster
-  counter        one process, collections.Counter over newline-aligned blocks
-  pool2          multiprocessing.Pool(2), one Counter per newline-aligned chunk
-  dask-counter   dask.distributed LocalCluster(2 workers), one Counter per chunk
-  dask-bag       the same cluster, idiomatic dask.bag read_text/flatten/frequencies
-  spark-rdd      PySpark local[2]: textFile/flatMap/reduceByKey
+  ipdc-warm        ``ipdc mr --k 2`` on a warm 2-node local cluster (input upload counts)
+  ipdc-embedded    ``ipdc mr --k 2`` with no node running: starts and removes a cluster
+  counter          one process, collections.Counter over newline-aligned blocks
+  pool2            multiprocessing.Pool(2), one Counter per newline-aligned chunk
+  dask-counter     dask.distributed LocalCluster(2 workers), one Counter per chunk
+  dask-bag         the same cluster, idiomatic dask.bag read_text/flatten/frequencies
+  spark-rdd        PySpark local[2]: textFile/flatMap/reduceByKey
+
+The generic path, what jobs without a ``map_chunk`` get: Map.py with ``map_chunk``
+removed, so ``map(line)``, ``combine`` and ``reduce`` (bench/generic.py):
+
+  ipdc-generic     ``ipdc mr --k 2 --map <that Map.py>`` on the warm cluster
+  pool2-generic    multiprocessing.Pool(2) calling the same functions line by line
+  counter-generic  one process doing the same
 
 Every variant's result must hash to the same canonical sha256, or the run fails.
 
@@ -30,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,17 +46,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (bench/ is a directory of scripts, not a package)
+import common
+import generic
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.submit.mapreduce import plan_chunks  # noqa: E402
+from ipdc.jobs import shipped
+from ipdc.submit.mapreduce import plan_chunks
 
 CORPUS = common.BENCH / "corpus" / "corpus.txt"
 #: Chunks for the chunked variants: ~12 MB each on the full corpus, so two workers
 #: stay balanced and no worker holds more than one chunk's token list at a time.
 CHUNKS = 16
-VARIANTS = ("ipdc-warm", "ipdc-embedded", "counter", "pool2", "dask-counter", "dask-bag", "spark-rdd")
+VARIANTS = ("ipdc-warm", "ipdc-embedded", "counter", "pool2", "dask-counter", "dask-bag", "spark-rdd",
+            "ipdc-generic", "pool2-generic", "counter-generic")
 BASELINE = "ipdc-warm"
+#: The shipped WordCount, whose Map.py the generic variants run without ``map_chunk``.
+MAP, REDUCE = shipped("mapreduce", "Map.py"), shipped("mapreduce", "Reduce.py")
 DEPS = {"dask-counter": ("dask", "distributed"), "dask-bag": ("dask", "distributed"),
         "spark-rdd": ("pyspark",)}
 
@@ -80,8 +91,8 @@ def run_pool2(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
 
     def compute() -> dict[str, int]:
         with Pool(2) as pool:
-            return merge(pool.starmap(count_range, [(path, off, n) for off, n in plan_chunks(Path(path), CHUNKS)],
-                                      chunksize=1))
+            ranges = plan_chunks(Path(path), CHUNKS)
+            return merge(pool.starmap(count_range, [(path, off, n) for off, n in ranges], chunksize=1))
     return 0.0, compute
 
 
@@ -99,7 +110,7 @@ def run_dask_counter(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
 
     def compute() -> dict[str, int]:
         ranges = plan_chunks(Path(path), CHUNKS)
-        futures = client.map(count_range, [path] * len(ranges), *zip(*ranges), pure=False)
+        futures = client.map(count_range, [path] * len(ranges), *zip(*ranges, strict=False), pure=False)
         return client.submit(merge, futures).result()
     return setup, compute
 
@@ -136,9 +147,23 @@ def run_spark_rdd(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
     return setup, compute
 
 
+def generic_map(scratch: Path) -> Path:
+    """The shipped Map.py without ``map_chunk``: the job every generic variant runs."""
+    return generic.job_without(MAP, scratch / "Map.py", "map_chunk")
+
+
+def run_generic(processes: int) -> Callable[[str], tuple[float, Callable[[], dict[str, int]]]]:
+    def start(path: str) -> tuple[float, Callable[[], dict[str, int]]]:
+        scratch = Path(tempfile.mkdtemp(prefix="wordcount-generic-"))
+        ranges = plan_chunks(Path(path), CHUNKS)
+        return 0.0, lambda: generic.run_local(generic_map(scratch), REDUCE, Path(path), ranges, processes)
+    return start
+
+
 RUNNERS: dict[str, Callable[[str], tuple[float, Callable[[], dict[str, int]]]]] = {
     "counter": run_counter, "pool2": run_pool2, "dask-counter": run_dask_counter,
     "dask-bag": run_dask_bag, "spark-rdd": run_spark_rdd,
+    "pool2-generic": run_generic(2), "counter-generic": run_generic(1),
 }
 
 
@@ -152,7 +177,8 @@ def worker(variant: str, path: str) -> None:
     digest = common.canonical_sha256(counts)
     print(json.dumps({"setup": setup, "compute": seconds, "hash_s": time.perf_counter() - t,
                       "sha256": digest, "words": len(counts)}), flush=True)
-    os._exit(0)  # dask and Spark teardown is not part of the job; a user's script would not wait for it either
+    # dask and Spark teardown is not part of the job; a user's script would not wait for it either
+    os._exit(0)
 
 
 # -- the harness ----------------------------------------------------------------------------
@@ -162,22 +188,16 @@ def run_variant(variant: str, corpus: Path, cluster: Any, scratch: Path, run: in
     roots: list[int] = []
     output = scratch / f"{variant}-{run}"
     if variant.startswith("ipdc"):
-        argv = [sys.executable, "-m", "ipdc.cli", "mr", str(corpus), "--k", "2", "-q", "-o", str(output)]
-        if variant == "ipdc-warm":
+        options = ["--map", str(generic_map(scratch))] if variant == "ipdc-generic" else []
+        argv = common.ipdc_mr_argv(corpus, output, *options)
+        if variant == "ipdc-embedded":
+            env["IPDC_HOME"] = str(scratch / f"home-{run}")  # no node there: ipdc mr starts its own
+        else:
             env["IPDC_HOME"] = str(cluster.nodes[0].home)
             roots = common.cluster_pids(cluster)
-        else:
-            env["IPDC_HOME"] = str(scratch / f"home-{run}")  # no node there: ipdc mr starts its own
     else:
         argv = [sys.executable, __file__, "--worker", variant, str(corpus)]
-    t = time.perf_counter()
-    with common.TreeRSS(roots) as rss:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        rss.add(proc.pid)
-        out, err = proc.communicate()
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} failed (exit {proc.returncode}):\n{err[-4000:]}")
+    wall, peak_rss, cpu, out = common.run_tree(argv, env, roots)
     if variant.startswith("ipdc"):
         job = json.loads((output / "job.json").read_text())
         counts = common.read_ipdc_output(output)
@@ -186,7 +206,7 @@ def run_variant(variant: str, corpus: Path, cluster: Any, scratch: Path, run: in
     else:
         figures = json.loads(out.strip().splitlines()[-1])
         wall -= figures.pop("hash_s")  # hashing the result is the benchmark's check, not the job
-    return {"variant": variant, "run": run, "wall": wall, "peak_rss": rss.peak, **figures}
+    return {"variant": variant, "run": run, "wall": wall, "cpu": cpu, "peak_rss": peak_rss, **figures}
 
 
 def slice_corpus(corpus: Path, size: int) -> Path:
@@ -201,14 +221,6 @@ def slice_corpus(corpus: Path, size: int) -> Path:
     return out
 
 
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "K": 10**3, "M": 10**6, "G": 10**9}
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
 def report(results: list[dict[str, Any]], variants: list[str], size: int, runs: int) -> None:
     """Check that every variant agrees, then print the tables (also from a saved raw file)."""
     hashes = {r["sha256"] for r in results}
@@ -216,32 +228,44 @@ def report(results: list[dict[str, Any]], variants: list[str], size: int, runs: 
         by = {r["variant"]: r["sha256"] for r in results}
         sys.exit(f"FAIL: the variants disagree on the result: {json.dumps(by, indent=2)}")
 
-    med = {v: {key: common.median(r[key] for r in results if r["variant"] == v)
-               for key in ("wall", "compute", "setup", "peak_rss")} for v in variants}
+    med = {v: {key: common.median(r.get(key, 0.0) for r in results if r["variant"] == v)
+               for key in ("wall", "compute", "setup", "cpu", "peak_rss")} for v in variants}
     base = med[BASELINE]["wall"] if BASELINE in med else None
-    rows = [[v, f"{m['wall']:.2f}", f"{size / 1e6 / m['wall']:.1f}", f"{m['setup']:.2f}", f"{m['compute']:.2f}",
-             common.mb(m["peak_rss"]), f"{m['wall'] / base:.2f}x" if base else "-"] for v, m in med.items()]
+    rows = [[v, f"{m['wall']:.2f}", f"{size / 1e6 / m['wall']:.1f}", f"{m['setup']:.2f}",
+             f"{m['compute']:.2f}", f"{m['cpu']:.1f}", common.mb(m["peak_rss"]),
+             f"{m['wall'] / base:.2f}x" if base else "-"] for v, m in med.items()]
     common.print_table(
         f"WordCount, {common.mb(size)}, median of {runs} (result sha256 {hashes.pop()[:16]}...)",
-        ["variant", "wall s", "MB/s", "setup s", "compute s", "peak RSS (tree)", f"wall / {BASELINE}"], rows)
-    ipdc_timings = [r["timings"] for r in results if r["variant"] == BASELINE]
-    if ipdc_timings:
-        phases = ("upload", "download", "map", "reduce", "fetch", "total")
-        common.print_table(f"{BASELINE}: job.json phases, median of {len(ipdc_timings)} (s)", phases,
-                           [[f"{common.median(t.get(p, 0.0) for t in ipdc_timings):.2f}" for p in phases]])
-    if base and "pool2" in med:
-        ratio = base / med["pool2"]["wall"]
-        print(f"\ntarget: {BASELINE} <= 1.2x pool2 wall: {ratio:.2f}x -> {'MET' if ratio <= 1.2 else 'NOT MET'}")
+        ["variant", "wall s", "MB/s", "setup s", "compute s", "CPU s", "peak RSS (tree)",
+         f"wall / {BASELINE}"], rows)
+    phases = ("upload", "download", "map", "reduce", "fetch", "total")
+    for variant in ("ipdc-warm", "ipdc-generic"):
+        timings = [r["timings"] for r in results if r["variant"] == variant]
+        if timings:
+            common.print_table(f"{variant}: job.json phases, median of {len(timings)} (s)", phases,
+                               [[f"{common.median(t.get(p, 0.0) for t in timings):.2f}" for p in phases]])
+    print()
+    for variant, yardstick, target in (("ipdc-warm", "pool2", 1.15), ("ipdc-generic", "pool2-generic", 1.3)):
+        if variant in med and yardstick in med:
+            ratio = med[variant]["wall"] / med[yardstick]["wall"]
+            cpu = med[variant]["cpu"] / med[yardstick]["cpu"] if med[yardstick]["cpu"] else math.nan
+            print(f"target: {variant} <= {target}x {yardstick} wall: {ratio:.2f}x -> "
+                  f"{'MET' if ratio <= target else 'NOT MET'} (CPU seconds: {cpu:.2f}x)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--size", type=parse_size, help="use only the first SIZE bytes (e.g. 50MB)")
+    parser.add_argument("--size", type=common.parse_size, help="use only the first SIZE bytes (e.g. 50MB)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--runner-nice", type=int, metavar="N",
+                        help="the runners' nice value (sandbox.nice; default 19): on a shared machine "
+                             "nice 19 runners wait behind every other process")
     parser.add_argument("--slots", type=int, default=0,
-                        help="slots per node of ipdc-warm's cluster (default 0: LocalCluster's, cores / nodes)")
+                        help="slots per node of the warm cluster (default 0: LocalCluster's, cores / nodes)")
     parser.add_argument("--report", type=Path, metavar="RAW_JSON", help="reprint the tables of a saved run")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "INPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,7 +275,8 @@ def main() -> None:
     if args.report:
         raw = json.loads(args.report.read_text())
         runs = raw["runs"]
-        report(runs, list(dict.fromkeys(r["variant"] for r in runs)), raw["bytes"], max(r["run"] for r in runs) + 1)
+        variants = list(dict.fromkeys(r["variant"] for r in runs))
+        report(runs, variants, raw["bytes"], max(r["run"] for r in runs) + 1)
         return
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -268,14 +293,16 @@ def main() -> None:
     print(f"machine: {common.machine()}")
 
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, common.warm_cluster(2, slots=args.slots) as cluster:
+    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, \
+            common.warm_cluster(2, slots=args.slots, nice=args.runner_nice) as cluster:
         print(f"ipdc-warm cluster: 2 nodes, {cluster.slots} slot(s) each")
         for run in range(args.runs):
             for variant in variants:
                 r = run_variant(variant, corpus, cluster, Path(tmp), run)
                 results.append(r)
-                print(f"  run {run + 1} {variant:14} {r['wall']:7.2f}s  compute {r['compute']:6.2f}s  "
-                      f"peak RSS {common.mb(r['peak_rss']):>8}  {r['words']} words  {r['sha256'][:12]}", flush=True)
+                print(f"  run {run + 1} {variant:15} {r['wall']:7.2f}s  compute {r['compute']:6.2f}s  "
+                      f"peak RSS {common.mb(r['peak_rss']):>8}  {r['words']} words  {r['sha256'][:12]}",
+                      flush=True)
     report(results, variants, size, args.runs)
     print(f"raw results: {common.save('wordcount', {'corpus': str(corpus), 'bytes': size, 'runs': results})}")
 

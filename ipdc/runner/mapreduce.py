@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
-from collections.abc import Callable, ItemsView, Iterable
+from collections.abc import ItemsView, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ipdc.wire.partition import read_partition
-
-#: Values of one key are combined whenever this many have piled up (see ``combine``).
-COMBINE_EVERY = 256
-
-
-def _group_key(key: Any) -> Any:
-    """A dict key for ``key``: itself when hashable, else its canonical JSON."""
-    if isinstance(key, (list, dict)):
-        return ("\0json", json.dumps(key, sort_keys=True))
-    return key
+from ipdc.wire.partition import KeyGroups, read_groups
 
 
 def split_lines(text: str) -> list[str]:
@@ -35,8 +27,10 @@ def map_pairs(module: ModuleType, text: str) -> Iterable[tuple[Any, Any]]:
 
     A ``map_chunk`` that returns a dict's items (WordCount's ``Counter(...).items()``)
     already holds each key once with its values combined, so its pairs are used as
-    they are: a regroup would only copy them. Anything else is grouped by key and
-    combined (``combine`` may run zero or more times, so either is correct).
+    they are: a regroup would only copy them. Anything else is grouped by key and, when
+    the job has ``combine``, combined (``combine`` may run zero or more times, so either
+    is correct). The result is a :class:`KeyGroups` then, which
+    :func:`~ipdc.wire.partition.write_partitions` splits without grouping again.
     """
     bulk = getattr(module, "map_chunk", None)
     pairs: Iterable[tuple[Any, Any]]
@@ -47,63 +41,28 @@ def map_pairs(module: ModuleType, text: str) -> Iterable[tuple[Any, Any]]:
     else:
         mapper = module.map
         pairs = (pair for line in split_lines(text) for pair in mapper(line))
-    return _grouped(pairs, getattr(module, "combine", None))
-
-
-def _grouped(pairs: Iterable[tuple[Any, Any]],
-             combine: Callable[[Any, list[Any]], Any] | None) -> list[tuple[Any, Any]]:
-    """Group pairs by key and combine each key's values (when ``combine`` exists)."""
-    groups: dict[Any, tuple[Any, list[Any]]] = {}
-    for key, value in pairs:
-        try:
-            entry = groups.get(key)
-        except TypeError:
-            entry = groups.get(gk := _group_key(key))
-        else:
-            gk = key
-        if entry is None:
-            groups[gk] = (key, [value])
-            continue
-        values = entry[1]
-        values.append(value)
-        if combine is not None and len(values) >= COMBINE_EVERY:
-            groups[gk] = (key, [combine(key, values)])
-    out: list[tuple[Any, Any]] = []
-    for key, values in groups.values():
-        if combine is not None and len(values) > 1:
-            values = [combine(key, values)]
-        out.extend((key, value) for value in values)
-    return out
+    combine = getattr(module, "combine", None)
+    groups = KeyGroups()
+    groups.add_pairs(pairs, combine)
+    if combine is not None:
+        groups.combine_all(combine)
+    return groups
 
 
 def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
-    """Merge one partition's map outputs, reduce each key, and format the sorted part."""
-    merged: dict[Any, list[Any]] = {}
-    originals: dict[Any, Any] = {}  # group key -> key, for keys that are not hashable
-    for document in documents:
-        keys, values, other = read_partition(document)
-        if not merged:
-            merged = {key: [value] for key, value in zip(keys, values)}
-            if len(merged) != len(keys):  # a key repeats: merge them one by one
-                merged = {}
-                _merge(merged, keys, values)
-        else:
-            _merge(merged, keys, values)
-        for key, value in other:
-            gk = _group_key(key)
-            if gk is not key:
-                originals[gk] = key
-            found = merged.get(gk)
-            if found is None:
-                merged[gk] = [value]
-            else:
-                found.append(value)
+    """Merge one partition's map outputs, reduce each key, and format the sorted part.
+
+    Documents are read one at a time, so ``documents`` may be a stream: only the
+    merged groups are held, never every document at once.
+    """
+    groups = KeyGroups()
+    with _collector_paused():
+        for document in documents:
+            groups.add_columns(read_groups(document))
     reduce = module.reduce
-    order = _sorted_keys(merged, originals)
     lines = []
-    for gk in order:
-        key = originals.get(gk, gk) if originals else gk
-        value = reduce(key, merged[gk])
+    for key, values in groups.sorted_items():
+        value = reduce(key, values)
         if type(key) is str and type(value) is int:
             lines.append(f"{key}\t{value}\n")
         else:
@@ -111,29 +70,22 @@ def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-def _merge(merged: dict[Any, list[Any]], keys: list[str], values: list[int]) -> None:
-    get = merged.get
-    for key, value in zip(keys, values):
-        found = get(key)
-        if found is None:
-            merged[key] = [value]
-        else:
-            found.append(value)
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while map outputs are decoded and merged.
 
-
-def _sorted_keys(merged: dict[Any, list[Any]], originals: dict[Any, Any]) -> list[Any]:
-    """Group keys in the order of their keys; keys of mixed types by type, then canonical JSON."""
-    if not originals:
-        try:
-            return sorted(merged)
-        except TypeError:
-            pass
-    real = originals.get
+    Decoding makes a container per value (a dict, a list), all kept, and every 700 of
+    them the collector would walk the young ones, and now and then everything: a fifth
+    of the merge's time when values are dicts. The merge runs no user code and makes no
+    reference cycles, so the collector could find nothing to free there.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        return sorted(merged, key=lambda gk: real(gk, gk))
-    except TypeError:
-        return sorted(merged, key=lambda gk: (type(real(gk, gk)).__name__,
-                                              json.dumps(real(gk, gk), sort_keys=True)))
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def format_field(value: Any) -> str:
@@ -149,5 +101,3 @@ def load_module(path: Path, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-

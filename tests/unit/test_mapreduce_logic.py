@@ -15,7 +15,13 @@ from ipdc.runner.mapreduce import (
     split_lines,
 )
 from ipdc.submit.mapreduce import default_chunks, plan_chunks
-from ipdc.wire.partition import read_partition, stable_partition, write_partitions
+from ipdc.wire.partition import (
+    COMBINE_EVERY,
+    read_groups,
+    read_partition,
+    stable_partition,
+    write_partitions,
+)
 
 
 def test_chunks_are_line_aligned_and_cover_the_file(tmp_path: Path) -> None:
@@ -93,3 +99,71 @@ def test_unhashable_keys_group_by_value() -> None:
     docs = write_partitions(map_pairs(module, "k\nk\n"), 1)
     assert read_partition(docs[0])[:2] == ([], [])  # list keys travel in the JSON section
     assert reduce_partitions(module, docs) == b'["k", 1]\t[1, 1, 2, 2]\n'
+
+
+def concatenating(**functions: object) -> types.ModuleType:
+    """A job whose combine and reduce concatenate lists: associative but not commutative,
+    so a result shows which values each call saw, and in which order."""
+    module = types.ModuleType("concat")
+    module.reduce = lambda k, vs: [x for v in vs for x in v]  # type: ignore[attr-defined]
+    for name, fn in functions.items():
+        setattr(module, name, fn)
+    return module
+
+
+def test_combine_folds_bounded_runs_of_a_key_in_order_and_reduce_gets_the_rest() -> None:
+    calls: list[int] = []
+
+    def combine(key: object, values: list[list[int]]) -> list[int]:
+        calls.append(len(values))
+        return [x for v in values for x in v]
+
+    n = 3 * COMBINE_EVERY + 5
+    text = "".join(f"{i}\n" for i in range(n))
+    module = concatenating(map=lambda line: [("k", [int(line)]), (line, [0])], combine=combine)
+    pairs = list(map_pairs(module, text))
+    assert [v for k, v in pairs if k == "k"] == [list(range(n))]  # one value left, in the map's order
+    assert max(calls) <= COMBINE_EVERY and len(calls) == 4  # never more than COMBINE_EVERY at once
+    assert reduce_partitions(module, write_partitions(pairs, 1)).startswith(b"0\t[0]\n")
+    part = reduce_partitions(module, write_partitions(pairs, 2)[stable_partition("k", 2):][:1])
+    assert f"k\t{list(range(n))}\n".encode() in part
+
+
+def test_without_combine_reduce_gets_every_value_of_every_map_task() -> None:
+    module = concatenating(map=lambda line: [(("k", 1), [int(line)])])
+    docs = [*write_partitions(map_pairs(module, "1\n2\n"), 1), *write_partitions(map_pairs(module, "3\n"), 1)]
+    assert reduce_partitions(module, docs) == b'["k", 1]\t[1, 2, 3]\n'
+    assert read_groups(docs[0]).values == [[[1], [2]]]  # grouped: one entry, the key's list of values
+
+
+def test_keys_of_mixed_types_sort_the_same_whatever_the_order_of_the_documents() -> None:
+    keys: list[object] = ["b", "a", 3, 1.5, None, ("t", 2), ["t", 1], ("t", "x"), {"d": 1}, [{"d": 0}]]
+    module = types.ModuleType("m")
+    module.reduce = lambda k, vs: len(vs)  # type: ignore[attr-defined]
+    docs = [write_partitions([(key, 1)], 1)[0] for key in keys]
+    parts = {reduce_partitions(module, docs[::step]) for step in (1, -1)}
+    assert len(parts) == 1
+    assert parts.pop().decode().splitlines() == [
+        # by type name (NoneType, dict, float, int, str, tuple), then by canonical JSON
+        "null\t1", '{"d": 1}\t1', "1.5\t1", "3\t1", "a\t1", "b\t1",
+        '["t", "x"]\t1', '["t", 1]\t1', '["t", 2]\t1', '[{"d": 0}]\t1']
+
+
+def test_comparable_keys_sort_by_value() -> None:
+    module = types.ModuleType("m")
+    module.reduce = lambda k, vs: sum(vs)  # type: ignore[attr-defined]
+    docs = write_partitions([((2000, "b"), 1), ((1999, "z"), 2), ((2000, "a"), 3), ((2000, "a"), 4)], 1)
+    assert reduce_partitions(module, docs) == b'[1999, "z"]\t2\n[2000, "a"]\t7\n[2000, "b"]\t1\n'
+
+
+def test_list_and_tuple_keys_are_one_key_and_reach_combine_as_tuples() -> None:
+    seen: list[object] = []
+
+    def combine(key: object, values: list[int]) -> int:
+        seen.append(key)
+        return sum(values)
+
+    module = types.ModuleType("m")
+    module.map = lambda line: [(["t", [1]], 1), (("t", (1,)), 2), (["t", [1]], 3)]  # type: ignore[attr-defined]
+    module.combine = combine  # type: ignore[attr-defined]
+    assert list(map_pairs(module, "x\n")) == [(("t", (1,)), 6)] and seen == [("t", (1,))]
