@@ -32,6 +32,14 @@ stop() {
 trap stop TERM INT
 
 rm -f "$READY"
+# The user-code sandbox (bubblewrap) mounts a fresh /proc inside a new user namespace, which the
+# kernel refuses while parts of /proc are covered: Docker masks /proc/kcore, /proc/keys, ... and
+# makes /proc/sys read-only, and docker-compose 1.29 cannot ask for `systempaths=unconfined`.
+# The container may undo those mounts itself (it has SYS_ADMIN, granted for the sandbox); the
+# sandbox then gives user code a /proc of its own pid namespace, with none of the host's.
+grep ' /proc/' /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r mount; do
+  umount "$mount" 2>/dev/null || umount -l "$mount" 2>/dev/null || log "could not unmount $mount"
+done
 # The agent's log is the container's log: from its end (the volume keeps earlier runs' lines),
 # or from the start of a node's first log.
 tail -n 0 -F "$IPDC_HOME/logs/agent.log" 2>/dev/null &

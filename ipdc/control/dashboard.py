@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from ipdc.control.jobrun import moved
 from ipdc.control.swarm import fetch_logs, job_peers
 from ipdc.errors import IPDCError
-from ipdc.submit.tf import cluster_is_up, list_clusters
+from ipdc.submit.tf import list_clusters, unanswered
 
 if TYPE_CHECKING:
     from ipdc.control.service import ControlService
@@ -104,7 +104,7 @@ class Dashboard:
     def tf(self) -> list[dict[str, Any]]:
         when, clusters = self._tf
         if time.monotonic() - when > TF_TTL:
-            clusters = [{**c.to_dict(), "up": cluster_is_up(c)}
+            clusters = [{**c.to_dict(), "up": not unanswered(c)}
                         for c in list_clusters(self.service.node.home)]
             self._tf = (time.monotonic(), clusters)
         return clusters

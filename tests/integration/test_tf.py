@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ipdc.bus import Bus
+from ipdc.bus import Bus, client_id
 from ipdc.config import save_config
 from ipdc.net import grpc_answers
 from ipdc.node.cluster import LocalCluster
@@ -242,7 +241,7 @@ def test_a_forged_reply_from_a_host_does_not_steer_the_controller(swarm: LocalCl
     name = name_nearest(tf_peers, [liar.config.node.name], "forged-")
     spec = write_spec(tmp_path / "spec.conf", {"worker": [0]})
     env = {**os.environ, "IPDC_HOME": str(home)}
-    with Bus(liar.config.broker, f"{liar.config.node.name}-liar-{secrets.token_hex(3)}") as bus:
+    with Bus(liar.config.broker, client_id(liar.config.node.name, "liar")) as bus:
         bus.subscribe("ipdc/result/+/+")
         bus.connect()
         argv = [sys.executable, "-m", "ipdc.cli", "-v", "tf", str(spec), "--name", name, "--json"]
@@ -283,7 +282,7 @@ def test_a_tf_manifest_that_carries_code_is_dropped_unanswered(swarm: LocalClust
                            submitter=owner.signer.public_key, kind="tf", params=plan.to_params())
     signed = owner.signer.sign(Download(manifest), DOWNLOAD.name, host_name)
     log = host.home / "logs" / "agent.log"
-    with Bus(owner.config.broker, f"{owner_name}-test-{secrets.token_hex(3)}") as bus:
+    with Bus(owner.config.broker, client_id(owner_name, "test")) as bus:
         bus.connect()
         bus.publish(DOWNLOAD.topic(node=host_name), DOWNLOAD.encode(signed))
         assert bus.flush()
