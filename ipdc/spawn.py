@@ -93,6 +93,7 @@ class Service:
         self.name = name
         self.pid_file = home / "run" / f"{name}.pid"
         self.log_file = home / "logs" / f"{name}.log"
+        self.home = home
 
     def pid(self) -> int | None:
         """The pid of the running process, or None; a stale pid file is removed."""
@@ -114,7 +115,10 @@ class Service:
         with open(self.log_file, "ab") as out:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, close_fds=True,
+                # In the node's home, not wherever the command was typed: `python -m` puts the
+                # working directory first on sys.path, so a source tree there would shadow
+                # the installed IPDC.
+                env=env, cwd=self.home, start_new_session=True, close_fds=True,
                 user=user, group=pwd.getpwnam(user).pw_gid if user else None,
                 extra_groups=[] if user else None,
             )
