@@ -15,8 +15,16 @@
    right after the live set changed and when the table's periodic silence check
    is due (see ``xor_choice``); a plain list scanned, for reference.
 
+3. ``--footprint``: the memory of a whole idle node, default and ``init --small`` side by
+   side: the proportional set size (PSS: shared pages split between their sharers, so
+   the sum over processes is what the node really costs) of kubo, the agent with its
+   zygote and sandboxes, and the controller service, after a few jobs and --idle
+   seconds without any, against the 128 MB of a small board. The broker, which only
+   the founding node runs, is shown apart.
+
     python bench/scale.py [--agents 8,16,32,64] [--rounds 5] [--idle 20]
     python bench/scale.py --xor-only [--peers 100000] [--choices 50]
+    python bench/scale.py --footprint [--idle 60]
 """
 
 from __future__ import annotations
@@ -113,6 +121,59 @@ def idle_cost(cluster: Any, seconds: float) -> dict[str, list[tuple[int, int, fl
     return out
 
 
+def pss_mb(pid: int) -> float:
+    """A process's PSS in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_pss(pid: int | None) -> float:
+    """The PSS of a process and all its descendants (the agent: its zygote, bwrap, runners)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    return sum(pss_mb(p.pid) for p in procs)
+
+
+def footprint(idle: float) -> list[list[str]]:
+    """Idle node PSS, default vs small, each after three jobs (so kubo has served blocks)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from ipdc.node.cluster import LocalCluster
+
+    rows = []
+    data = Path(tempfile.mkdtemp(prefix="ipdc-footprint-")) / "in.txt"
+    data.write_bytes(b"the quick brown fox jumps over the lazy dog\n" * 200_000)  # 9 MB
+    for variant in ("default", "small"):
+        with LocalCluster(3, small=variant == "small") as cluster:
+            env = {**os.environ, "IPDC_HOME": str(cluster.nodes[0].home)}
+            for i in range(3):
+                subprocess.run([sys.executable, "-m", "ipdc.cli", "mr", str(data), "--k", "3", "-q",
+                                "-o", str(data.parent / f"{variant}-{i}")], env=env, check=True)
+            time.sleep(idle)
+            for i, node in enumerate(cluster.nodes):
+                parts = {name: tree_pss(node.services[name].pid()) for name in ("ipfs", "agent", "control")}
+                total = sum(parts.values())
+                broker = tree_pss(node.services["mosquitto"].pid()) if i == 0 else 0.0
+                rows.append([variant, f"node {i}", f"{parts['ipfs']:.0f}", f"{parts['agent']:.0f}",
+                             f"{parts['control']:.0f}", f"{total:.0f}", f"{total / 128:.2f}",
+                             f"{broker:.0f}" if broker else "-"])
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 class FakeClock:
     """Monotonic seconds that move only when told: lets the benchmark make the table's
     periodic silence check fall due without waiting ``peer_timeout`` seconds."""
@@ -205,9 +266,19 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=100_000)
     parser.add_argument("--choices", type=int, default=50, help="XOR choices timed per K")
     parser.add_argument("--xor-only", action="store_true", help="only the XOR choice, no cluster")
+    parser.add_argument("--footprint", action="store_true",
+                        help="only the idle node's memory, default vs small")
     args = parser.parse_args()
     common.require("psutil")
     print(f"machine: {common.machine()}")
+    if args.footprint:
+        rows = footprint(args.idle)
+        common.print_table(f"Idle node PSS (MB) after 3 jobs and {args.idle:.0f} s idle: default vs "
+                           "`ipdc node init --small`; ratio to a 128 MB board",
+                           ["variant", "node", "kubo", "agent + zygote + sandboxes", "controller service",
+                            "node total", "/ 128 MB", "broker (founder only)"], rows)
+        print(f"raw results: {common.save('footprint', {'rows': rows})}")
+        return
 
     xor_rows, xor_once = xor_choice(args.peers, [2, 4, 16], args.choices)
     common.print_table(f"XOR choice among {args.peers} synthetic peers (ms)",

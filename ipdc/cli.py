@@ -139,7 +139,10 @@ def node() -> None:
 @click.option("--join-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Join an existing swarm with the invite token in this file (from `ipdc invite -o FILE`).")
 @click.option("--slots", type=int, default=0, help="Tasks run at once (default: one per core).")
-def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: int) -> None:
+@click.option("--small", is_flag=True,
+              help="A node for a board with little memory (a 128 MB Raspberry Pi): kubo's lowpower profile "
+                   "and a 64 MB soft limit, one slot, no warm spare runner. Automatic below 1 GB of memory.")
+def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: int, small: bool) -> None:
     """Install what is missing (mosquitto, kubo) and create the node.
 
     Without --join/--join-file this founds a new private swarm: a fresh swarm key, the
@@ -157,7 +160,7 @@ def node_init(host: str, join_stdin: str | None, join_file: Path | None, slots: 
     token = join_file.read_text() if join_file is not None else sys.stdin.read() if join_stdin else None
     invite = Invite.decode(token) if token is not None else None
     node = Node()
-    click.echo(node.init(host=host, join=invite, slots=slots))
+    click.echo(node.init(host=host, join=invite, slots=slots, small=small))
     if invite is not None:
         err.print(f"pinned the swarm's CA {_ca_fingerprint(invite.ca)} (compare it with the one "
                   "`ipdc invite` printed)", highlight=False)

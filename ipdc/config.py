@@ -67,6 +67,9 @@ class KuboSection:
     swarm_port: int = 4001
     bootstrap: list[str] = field(default_factory=list)
     """Multiaddrs of swarm members this node dials and keeps peered with."""
+    memory_limit_mb: int = 0
+    """A soft memory limit for kubo (Go's GOMEMLIMIT, with GOGC=50): its garbage collector
+    works harder to stay under it. 0: Go's defaults. ``init --small`` sets 64."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,9 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
+    if cfg.kubo.memory_limit_mb < 0:
+        raise ConfigError("kubo.memory_limit_mb: must be 0 (no limit) or a number of MB, "
+                          f"got {cfg.kubo.memory_limit_mb}")
     for where, value in (("agent.manifest_ttl", cfg.agent.manifest_ttl),
                          ("agent.job_lease", cfg.agent.job_lease),
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):

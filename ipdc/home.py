@@ -89,8 +89,12 @@ class NodeHome:
         return KuboClient(self.config.kubo_api_url, secret=secret, timeout=timeout)
 
     def kubo_env(self) -> dict[str, str]:
-        return {**os.environ, "IPFS_PATH": str(self.kubo_repo), "LIBP2P_FORCE_PNET": "1",
-                "IPFS_TELEMETRY": "off"}
+        env = {**os.environ, "IPFS_PATH": str(self.kubo_repo), "LIBP2P_FORCE_PNET": "1",
+               "IPFS_TELEMETRY": "off"}
+        limit = self.config.kubo.memory_limit_mb if self.initialised else 0
+        if limit:
+            env.update(GOMEMLIMIT=f"{limit}MiB", GOGC="50")
+        return env
 
     def swarm_multiaddr(self) -> str:
         cfg = self.config

@@ -43,8 +43,9 @@ class LocalCluster:
 
     def __init__(self, n: int, base: Path | None = None, slots: int = 0, keep: bool = False,
                  tf: dict[int, str] | None = None, settings: dict[str, dict[str, Any]] | None = None,
-                 user: str | None = None) -> None:
+                 user: str | None = None, small: bool = False) -> None:
         """``slots``: tasks each node runs at once; 0 shares the cores (:func:`local_slots`).
+        ``small``: every node made as ``ipdc node init --small`` makes it.
         ``user``: the nodes' homes belong to that user and their agents run as it (the cluster
         is made by root; kubo and mosquitto stay root's), as on a machine whose node runs as a
         dedicated user. ``base`` must then be a directory that user can reach."""
@@ -58,6 +59,7 @@ class LocalCluster:
         self.settings = settings or {}
         """ipdc.conf sections for every node, e.g. ``{"sandbox": {"task_timeout": 5}}``."""
         self.user = user
+        self.small = small
         self.base = base or Path(tempfile.mkdtemp(prefix="ipdc-cluster-"))
         self.nodes: list[Node] = []
 
@@ -74,14 +76,15 @@ class LocalCluster:
         try:
             first = Node(self.base / "node-0", self.user)
             self.nodes.append(first)
-            first.init(host="127.0.0.1", slots=self.slots, ports=ports())
+            first.init(host="127.0.0.1", slots=self.slots, ports=ports(), small=self.small)
             self._configure(0)
             self._give(first)
             first.start()
             others = [Node(self.base / f"node-{i}", self.user) for i in range(1, self.n)]
             self.nodes.extend(others)
             for node in others:
-                node.init(host="127.0.0.1", slots=self.slots, ports=ports(), join=invite(first))
+                node.init(host="127.0.0.1", slots=self.slots, ports=ports(), join=invite(first),
+                          small=self.small)
             for i in range(1, self.n):
                 self._configure(i)
             # One person's machine: every node runs jobs submitted from any of them.

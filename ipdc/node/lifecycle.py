@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipdc.bus import Bus, client_id
-from ipdc.config import CERT_FILE, KEY_FILE, BrokerSection, Config, KuboSection, NodeSection, save_config
+from ipdc.config import (
+    CERT_FILE,
+    KEY_FILE,
+    AgentSection,
+    BrokerSection,
+    Config,
+    KuboSection,
+    NodeSection,
+    save_config,
+)
 from ipdc.ctlsock import ControlClient, socket_path
 from ipdc.errors import ControlError, NodeError
 from ipdc.home import NodeHome
@@ -33,6 +42,23 @@ from ipdc.wire.ids import NodeName
 from ipdc.wire.presence import PRESENCE
 
 log = logging.getLogger(__name__)
+
+#: kubo's soft memory limit on a small node (``init --small``): measured, an idle small node
+#: (kubo, agent, zygote, controller service) then stays under 128 MB of PSS (bench/scale.py).
+SMALL_KUBO_MB = 64
+#: Machines with less memory than this get a small node without asking.
+SMALL_BELOW_MB = 1024
+
+
+def total_memory_mb() -> int:
+    """The machine's memory (MemTotal), in MB; a large number when it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
 
 SERVICES = ("mosquitto", "ipfs", "agent", "control")
 
@@ -64,12 +90,20 @@ class Node(NodeHome):
 
     # -- init ------------------------------------------------------------------------
     def init(self, host: str = "127.0.0.1", join: Invite | None = None, slots: int = 0,
-             ports: dict[str, int] | None = None) -> str:
+             ports: dict[str, int] | None = None, small: bool = False) -> str:
         """Create the node: found a swarm (CA, broker, the first member), or join one with an
-        invite. Idempotent: on an initialised home it changes nothing."""
+        invite. Idempotent: on an initialised home it changes nothing.
+
+        ``small``: a node for a board with little memory (a 128 MB Raspberry Pi): kubo's
+        ``lowpower`` profile and a 64 MB soft limit, one slot, and no warm spare runner (a
+        task then waits ~80 ms for a sandbox to start)."""
         if self.initialised:
             return (f"{self.home} is already initialised (node {self.config.node.name}, "
                     f"peer {self.peer_id()}); nothing changed")
+        if not small and total_memory_mb() < SMALL_BELOW_MB:
+            log.warning("this machine has %d MB of memory: making a small node (see `ipdc node init --help`)",
+                        total_memory_mb())
+            small = True
         kubo_binary = ensure_kubo()
         plugin = ensure_plugin() if join is None else None
         taken: set[int] = set()
@@ -98,12 +132,13 @@ class Node(NodeHome):
             self.founder_file.write_text(join.founder + "\n")
             swarm_key, bootstrap, trusted = enrolled.swarm_key, enrolled.bootstrap, enrolled.trusted
             broker = BrokerSection(host=join.broker_host, port=join.broker_port, hosted=False)
-        self._init_kubo(kubo_binary, swarm_key, host, chosen, bootstrap)
+        self._init_kubo(kubo_binary, swarm_key, host, chosen, bootstrap, small)
         cfg = Config(
-            node=NodeSection(name=name, host=host, slots=slots),
+            node=NodeSection(name=name, host=host, slots=slots or (1 if small else 0)),
             broker=broker,
             kubo=KuboSection(binary=str(kubo_binary), api_port=chosen["api"], swarm_port=chosen["swarm"],
-                             bootstrap=bootstrap),
+                             bootstrap=bootstrap, memory_limit_mb=SMALL_KUBO_MB if small else 0),
+            agent=AgentSection(warm_runners=0 if small else 1),
         )
         save_config(cfg, self.conf_path)
         self._config = None  # loaded again: the broker's files become absolute paths
@@ -114,8 +149,11 @@ class Node(NodeHome):
         return f"initialised {self.home}: node {name}, peer {self.peer_id()}, {role}"
 
     def _init_kubo(self, binary: Path, swarm_key: str, host: str, ports: dict[str, int],
-                   bootstrap: list[str]) -> None:
-        done = subprocess.run([str(binary), "init", "--empty-repo", "--profile=test"],
+                   bootstrap: list[str], small: bool) -> None:
+        # kubo's own `lowpower` profile for a small node: fewer connections, a client-only DHT,
+        # no background reproviding.
+        profiles = "test,lowpower" if small else "test"
+        done = subprocess.run([str(binary), "init", "--empty-repo", f"--profile={profiles}"],
                               env=self.kubo_env(), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise NodeError(f"`ipfs init` failed in {self.kubo_repo}: {done.stderr.strip()}")
@@ -142,7 +180,8 @@ class Node(NodeHome):
         # A private swarm is small and every member may hold a block: ask all connected
         # peers (kubo < 0.36 behaviour). Broadcast control could skip a freshly connected peer.
         kc.setdefault("Internal", {})["Bitswap"] = {"BroadcastControl": {"Enable": False}}
-        kc["Routing"]["Type"] = "dht"
+        # A private network refuses Routing.Type=auto (lowpower's); a small node only asks the DHT.
+        kc["Routing"]["Type"] = "dhtclient" if small else "dht"
         # TF streams between cluster hosts ride the private swarm (`p2p listen/forward`, ipdc.wire.tf).
         kc.setdefault("Experimental", {})["Libp2pStreamMounting"] = True
         # A private network is TCP only.
