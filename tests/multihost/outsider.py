@@ -1,16 +1,20 @@
 """What a machine on the swarm's LAN without a token can reach: reusable probes for the
-multi-host tests (tests/multihost/test_outsider.py; a TF cluster across hosts can be
-scanned the same way while it runs).
+multi-host tests (tests/multihost/test_outsider.py against the idle swarm, and
+tests/multihost/test_tf_tunnels.py while a TF cluster trains across hosts).
 
-Every probe runs inside the outsider's namespace (``ip netns exec``), so its packets
-really cross the bridge, as a stranger's would:
+The outsider is the harness's ``Cluster.outsider``, which ``Lab`` puts on the hosts'
+bridge with the hosts themselves: an address, but no token, no swarm key and no
+certificate, and it never joins the swarm. Every probe runs inside its namespace
+(``ip netns exec``), so its packets really cross the bridge, as a stranger's would:
 
 * :func:`listeners` lists every TCP port any process listens on in a host's namespace
-  (``ss -ltnpH``), whatever address it is bound to;
-* :func:`scan` tries a TCP connection from the outsider to each of them, at the host's
-  LAN address;
-* :func:`mqtt_handshakes` speaks MQTT to the broker in plaintext, over TLS without a
-  certificate, and with a certificate of another CA, and reports how each ended;
+  (``ss -ltnpH``), whatever address it is bound to, and who listens;
+* :func:`sweep` connects from the outsider to many (address, port) pairs at once,
+  non-blocking, and says which accepted: every port of every host in a few seconds;
+  :func:`scan` sweeps the listeners, each at its host's LAN address;
+* :func:`mqtt_handshakes` speaks MQTT to the broker in plaintext (no credentials at
+  all), over TLS without a certificate, and with a certificate of another CA, and
+  reports how each ended;
 * :func:`kubo_dials` runs a kubo in the outsider's namespace, with no swarm key or
   another one, and asks it to dial the members.
 """
@@ -43,7 +47,8 @@ class Listener:
 
 
 def listeners(host: Host) -> list[Listener]:
-    """Every listening TCP socket in ``host``'s namespace."""
+    """Every listening TCP socket in ``host``'s namespace. A line ``ss`` prints that does not
+    parse fails the test rather than being skipped: a skipped line would be a port never tried."""
     done = subprocess.run(host.argv(["ss", "-ltnpH"]), capture_output=True, text=True, check=True)
     found = []
     for line in done.stdout.splitlines():
@@ -63,27 +68,56 @@ def _python_in(outsider: Host, script: str, data: object, timeout: float = 120) 
     return json.loads(done.stdout)
 
 
-_SCAN = """
-import json, socket, sys
-results = []
-for address, port in json.load(sys.stdin):
-    try:
-        socket.create_connection((address, port), timeout=3).close()
-        results.append("open")
-    except ConnectionRefusedError:
-        results.append("refused")
-    except OSError as exc:
-        results.append(type(exc).__name__ + ": " + str(exc))
-print(json.dumps(results))
+# Non-blocking, up to 2000 connections in flight, each given 3 s: the TF test tries all
+# 65535 ports of four hosts, and one blocking connect at a time would wait out its full
+# timeout, one after another, at every port that drops packets instead of refusing.
+_SWEEP = """
+import errno, json, selectors, socket, sys, time
+targets = [tuple(t) for t in json.load(sys.stdin)]
+result, live, pending = {}, {}, list(reversed(targets))
+selector = selectors.DefaultSelector()
+while pending or live:
+    while pending and len(live) < 2000:
+        target = pending.pop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        code = sock.connect_ex(target)
+        if code in (0, errno.EINPROGRESS):
+            live[sock] = (target, time.monotonic())
+            selector.register(sock, selectors.EVENT_WRITE)
+        else:
+            result[target] = errno.errorcode.get(code, str(code))
+            sock.close()
+    for key, _ in selector.select(0.2):
+        sock = key.fileobj
+        target, _ = live.pop(sock)
+        selector.unregister(sock)
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        result[target] = "open" if code == 0 else errno.errorcode.get(code, str(code))
+        sock.close()
+    for sock, (target, started) in list(live.items()):
+        if time.monotonic() - started > 3:
+            live.pop(sock)
+            selector.unregister(sock)
+            sock.close()
+            result[target] = "timeout"
+print(json.dumps([[a, p, r] for (a, p), r in result.items()]))
 """
 
 
-def scan(outsider: Host, targets: list[Listener]) -> dict[Listener, str]:
-    """For each listener: "open" when the outsider completes a TCP connection to its host's
-    LAN address and port, else "refused" (or the error)."""
-    results = _python_in(outsider, _SCAN, [(t.host.addr, t.port) for t in targets])
+def sweep(outsider: Host, targets: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Connect from ``outsider`` to every (address, port): "open" when the TCP handshake
+    completed, else why not ("ECONNREFUSED", "timeout", ...)."""
+    results = _python_in(outsider, _SWEEP, sorted(set(targets)), timeout=600)
     assert isinstance(results, list)
-    return dict(zip(targets, results, strict=True))
+    return {(address, int(port)): result for address, port, result in results}
+
+
+def scan(outsider: Host, targets: list[Listener]) -> dict[Listener, str]:
+    """:func:`sweep` of each listener at its host's LAN address, whatever address it is bound
+    to (one bound to 127.0.0.1 must then be refused): listener -> "open", or why not."""
+    results = sweep(outsider, [(t.host.addr, t.port) for t in targets])
+    return {t: results[(t.host.addr, t.port)] for t in targets}
 
 
 _MQTT = """
@@ -108,8 +142,9 @@ print(json.dumps(out))
 def mqtt_handshakes(outsider: Host, broker: Host, port: int, ca_file: str,
                     work: Path) -> dict[str, list[str]]:
     """How the broker ends an outsider's MQTT attempts: mode -> [stage, detail]; stage
-    "connack" would mean the broker answered CONNECT. The outsider even knows the swarm's
-    CA certificate (it is not secret) and claims the broker host's node name."""
+    "connack" would mean the broker answered CONNECT. The plaintext attempt sends a CONNECT
+    with no credentials at all; the TLS ones show what a certificate buys. The outsider even
+    knows the swarm's CA certificate (it is not secret) and claims the broker host's node name."""
     ca = pki.Authority.create("outsider")
     key = pki.new_key()
     work.mkdir(parents=True, exist_ok=True)
@@ -124,8 +159,8 @@ def mqtt_handshakes(outsider: Host, broker: Host, port: int, ca_file: str,
 
 def kubo_dials(outsider: Host, binary: str, swarm_key: str | None, targets: list[str],
                work: Path) -> dict[str, str]:
-    """Start a kubo in the outsider's namespace (with ``swarm_key``, or none) and dial each
-    multiaddr in ``targets``: multiaddr -> "connected", or kubo's error."""
+    """Start a kubo in the outsider's namespace (with ``swarm_key``, or none, as a public kubo)
+    and dial each multiaddr in ``targets``: multiaddr -> "connected", or kubo's error."""
     work.mkdir(parents=True, exist_ok=True)
     repo = work / f"kubo-{secrets.token_hex(3)}"
     env = {**outsider.env(), "IPFS_PATH": str(repo), "IPFS_TELEMETRY": "off"}

@@ -10,7 +10,8 @@ namespace on the hosts' bridge, with no token, no swarm key and no broker accoun
   port and host 0's broker port accept;
 * dials the swarm port with a kubo that has another swarm key, and with one that has
   none: both fail in the handshake;
-* sends the broker an MQTT CONNECT without credentials: refused.
+* sends the broker an MQTT CONNECT without credentials, in plaintext, and over TLS
+  without a certificate and with another CA's: refused before CONNACK every time.
 
 The chief's training then reaches a much lower loss, on both workers, with the
 variables on the ps, and ``ipdc tf down`` leaves nothing on any host.
@@ -32,7 +33,7 @@ from ipdc.peers import xor_key
 from ipdc.submit.tf import EXAMPLE
 from ipdc.wire.tf import PROTOCOL_PREFIX, socket_root
 from tests.multihost.harness import Cluster, Host
-from tests.multihost.tf_outsider import kubo_dial, listeners, mqtt_connect, outsider, sweep
+from tests.multihost.outsider import kubo_dials, listeners, mqtt_handshakes, sweep
 
 pytestmark = pytest.mark.netns
 
@@ -95,31 +96,34 @@ def test_tf_trains_across_three_hosts_while_an_outsider_reaches_only_kubo_and_th
         chief = subprocess.Popen(owner.argv([sys.executable, "-m", "ipdc.cli", "tf", "run", name, "--",
                                              sys.executable, str(EXAMPLE), "--steps", str(STEPS)]),
                                  env=owner.env(), cwd=owner.home.parent, stdout=out, stderr=subprocess.STDOUT)
+    stranger = cluster.outsider
     try:
-        with outsider(cluster, tmp_path) as stranger:
-            found = [lst for host in cluster.hosts for lst in listeners(host)]
-            assert chief.poll() is None, log.read_text()  # the ports were listed while it trains
-            configs = {h: Node(h.home).config for h in cluster.hosts}
-            allowed = {(h.addr, cfg.kubo.swarm_port) for h, cfg in configs.items()}
-            allowed.add((owner.addr, configs[owner].broker.port))
-            by_label = {h.label: h for h in cluster.hosts}
-            listed = {(by_label[lst.host].addr, lst.port) for lst in found}
-            assert allowed <= listed and len(listed) > len(allowed), found  # the TF relays listen too
-            every_port = {(h.addr, port) for h in cluster.hosts for port in range(1, 65536)}
-            swept = time.monotonic()
-            results = sweep(stranger, sorted(every_port | listed))
-            sweep_seconds = time.monotonic() - swept
-            opened = {target for target, result in results.items() if result == "open"}
-            assert opened == allowed, {t: results[t] for t in opened - allowed}
-            assert set(results.values()) == {"open", "ECONNREFUSED"}, {
-                t: r for t, r in results.items() if r not in ("open", "ECONNREFUSED")}
+        found = [lst for host in cluster.hosts for lst in listeners(host)]
+        assert chief.poll() is None, log.read_text()  # the ports were listed while it trains
+        configs = {h: Node(h.home).config for h in cluster.hosts}
+        broker = configs[owner].broker
+        allowed = {(h.addr, cfg.kubo.swarm_port) for h, cfg in configs.items()}
+        allowed.add((owner.addr, broker.port))
+        listed = {(lst.host.addr, lst.port) for lst in found}
+        assert allowed <= listed and len(listed) > len(allowed), found  # the TF relays listen too
+        every_port = {(h.addr, port) for h in cluster.hosts for port in range(1, 65536)}
+        swept = time.monotonic()
+        results = sweep(stranger, sorted(every_port | listed))
+        sweep_seconds = time.monotonic() - swept
+        opened = {target for target, result in results.items() if result == "open"}
+        assert opened == allowed, {t: results[t] for t in opened - allowed}
+        assert set(results.values()) == {"open", "ECONNREFUSED"}, {
+            t: r for t, r in results.items() if r not in ("open", "ECONNREFUSED")}
 
-            members = [Node(h.home).swarm_multiaddr() for h in cluster.hosts]
-            for key in ("0f" * 32, None):
-                dials = kubo_dial(stranger, configs[owner].kubo.binary, key, members, tmp_path)
-                refused = {m: r for m, r in dials.items() if "failed to negotiate security protocol" in r}
-                assert refused == dials, f"swarm key {'another' if key else 'none'}: {dials}"
-            assert "Success" not in mqtt_connect(stranger, owner, configs[owner].broker.port)
+        members = [Node(h.home).swarm_multiaddr() for h in cluster.hosts]
+        for key in ("0f" * 32, None):
+            dials = kubo_dials(stranger, configs[owner].kubo.binary, key, members, tmp_path / "kubo")
+            refused = {m: r for m, r in dials.items() if "failed to negotiate security protocol" in r}
+            assert refused == dials, f"swarm key {'another' if key else 'none'}: {dials}"
+        handshakes = mqtt_handshakes(stranger, owner, broker.port, broker.ca_file, tmp_path / "mqtt")
+        # "plaintext" is a CONNECT with no credentials at all; no attempt may get a CONNACK
+        assert len(handshakes) == 3 and all(stage != "connack" for stage, _ in handshakes.values()), \
+            handshakes
         code = chief.wait(timeout=600)
     finally:
         if chief.poll() is None:
