@@ -5,7 +5,7 @@ their own paths, so user code imports what the node installed (numpy, tensorflow
 bubblewrap runs under the sandbox's uid and must be able to reach them, and a root
 agent's sandboxes run under uids of their own: a Python under ``/root`` (pyenv, 0700)
 is out of their reach. For that case :func:`prepare_copy` makes a readable copy,
-``/opt/ipdc-python<X.Y>``: the interpreter's prefix with its site-packages, and the
+``/opt/ipdc-python<X.Y>-<environment hash>``: the interpreter's prefix with its site-packages, and the
 site-packages of a virtualenv merged in. Files are hard links where the copy is on
 the same filesystem (seconds, no space), else copies. ``python deploy.py install``
 makes it, and a root agent that finds it missing or out of date makes it at start.
@@ -18,6 +18,7 @@ Site-packages are put on ``sys.path`` directly (the sandbox's Python runs with
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -98,7 +99,11 @@ def readable_by_others(interpreter: Interpreter) -> bool:
 
 
 def copy_path() -> Path:
-    return COPY_ROOT / f"ipdc-python{sys.version_info.major}.{sys.version_info.minor}"
+    """One copy per environment (its interpreter and site-packages directories): two venvs on
+    one machine, say a node's and a wheel's, would otherwise replace each other's copy."""
+    where = json.dumps([str(Path(sys.base_prefix).resolve()), [str(s) for s in _site_dirs()]])
+    tag = hashlib.sha256(where.encode()).hexdigest()[:8]
+    return COPY_ROOT / f"ipdc-python{sys.version_info.major}.{sys.version_info.minor}-{tag}"
 
 
 def _fingerprint() -> dict[str, object]:
