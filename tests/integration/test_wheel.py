@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -98,3 +99,8 @@ def test_the_wheel_runs_the_shipped_tf_example_on_a_swarm_it_made(venv: Path, tm
             if (home / "ipdc.conf").exists():
                 subprocess.run([str(venv / "bin" / "ipdc"), "node", "stop"], env=clean_env(home),
                                capture_output=True, timeout=120)
+        # a root agent's sandboxes ran a readable copy of this venv's Python: it goes with the venv
+        copy = subprocess.run([str(venv / "bin" / "python"), "-c", "from ipdc.isolation.interpreter import "
+                               "copy_path; print(copy_path())"], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        shutil.rmtree(copy, ignore_errors=True)
