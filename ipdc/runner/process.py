@@ -14,7 +14,8 @@ runner hands back to kubo itself. The only channel is fd 3, with messages as in
 * ``{"op": "load", "job": TAG, "partitions": K, "files": [NAME, ...]}`` with one sealed
   memfd per file: the files are written to /job (the cwd, on sys.path) and Map.py and
   Reduce.py, when present, are imported. Answer ``{"ok": true}``.
-* ``{"op": "map"}`` with the chunk: answer ``{"ok": true, "sizes": [K sizes], "stats":
+* ``{"op": "map", "path": PATH}`` with the chunk (PATH: its input file, for a
+  ``map(line, path)``): answer ``{"ok": true, "sizes": [K sizes], "stats":
   {...}}`` with one sealed memfd holding the K partition documents back to back.
 * ``{"op": "reduce", "sizes": [...]}`` with one memfd holding the map outputs of the
   partition back to back: answer as for map, with the one part.
@@ -156,7 +157,8 @@ class Runner:
         t0 = time.perf_counter()
         data = _read(fds[0])
         text = str(data, "utf-8", "surrogateescape")
-        documents = write_partitions(map_pairs(self.mapper, text), self.partitions)
+        documents = write_partitions(map_pairs(self.mapper, text, str(request.get("path", ""))),
+                                     self.partitions)
         self._only_the_runner()
         t1 = time.perf_counter()
         return _output(documents, {"map": t1 - t0})
