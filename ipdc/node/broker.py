@@ -61,18 +61,20 @@ ACL = """\
 # identities (CN enroll-*) never reach this file: the plugin lets them publish only
 # their own ipdc/enroll/<CN>/request and read their own .../reply.
 # A node reads its own task inbox and swarm key, and everyone's presence, heartbeats,
-# results and removals; it writes any peer's task inbox (messages there are signed),
-# and only its own presence, heartbeat and results.
+# results, cache records and removals; it writes any peer's task inbox (messages there
+# are signed), and only its own presence, heartbeat, results and cache records.
 pattern read ipdc/peer/%u/#
 pattern read ipdc/swarmkey/%u
 pattern read ipdc/presence/+
 pattern read ipdc/heartbeat/+
 pattern read ipdc/result/#
 pattern read ipdc/removed/+
+pattern read ipdc/cache/+/+
 pattern write ipdc/peer/+/+
 pattern write ipdc/presence/%u
 pattern write ipdc/heartbeat/%u
 pattern write ipdc/result/%u/#
+pattern write ipdc/cache/+/%u
 
 # The founding node answers enrollments and alone announces removals and swarm keys.
 user {founder}

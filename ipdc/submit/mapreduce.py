@@ -159,6 +159,8 @@ class JobResult:
     cache_key: str = ""
     cached: bool = False
     """The result came from the swarm's cache: no task ran."""
+    cached_from: str = ""
+    """With ``cached``: the job that computed the result."""
     reassigned: list[dict[str, Any]] = field(default_factory=list)
     """Tasks moved off lost workers: kind, task, from, to (the replacement, if any), attempt."""
     lost: list[str] = field(default_factory=list)

@@ -1,0 +1,102 @@
+"""The swarm-wide result cache, as the controller service uses it.
+
+Before a job runs, its cache key (:func:`ipdc.wire.cache.cache_key`) is computed
+here without touching the swarm's kubo: the code's CIDs and a local input's CID are
+hashed on this node (:mod:`ipdc.wire.unixfs`), an input given by CID is resolved.
+The retained records under ``ipdc/cache/<key>/+`` are then read: the broker sends
+retained messages at once on subscription, and a marker published after subscribing
+comes back after all of them, so the wait is bounded by one round trip and never a
+guess (:meth:`~ipdc.submit.client.SwarmClient.retained`).
+
+A record is used only when it is well formed and small, lies under its owner's own
+topic and names this key, is signed by a key this node trusts (a key whose jobs this
+node would run anyway), and its result is still retrievable: every block of the
+result directory is fetched into this node's kubo with a stall timeout, which is
+also what writing the output needs. Anything else is logged with the reason and the
+job runs. After a job is computed its record is published, ``--no-cache`` or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ipdc.errors import IPDCError, MessageError
+from ipdc.kubo import KuboClient
+from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import MapReduceController
+from ipdc.trust import Signer, TrustStore, verify
+from ipdc.wire.cache import CACHE, MAX_RECORD, CacheRecord, cache_key
+from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.record import SWARM
+from ipdc.wire.unixfs import cid_of_file
+
+log = logging.getLogger(__name__)
+
+#: Seconds for the broker to answer the lookup (its echo of the marker).
+LOOKUP_TIMEOUT = 5.0
+#: A cached result whose blocks stop coming for this long is not retrievable: the job runs.
+RETRIEVE_STALL = 10.0
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A job's cache key and what it was made of."""
+
+    key: str
+    code: dict[str, str]
+    input_cid: str
+    input_bytes: int
+
+
+def job_key(client: SwarmClient, controller: MapReduceController) -> Keyed:
+    """The cache key of the controller's job. With no --k, K is the live peers' count: the
+    job's K when it starts now."""
+    job = controller.job
+    source = controller.input_source()
+    code = {"Map.py": cid_of_file(job.map_file), "Reduce.py": cid_of_file(job.reduce_file)}
+    k = job.k if job.k is not None else len(client.peers.live())
+    key = cache_key(code=code, input_cid=source.cid, k=k, chunks=job.chunks, verify=job.verify,
+                    majority=job.verify_majority)
+    return Keyed(key, code, source.cid, source.size)
+
+
+def find_cached(client: SwarmClient, trust: TrustStore, kubo: KuboClient, key: str) -> CacheRecord | None:
+    """A trusted, retrievable record of ``key``'s result, or None (the reasons are logged)."""
+    refused: list[str] = []
+    for message in client.retained(CACHE.subscription(key=key), timeout=LOOKUP_TIMEOUT):
+        owner = message.topic.split("/")[3]
+        if len(message.payload) > MAX_RECORD:
+            refused.append(f"a record of {len(message.payload)} bytes from {owner} (at most {MAX_RECORD})")
+            continue
+        try:
+            record = CACHE.decode(message.payload)
+        except MessageError as exc:
+            refused.append(f"a malformed record from {owner} ({exc})")
+            continue
+        if record.owner != owner or record.key != key:
+            refused.append(f"a record on {owner}'s topic that names {record.owner} and key {record.key[:12]}")
+        elif record.submitter not in trust:
+            refused.append(f"a record from {owner} signed by {record.submitter}, a key this node does not "
+                           f"trust (`ipdc trust add {record.submitter}` if you trust it)")
+        elif not verify(record, CACHE.name, SWARM):
+            refused.append(f"a record from {owner} whose signature does not match")
+        else:
+            try:
+                kubo.prefetch(record.result_cid, stall=RETRIEVE_STALL)
+            except IPDCError as exc:
+                refused.append(f"job {record.job_id}'s result {record.result_cid}, not retrievable now "
+                               f"({exc})")
+                continue
+            return record
+    for reason in refused:
+        log.warning("cache %s: ignored %s", key[:12], reason)
+    return None
+
+
+def publish_cached(client: SwarmClient, signer: Signer, key: str, result_cid: str, job_id: str) -> None:
+    """Tell the swarm that ``job_id`` computed ``key``'s result (a signed, retained record)."""
+    record = CacheRecord(key, Cid(result_cid), JobId(job_id), NodeName(client.name), time.time())
+    signed = signer.sign(record, CACHE.name, SWARM)
+    client.bus.publish(CACHE.topic(key=key, node=client.name), CACHE.encode(signed), retain=True)
