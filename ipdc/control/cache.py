@@ -62,34 +62,39 @@ def job_key(client: SwarmClient, controller: MapReduceController) -> Keyed:
     return Keyed(key, code, source.cid, source.size)
 
 
+def check_record(payload: bytes, owner: str, key: str, trust: TrustStore) -> CacheRecord | str:
+    """The record in ``payload``, found on ``owner``'s topic of ``key``, when this node may
+    use it (retrievability aside); otherwise why not."""
+    if len(payload) > MAX_RECORD:
+        return f"a record of {len(payload)} bytes from {owner} (at most {MAX_RECORD})"
+    try:
+        record = CACHE.decode(payload)
+    except MessageError as exc:
+        return f"a malformed record from {owner} ({exc})"
+    if record.owner != owner or record.key != key:
+        return f"a record on {owner}'s topic that names {record.owner} and key {record.key[:12]}"
+    if record.submitter not in trust:
+        return (f"a record from {owner} signed by {record.submitter}, a key this node does not trust "
+                f"(`ipdc trust add {record.submitter}` if you trust it)")
+    if not verify(record, CACHE.name, SWARM):
+        return f"a record from {owner} whose signature does not match"
+    return record
+
+
 def find_cached(client: SwarmClient, trust: TrustStore, kubo: KuboClient, key: str) -> CacheRecord | None:
     """A trusted, retrievable record of ``key``'s result, or None (the reasons are logged)."""
     refused: list[str] = []
     for message in client.retained(CACHE.subscription(key=key), timeout=LOOKUP_TIMEOUT):
-        owner = message.topic.split("/")[3]
-        if len(message.payload) > MAX_RECORD:
-            refused.append(f"a record of {len(message.payload)} bytes from {owner} (at most {MAX_RECORD})")
+        checked = check_record(message.payload, message.topic.split("/")[3], key, trust)
+        if isinstance(checked, str):
+            refused.append(checked)
             continue
         try:
-            record = CACHE.decode(message.payload)
-        except MessageError as exc:
-            refused.append(f"a malformed record from {owner} ({exc})")
+            kubo.prefetch(checked.result_cid, stall=RETRIEVE_STALL)
+        except IPDCError as exc:
+            refused.append(f"job {checked.job_id}'s result {checked.result_cid}, not retrievable now ({exc})")
             continue
-        if record.owner != owner or record.key != key:
-            refused.append(f"a record on {owner}'s topic that names {record.owner} and key {record.key[:12]}")
-        elif record.submitter not in trust:
-            refused.append(f"a record from {owner} signed by {record.submitter}, a key this node does not "
-                           f"trust (`ipdc trust add {record.submitter}` if you trust it)")
-        elif not verify(record, CACHE.name, SWARM):
-            refused.append(f"a record from {owner} whose signature does not match")
-        else:
-            try:
-                kubo.prefetch(record.result_cid, stall=RETRIEVE_STALL)
-            except IPDCError as exc:
-                refused.append(f"job {record.job_id}'s result {record.result_cid}, not retrievable now "
-                               f"({exc})")
-                continue
-            return record
+        return checked
     for reason in refused:
         log.warning("cache %s: ignored %s", key[:12], reason)
     return None

@@ -235,9 +235,11 @@ def _remote_line_end(kubo: KuboClient, cid: Cid, size: int, stall: float) -> Lin
     return line_end
 
 
-def plan_splits(kubo: KuboClient, source: Input, chunks: int, stall: float = RESOLVE_TIMEOUT) -> list[Split]:
+def plan_splits(source: Input, chunks: int, kubo: KuboClient | None = None,
+                stall: float = RESOLVE_TIMEOUT) -> list[Split]:
     """About ``chunks`` line-aligned chunks over the input's files, each file's share in
-    proportion to its size (at least one chunk per file, never one across two)."""
+    proportion to its size (at least one chunk per file, never one across two). ``kubo``
+    reads the line ends of an input given by CID."""
     target = max(1, math.ceil(source.size / chunks))
     splits: list[Split] = []
     for file in source.files:
@@ -245,7 +247,7 @@ def plan_splits(kubo: KuboClient, source: Input, chunks: int, stall: float = RES
         if file.local is not None:
             ranges = plan_chunks(file.local, n)
         else:
-            assert file.cid is not None
+            assert file.cid is not None and kubo is not None
             ranges = line_ranges(file.size, n, _remote_line_end(kubo, file.cid, file.size, stall))
         splits.extend(Split(file, offset, length) for offset, length in ranges)
     return splits

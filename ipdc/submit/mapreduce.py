@@ -334,7 +334,7 @@ class MapReduceController:
         into byte ranges of its files."""
         source = self.input_source()
         size = self.input_bytes = source.size
-        splits = plan_splits(self.kubo, source, self.job.chunks or default_chunks(size, workers),
+        splits = plan_splits(source, self.job.chunks or default_chunks(size, workers), self.kubo,
                              self.client.config.sandbox.fetch_stall)
         self.progress("upload", 0, size)
         with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
