@@ -156,7 +156,11 @@ def _walk_local(directory: Path, prefix: str, files: list[InputFile], top: bool 
         elif child.is_file():
             links[name] = _hash_file(child)
             files.append(InputFile(rel, child.stat().st_size, child))
-    return directory_link(links)
+    try:
+        return directory_link(links)
+    except ValueError as exc:  # a name that is not UTF-8, or a directory kubo would shard
+        raise JobError(f"input directory {directory} cannot be given a CID here ({exc}); add it with "
+                       "`ipfs add -r` and give its CID as INPUT") from None
 
 
 # -- inputs given by CID ----------------------------------------------------------------------
