@@ -118,3 +118,12 @@ def test_map_gets_the_path_only_when_it_takes_one() -> None:
                                                                    ("c", "docs/x.txt")]
     module.map = one  # type: ignore[attr-defined]
     assert sorted(map_pairs(module, "a a\n", "docs/x.txt")) == [("a", 1), ("a", 1)]
+
+
+def test_a_directory_kubo_would_shard_fails_saying_to_add_it_by_cid(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(950):  # 950 x (250-byte name + 36-byte CID) > 256 KiB: kubo would make a HAMT
+        (big / f"{i:0250d}").write_bytes(b"")
+    with pytest.raises(JobError, match=r"cannot be given a CID here .*shard.*ipfs add -r"):
+        local_input(big)
