@@ -641,6 +641,8 @@ def job_status(job_id: str, as_json: bool) -> None:
                f"output {found['output_dir']}")
     if found["result_cid"]:
         click.echo(f"result:  {found['result_cid']}")
+    if (found["summary"] or {}).get("cached"):
+        click.echo(f"cached:  the result of job {found['summary']['cached_from']}; no task ran")
     if found["error"]:
         click.echo(f"error:   {found['error']}")
     table = _table("task", "state", "attempts (peer: outcome, seconds)", "output by")
