@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipdc.errors import JobError
-from ipdc.runner.mapreduce import map_pairs, takes_path
+from ipdc.runner.mapreduce import BULK_PIECE, map_pairs, takes_path
 from ipdc.submit.inputs import Input, line_ranges, local_input, parse_input, plan_chunks, plan_splits
 from ipdc.wire.unixfs import cid_of_file
 
@@ -127,3 +127,15 @@ def test_a_directory_kubo_would_shard_fails_saying_to_add_it_by_cid(tmp_path: Pa
         (big / f"{i:0250d}").write_bytes(b"")
     with pytest.raises(JobError, match=r"cannot be given a CID here .*shard.*ipfs add -r"):
         local_input(big)
+
+
+def test_map_chunk_gets_the_path_too_even_in_pieces() -> None:
+    def map_chunk(text, path):  # type: ignore[no-untyped-def]
+        return [(path, len(text.split("\n")) - 1)]
+
+    module = types.ModuleType("m")
+    module.map_chunk = map_chunk  # type: ignore[attr-defined]
+    text = "word\n" * ((BULK_PIECE // 5) + 10)  # more than one piece
+    pairs = list(map_pairs(module, text, "a/b.txt"))
+    assert {key for key, _ in pairs} == {"a/b.txt"} and len(pairs) >= 2
+    assert sum(n for _, n in pairs) == text.count("\n")
