@@ -105,7 +105,7 @@ class Broker:
         """Write mosquitto.conf, the ACL and an empty revocation list (the broker's
         certificate and key are written by the caller, which holds the CA)."""
         self.data.mkdir(parents=True, exist_ok=True)
-        self.acl.write_text(ACL.format(founder=founder))
+        self.write_acl(founder)
         write_private(self.revoked, "# nodes removed with `ipdc node remove`, one per line\n", replace=True)
         self.enroll_used.touch()
         limits = "".join(f"{key} {value}\n" for key, value in LIMITS.items())
@@ -138,6 +138,11 @@ class Broker:
             "connection_messages true\n"
             "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
         )
+
+    def write_acl(self, founder: str) -> None:
+        """The ACL of this IPDC version; written again at every start, so a swarm founded by an
+        older one gets the topics new channels need (``ipdc/cache/...``)."""
+        self.acl.write_text(ACL.format(founder=founder))
 
     def set_plugin(self, plugin: Path) -> None:
         """Point the config at ``plugin`` (a rebuilt one, after the cache was cleared or the
