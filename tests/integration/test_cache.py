@@ -152,9 +152,17 @@ def test_only_trusted_retrievable_records_are_used(cluster: LocalCluster, tmp_pa
     assert read_output(Path(result["output"]), 3)[0] == reference_counts(data)
     assert f"result {nowhere}, not retrievable now" in log.read_text()
 
-    # The control: the very record of the first case, signed by a trusted member's key, is
-    # used. What stopped it there was the signer alone.
+    # A member cannot put a record under another member's name: the broker's ACL drops it.
     make_input(tmp_path / "c.txt", 4)
-    forge(member, member.signer, key_of(fast, tmp_path / "c.txt"), wrong)
+    key = key_of(fast, tmp_path / "c.txt")
+    record = CacheRecord(key, Cid(wrong), JobId.new(), NodeName(node.config.node.name), time.time())
+    topic = CACHE.topic(key=key, node=node.config.node.name)
+    with SwarmClient(member.config, member.signer).connect() as client:
+        client.bus.publish(topic, CACHE.encode(member.signer.sign(record, CACHE.name, SWARM)), retain=True)
+        assert client.retained(topic) == []
+
+    # The control: the very record of the first case, signed by a trusted member's key on its
+    # own topic, is used. What stopped it there was the signer alone.
+    forge(member, member.signer, key, wrong)
     result, _ = mr(node, ["--map", str(fast), str(tmp_path / "c.txt"), "-o", str(tmp_path / "oc")])
     assert result["cached"] is True and result["result_cid"] == wrong
