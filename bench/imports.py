@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 #: Runs in the fresh interpreter: prints one JSON document of per-import records.
 PROBE = r"""

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 #: Repeats (per K) of the slow-to-set-up "silence check due" case: each beats every peer once.
 SILENCE_CHECKS = 5

@@ -18,22 +18,22 @@ import sys
 # every command). The runner does not do this: user code may want trio.
 sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import click  # noqa: E402
+import click
 
-from ipdc import __version__, ipdc_home  # noqa: E402
-from ipdc.ctlsock import ControlClient, remote_error  # noqa: E402
-from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError  # noqa: E402
-from ipdc.jobs import shipped  # noqa: E402
-from ipdc.private import write_private  # noqa: E402
+from ipdc import __version__, ipdc_home
+from ipdc.ctlsock import ControlClient, remote_error
+from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError
+from ipdc.jobs import shipped
+from ipdc.private import write_private
 
 if TYPE_CHECKING:
     from rich.console import Console

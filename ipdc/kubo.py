@@ -18,7 +18,7 @@ import io
 import json
 import sys
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -90,10 +90,10 @@ class KuboClient:
         self.close()
 
     # -- transport -------------------------------------------------------------------
-    def _post(self, cmd: str, params: dict[str, Any] | list[tuple[str, str]] | None = None,
+    def _post(self, cmd: str, params: Mapping[str, Any] | list[tuple[str, str]] | None = None,
               **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.post(cmd, params=params, **kwargs)
+            response = self._http.post(cmd, params=_query(params), **kwargs)
         except httpx.TimeoutException as exc:
             raise KuboError(f"kubo {cmd} timed out at {self.api_url} ({exc})") from None
         except httpx.TransportError as exc:
@@ -110,7 +110,8 @@ class KuboClient:
 
     # -- node ------------------------------------------------------------------------
     def id(self) -> dict[str, Any]:
-        return self._json("id")
+        identity: dict[str, Any] = self._json("id")
+        return identity
 
     def swarm_peers(self) -> list[str]:
         """Multiaddrs (with ``/p2p/<id>``) of the peers we are connected to."""
@@ -320,3 +321,12 @@ def _daemon_message(response: httpx.Response) -> str:
         return str(response.json().get("Message") or response.text)
     except ValueError:
         return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _query(params: Mapping[str, Any] | list[tuple[str, str]] | None) -> httpx.QueryParams | None:
+    """kubo takes repeated keys (`arg`), hence the list form beside the mapping one."""
+    if params is None:
+        return None
+    if isinstance(params, list):
+        return httpx.QueryParams([(key, value) for key, value in params])
+    return httpx.QueryParams({key: value for key, value in params.items()})

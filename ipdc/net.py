@@ -32,7 +32,7 @@ def free_port(host: str, preferred: int, taken: set[int]) -> int:
     while True:
         with socket.socket() as sock:
             sock.bind((host, 0))
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         if port not in taken:
             return port
 

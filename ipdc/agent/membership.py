@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 from ipdc.bus import Bus, Inbound, client_id
 from ipdc.errors import IPDCError, MessageError, NodeError, TrustError
 from ipdc.home import NodeHome
-from ipdc.kubo import KuboClient
 from ipdc.roster import Member, Roster
 from ipdc.spawn import Service, wait_for
 from ipdc.trust import parse_public_key, verify

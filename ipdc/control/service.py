@@ -46,7 +46,6 @@ from ipdc.control.swarm import fetch_logs, find_record, job_peers, write_result
 from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
-from ipdc.kubo import KuboClient
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import MapReduceJob, check_job_files
 from ipdc.wire.ids import JobId

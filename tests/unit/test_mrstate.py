@@ -214,7 +214,7 @@ def test_a_failed_map_is_retried_on_another_peer_then_fails_the_job() -> None:
     assert of(SendDoMap, out) == [SendDoMap("b", 0, 1)]
     out = d.job.handle(Failed("b", "map", 0, 1, "ValueError: boom"))
     assert of(SendDoMap, out) == [SendDoMap("c", 0, 2)]
-    with pytest.raises(TaskFailed, match="map task 0 failed 3 time.*a, b, c") as caught:
+    with pytest.raises(TaskFailed, match=r"map task 0 failed 3 time.*a, b, c") as caught:
         d.job.handle(Failed("c", "map", 0, 2, "ValueError: boom"))
     assert caught.value.peer == "c"
 
