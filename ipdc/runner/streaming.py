@@ -23,6 +23,8 @@ writes is read only up to ``sandbox.file_mb``: more fails the task.
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 import shutil
 import signal
@@ -31,7 +33,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import Any, cast
 
 from ipdc.errors import JobError
 from ipdc.runner.mapreduce import format_field, merge_partitions
@@ -73,8 +75,8 @@ def sorted_lines(groups: KeyGroups) -> Iterator[bytes]:
     """``key<TAB>value\\n`` lines of every value of ``groups``, sorted by the key's bytes,
     in blocks of about :data:`BLOCK` bytes. A key or value that is not a string (from a
     Python mapper) is written as JSON, as in a Python job's output."""
-    keyed = sorted(zip((format_field(k).encode("utf-8", "surrogateescape") for k in groups.keys()),
-                       groups.by_key.values(), strict=True), key=_first)
+    keys = [format_field(key).encode("utf-8", "surrogateescape") for key in groups.keys()]  # noqa: SIM118
+    keyed = sorted(zip(keys, groups.by_key.values(), strict=True), key=_first)
     lines: list[bytes] = []
     size = 0
     for key, values in keyed:
@@ -169,8 +171,7 @@ class Program:
                 pass
 
     def _drain(self) -> None:
-        stderr = self.process.stderr
-        assert stderr is not None
+        stderr = cast(io.BufferedReader, self.process.stderr)
         log = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
         while block := stderr.read1(BLOCK):
             if log is not None:
@@ -183,8 +184,7 @@ class Program:
 
     def output(self) -> Iterator[bytes]:
         """stdout, block by block; at its end, JobError unless the program exited with 0."""
-        stdout: IO[bytes] | None = self.process.stdout
-        assert stdout is not None
+        stdout = cast(io.BufferedReader, self.process.stdout)
         read = 0
         while block := stdout.read1(BLOCK):
             read += len(block)
@@ -216,7 +216,7 @@ def _ended(status: int) -> str:
     return f"was killed by {sig.name}" + (f" ({why})" if why else "")
 
 
-def _slices(data: bytes | memoryview) -> Iterator[memoryview]:
+def _slices(data: bytes | mmap.mmap) -> Iterator[memoryview]:
     view = memoryview(data)
     for start in range(0, len(view), BLOCK):
         yield view[start:start + BLOCK]
@@ -228,7 +228,7 @@ def run_stage(role: str, stage: CommandStage, feed: Iterable[bytes | memoryview]
         return group(records(program.output()))
 
 
-def map_command(mapper: CommandStage, combiner: CommandStage | None, chunk: bytes | memoryview,
+def map_command(mapper: CommandStage, combiner: CommandStage | None, chunk: bytes | mmap.mmap,
                 partitions: int, cap: int) -> list[bytes]:
     """One map task of a streaming mapper: its partition documents."""
     groups = run_stage("mapper", mapper, _slices(chunk), cap)
