@@ -38,7 +38,7 @@ def test_sorted_lines_sort_keys_by_their_bytes_and_keep_each_keys_lines_together
     groups = KeyGroups()
     raw = [b"b", b"\xff", b"a", "é".encode(), b"B", "\U0001f680".encode(), b"a\x80"]
     pairs = [(k.decode("utf-8", "surrogateescape"), str(i)) for i, k in enumerate(raw)]
-    groups.add_pairs(pairs + [("b", "again")])
+    groups.add_pairs([*pairs, ("b", "again")])
     lines = b"".join(sorted_lines(groups)).split(b"\n")[:-1]
     keys = [line.partition(b"\t")[0] for line in lines]
     assert keys == sorted(keys)  # bytewise: \xff last, above the 4-byte UTF-8 of the rocket
