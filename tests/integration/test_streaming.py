@@ -8,6 +8,7 @@ Every count is checked against a reference computed here from the raw input byte
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from ipdc.jobs import shipped
 from ipdc.node.cluster import LocalCluster
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
-from tests.helpers import read_output, reference_counts
+from tests.helpers import read_output, reference_counts, run_cli
 from tests.integration.test_mapreduce import make_text
 
 USER = "ipdcagent"
@@ -85,10 +86,10 @@ def awk_counts(data: bytes) -> Counter[bytes]:
     return Counter(word for line in data.split(b"\n") for word in re.split(rb"[ \t]+", line) if word)
 
 
-def assert_output(result: JobResult, expected: Counter[bytes], k: int, command_reducer: bool) -> None:
+def assert_output(output: Path, expected: Counter[bytes], k: int, command_reducer: bool) -> None:
     """Exact counts; each part's keys in the order a command reducer read them (bytewise),
     or a Python reducer's (the keys as strings, not UTF-8 bytes as surrogate escapes)."""
-    counts, keys_per_part = read_output(result.output, k)
+    counts, keys_per_part = read_output(output, k)
     assert counts == expected
     for keys in keys_per_part:
         if command_reducer:
@@ -96,7 +97,7 @@ def assert_output(result: JobResult, expected: Counter[bytes], k: int, command_r
         else:
             decoded = [key.decode("utf-8", "surrogateescape") for key in keys]
             assert decoded == sorted(decoded)
-    assert (result.output / "_SUCCESS").exists()
+    assert (output / "_SUCCESS").exists()
 
 
 def test_awk_mapper_and_a_shipped_python_reducer(swarm_as: LocalCluster, tmp_path: Path) -> None:
@@ -104,7 +105,7 @@ def test_awk_mapper_and_a_shipped_python_reducer(swarm_as: LocalCluster, tmp_pat
     assert b"\xff" in data and b"\r" in data and b"\t" in data
     result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=4, mapper=AWK_MAPPER,
                                         reducer=SUM_REDUCE.name, files=(SUM_REDUCE,), output=tmp_path / "out"))
-    assert_output(result, awk_counts(data), 2, command_reducer=True)
+    assert_output(result.output, awk_counts(data), 2, command_reducer=True)
     assert set(result.code) == {"sum_reduce.py"}
 
 
@@ -119,7 +120,7 @@ def test_a_c_mapper_built_here_with_a_python_reduce_file(swarm_as: LocalCluster,
     result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=3, mapper=str(build / "wc_map"),
                                         reduce_file=reduce_file, files=(build / "wc_map",),
                                         output=tmp_path / "out"))
-    assert_output(result, reference_counts(data), 2, command_reducer=False)
+    assert_output(result.output, reference_counts(data), 2, command_reducer=False)
     assert set(result.code) == {"wc_map", "Reduce.py"}
 
 
@@ -159,3 +160,35 @@ def test_a_mapper_not_on_the_workers_path_is_named(swarm_as: LocalCluster, tmp_p
     message = str(raised.value)
     assert "'wc-mapper-nowhere' was not found" in message and "--file wc-mapper-nowhere" in message
     assert any(node.config.node.name in message for node in swarm_as.nodes)
+
+
+def test_commands_run_inside_the_jobs_sandbox(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """A command sees the sandbox's identity (uid 1000, hostname ipdc-job), not the agent's
+    (root or ipdcagent), and the node's home is not there for it to read."""
+    (tmp_path / "in.txt").write_bytes(b"one line\n")
+    result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="id -u", reducer="cat",
+                                        output=tmp_path / "uid"))
+    assert b"".join((result.output / f"part-{p:05d}").read_bytes() for p in range(2)) == b"1000\t\n"
+    result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="hostname", reducer="cat",
+                                        output=tmp_path / "host"))
+    assert b"".join((result.output / f"part-{p:05d}").read_bytes() for p in range(2)) == b"ipdc-job\t\n"
+    secrets = " ".join(str(node.home / "ipdc.conf") for node in swarm_as.nodes)
+    with pytest.raises(TaskFailed, match="No such file or directory"):
+        run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper=f"cat {secrets}", reducer="cat",
+                                   max_attempts=1, output=tmp_path / "stolen"))
+
+
+def test_the_cli_runs_a_streaming_job_through_the_nodes_controller(swarm: LocalCluster, tmp_path: Path) -> None:
+    """``ipdc mr --mapper --combiner --reducer --file`` as a user types it; the job's record
+    keeps its commands (so a restarted controller could take it up)."""
+    data = make_text(tmp_path / "in.txt", seed=5)
+    home = swarm.nodes[0].home
+    done = run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "--mapper", AWK_MAPPER, "--combiner", "sum_reduce.py",
+                    "--reducer", "./sum_reduce.py", "--file", str(SUM_REDUCE), "-o", str(tmp_path / "out"),
+                    "--json"], home)
+    summary = json.loads(done.stdout)
+    assert_output(tmp_path / "out", awk_counts(data), 3, command_reducer=True)
+    record = json.loads(run_cli(["job", "status", summary["job_id"], "--json"], home).stdout)
+    assert record["params"]["mapper"] == AWK_MAPPER and record["params"]["files"] == [str(SUM_REDUCE)]
+    refused = run_cli(["mr", str(tmp_path / "in.txt"), "--mapper", "cat"], home, check=False)
+    assert refused.returncode == 2 and "a --mapper job needs --reducer CMD, or --reduce FILE" in refused.stderr
