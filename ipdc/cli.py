@@ -471,7 +471,7 @@ def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path
     node for $IPDC_HOME, a temporary local cluster is started for the job and
     removed afterwards.
     """
-    if mapper is not None and map_file is not None or reducer is not None and reduce_file is not None:
+    if (mapper is not None and map_file is not None) or (reducer is not None and reduce_file is not None):
         raise click.UsageError("--mapper/--map (and --reducer/--reduce) both name one stage: give one of them")
     if mapper is not None and reducer is None and reduce_file is None:
         raise click.UsageError("a --mapper job needs --reducer CMD, or --reduce FILE for a Python reducer "
