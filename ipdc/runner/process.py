@@ -152,9 +152,9 @@ class Runner:
         for stage in (stages.map, stages.combine, stages.reduce):
             if isinstance(stage, CommandStage) and stage.shipped:
                 os.chmod(stage.argv[0], 0o755)
-        if isinstance(stages.map, PythonStage):
+        if isinstance(stages.map, PythonStage) and stages.map.file in names:
             self.mapper = load_module(Path(stages.map.file).absolute(), f"ipdc_job_{tag}_map")
-        if isinstance(stages.reduce, PythonStage):
+        if isinstance(stages.reduce, PythonStage) and stages.reduce.file in names:
             self.reducer = load_module(Path(stages.reduce.file).absolute(), f"ipdc_job_{tag}_reduce")
         return {}, []
 
