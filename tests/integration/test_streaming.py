@@ -124,6 +124,15 @@ def test_a_c_mapper_built_here_with_a_python_reduce_file(swarm_as: LocalCluster,
     assert set(result.code) == {"wc_map", "Reduce.py"}
 
 
+def test_a_python_mapper_with_a_command_reducer(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """The shipped WordCount Map.py (its values are ints) feeding the streaming reducer."""
+    data = make_text(tmp_path / "in.txt", seed=9)
+    result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, reducer=SUM_REDUCE.name, files=(SUM_REDUCE,),
+                                        output=tmp_path / "out"))
+    assert_output(result.output, reference_counts(data), 2, command_reducer=True)
+    assert set(result.code) == {"Map.py", "sum_reduce.py"}
+
+
 def test_a_combiner_runs_on_every_map_output(swarm_as: LocalCluster, tmp_path: Path) -> None:
     """The combiner marks its sums with a ``c``; the reducer refuses any value without one,
     so the job succeeds only if every map task's output went through the combiner."""
