@@ -63,6 +63,7 @@ class Executor:
                          documents, 1, {"fetch": time.perf_counter() - t0})
 
     def _acquire(self, job: str, manifest: JobManifest, job_dir: Path) -> Runner:
+        """The job's runner, bound with its code and what runs each of its stages."""
         return self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions, manifest.params.get("stages"))
 
     def fetch(self, cid: str) -> bytes:

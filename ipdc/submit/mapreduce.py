@@ -236,6 +236,8 @@ def check_job_files(job: MapReduceJob) -> None:
 
 
 def job_code(job: MapReduceJob) -> JobCode:
+    """The job's stages and the files it ships, checked (the check runs again at upload: the
+    controller service may run the job long after it was submitted)."""
     return plan_code(job.map_file, job.reduce_file, job.mapper, job.reducer, job.combiner, job.files)
 
 
