@@ -3,7 +3,8 @@
 
     python deploy.py init [--host ADDR] [--join-file FILE | --join -] [--with-tf]
     python deploy.py start | stop | status
-    python deploy.py install          # binaries only (mosquitto, its plugin, kubo), no node
+    python deploy.py install          # binaries only (mosquitto, its plugin, bubblewrap, kubo), no node
+    python deploy.py install --test-tools   # ... and what the test suite drives (root: apt, dockerd)
 
 The node lives in $IPDC_HOME (default ~/.ipdc). These are the `ipdc node ...`
 commands; this script exists so a fresh clone works before `ipdc` is on PATH.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,22 +32,49 @@ def _ensure_python_deps(with_tf: bool) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{HERE}{extras}"], check=True)
 
 
+#: Debian packages the test suite drives beyond a node's own: network namespaces, Docker and
+#: docker-compose with debootstrap for the base image, the browser of the dashboard test.
+TEST_TOOLS = {"ip": "iproute2", "dockerd": "docker.io", "docker-compose": "docker-compose",
+              "debootstrap": "debootstrap", "chromium": "chromium", "chromedriver": "chromium-driver"}
+
+
+def _ensure_test_tools() -> None:
+    """apt-get install the missing test tools, then start dockerd when it does not answer
+    (a container or a machine without systemd has nobody else to start it)."""
+    from ipdc.node.install import install_packages
+
+    install_packages([package for command, package in TEST_TOOLS.items() if shutil.which(command) is None])
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0:
+        return
+    with open("/var/log/dockerd.log", "ab") as log:
+        subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            sys.exit("dockerd did not answer within 60 s: see /var/log/dockerd.log")
+        time.sleep(0.5)
+
+
 def main() -> None:
     args = sys.argv[1:]
     with_tf = "--with-tf" in args
-    args = [a for a in args if a != "--with-tf"]
+    test_tools = "--test-tools" in args
+    args = [a for a in args if a not in ("--with-tf", "--test-tools")]
     _ensure_python_deps(with_tf)
     sys.path.insert(0, str(HERE))
     from ipdc.cli import main as cli
-    from ipdc.node.install import ensure_kubo, ensure_plugin
+    from ipdc.node.install import ensure_bubblewrap, ensure_kubo, ensure_plugin
 
     if args[:1] == ["install"]:
         print(f"broker plugin: {ensure_plugin()}")  # installs mosquitto and the build tools first
+        print(f"sandbox: {ensure_bubblewrap()}")
         print(f"kubo: {ensure_kubo()}")
         if os.geteuid() == 0:  # sandboxes run under uids of their own: they need a Python they can read
             from ipdc.isolation.interpreter import for_sandbox
 
             print(f"sandbox python: {for_sandbox(separate_uid=True, prune=True).executable}")
+        if test_tools:
+            _ensure_test_tools()
         return
     cli.main(args=["node", *args], prog_name="deploy.py")
 

@@ -127,13 +127,13 @@ def _missing_build_deps() -> list[str]:
             if (shutil.which(package) is None if probe is None else not Path(probe).exists())]
 
 
-def _install(packages: list[str]) -> None:
+def install_packages(packages: list[str]) -> None:
     """apt-get install ``packages`` as root; otherwise an error that names them."""
     if not packages:
         return
     if os.geteuid() != 0:
-        raise InstallError(f"the broker host needs {', '.join(packages)}: run `sudo apt-get install "
-                           f"{' '.join(packages)}`, then run init again")
+        raise InstallError(f"this needs the Debian packages {', '.join(packages)}: run `sudo apt-get install "
+                           f"{' '.join(packages)}`, then run the same command again")
     log.warning("installing %s with apt-get", " ".join(packages))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
@@ -145,11 +145,21 @@ def _install(packages: list[str]) -> None:
 def ensure_mosquitto(build_deps: bool = False) -> Path:
     """mosquitto (the broker host only), and with ``build_deps`` what building its auth
     plugin needs: installed with apt-get as root, named in an error otherwise."""
-    _install(([] if find_mosquitto() else ["mosquitto"]) + (_missing_build_deps() if build_deps else []))
+    install_packages(([] if find_mosquitto() else ["mosquitto"]) + (_missing_build_deps() if build_deps else []))
     found = find_mosquitto()
     if found is None:
         raise InstallError("apt-get installed mosquitto, but its binary is not on PATH or in /usr/sbin")
     return found
+
+
+def ensure_bubblewrap() -> Path:
+    """bwrap, which every sandbox of user code starts with."""
+    if shutil.which("bwrap") is None:
+        install_packages(["bubblewrap"])
+    found = shutil.which("bwrap")
+    if found is None:
+        raise InstallError("apt-get installed bubblewrap, but bwrap is not on PATH")
+    return Path(found)
 
 
 def plugin_cache() -> Path:

@@ -11,7 +11,7 @@ import pytest
 
 from ipdc.config import config_from_dict
 from ipdc.errors import ConfigError
-from ipdc.runner.mapreduce import map_pairs, reduce_partitions
+from ipdc.runner.mapreduce import BULK_PIECE, line_pieces, map_pairs, reduce_partitions
 from ipdc.wire.partition import read_groups, read_partition, stable_partition, write_partitions
 
 
@@ -91,6 +91,34 @@ def test_map_chunk_items_are_used_as_they_are_and_other_pairs_are_combined() -> 
     assert sorted(map_pairs(raw, "a b a a")) == [("a", 3), ("b", 1)]
     uncombined = module(map=lambda line: ((w, 1) for w in line.split()))
     assert sorted(map_pairs(uncombined, "a b\na")) == [("a", 1), ("a", 1), ("b", 1)]
+
+
+def test_a_big_chunk_reaches_map_chunk_in_pieces_of_whole_lines_with_the_same_result() -> None:
+    lines = [f"w{i % 977} w{i % 13} \xe9{i % 5}" for i in range(3 * BULK_PIECE // 12)]
+    text = "\n".join(lines) + "\n"
+    pieces: list[str] = []
+
+    def bulk(piece: str) -> object:
+        pieces.append(piece)
+        return Counter(piece.split()).items()
+
+    combined = map_pairs(module(map_chunk=bulk, combine=lambda k, vs: sum(vs)), text)
+    assert len(pieces) > 2 and "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
+    assert all(len(p) <= BULK_PIECE + max(map(len, lines)) + 1 for p in pieces)
+    pairs = list(combined)
+    assert len(pairs) == len({k for k, _ in pairs}) and dict(pairs) == Counter(text.split())
+    totals: Counter[str] = Counter()
+    for key, count in map_pairs(module(map_chunk=lambda t: Counter(t.split()).items()), text):
+        totals[key] += count
+    assert totals == Counter(text.split())
+
+
+@pytest.mark.parametrize("text", ["", "a", "a\n", "\n\n\n", "ab\ncd\nef", "abc\n" * 10])
+@pytest.mark.parametrize("size", [1, 2, 3, 100])
+def test_line_pieces_cover_the_text_and_end_at_newlines(text: str, size: int) -> None:
+    pieces = list(line_pieces(text, size))
+    assert "".join(pieces) == text and all(pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1])
 
 
 @pytest.mark.parametrize(("sandbox", "error"), [
