@@ -73,18 +73,22 @@ def records(blocks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
         yield key, value
 
 
-def sorted_lines(groups: KeyGroups) -> Iterator[bytes]:
+def take_sorted_lines(groups: KeyGroups) -> Iterator[bytes]:
     """``key<TAB>value\\n`` lines of every value of ``groups``, sorted by the key's bytes,
     in blocks of about :data:`BLOCK_LINES` lines. A key or value that is not a string (from
     a Python mapper) is written as JSON, as in a Python job's output.
 
-    Lines are joined as text and encoded a block at a time: a third of the time of
-    encoding each value alone."""
+    It empties ``groups`` and lets go of each key's values once they are written, so the
+    groups and the lines made of them are not both held whole. Lines are joined as text
+    and encoded a block at a time: a third of the time of encoding each value alone."""
     keys = [format_field(key) for key in groups.keys()]  # noqa: SIM118 - a method, not a dict's
     keyed = sorted(zip([key.encode("utf-8", "surrogateescape") for key in keys], keys, groups.by_key.values(),
-                       strict=True), key=_first)
+                       strict=True), key=_first, reverse=True)
+    groups.by_key.clear()
+    groups.wrapped = False
     lines: list[str] = []
-    for _, key, values in keyed:
+    while keyed:
+        _, key, values = keyed.pop()
         prefix = key + "\t"
         lines += [prefix + (v if type(v) is str else format_field(v)) + "\n" for v in values]
         if len(lines) >= BLOCK_LINES:
@@ -236,12 +240,12 @@ def map_command(mapper: CommandStage, combiner: CommandStage | None, chunk: byte
     """One map task of a streaming mapper: its partition documents."""
     groups = run_stage("mapper", mapper, _slices(chunk), cap)
     if combiner is not None:
-        groups = run_stage("combiner", combiner, sorted_lines(groups), cap)
+        groups = run_stage("combiner", combiner, take_sorted_lines(groups), cap)
     return write_partitions(groups, partitions)
 
 
 def reduce_command(reducer: CommandStage, documents: Iterable[bytes], cap: int) -> list[bytes]:
     """One reduce task of a streaming reducer: the part, as the blocks the reducer wrote."""
     groups = merge_partitions(documents)
-    with Program("reducer", reducer, sorted_lines(groups), cap) as program:
+    with Program("reducer", reducer, take_sorted_lines(groups), cap) as program:
         return list(program.output())

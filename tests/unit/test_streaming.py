@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipdc.errors import JobError, MessageError
-from ipdc.runner.streaming import map_command, records, reduce_command, sorted_lines
+from ipdc.runner.streaming import map_command, records, reduce_command, take_sorted_lines
 from ipdc.submit.jobfiles import check_python, plan_code
 from ipdc.wire.partition import KeyGroups, read_groups, stable_partition
 from ipdc.wire.stages import PYTHON_JOB, CommandStage, PythonStage, Stages, stages_of
@@ -39,7 +39,8 @@ def test_sorted_lines_sort_keys_by_their_bytes_and_keep_each_keys_lines_together
     raw = [b"b", b"\xff", b"a", "é".encode(), b"B", "\U0001f680".encode(), b"a\x80"]
     pairs = [(k.decode("utf-8", "surrogateescape"), str(i)) for i, k in enumerate(raw)]
     groups.add_pairs([*pairs, ("b", "again")])
-    lines = b"".join(sorted_lines(groups)).split(b"\n")[:-1]
+    lines = b"".join(take_sorted_lines(groups)).split(b"\n")[:-1]
+    assert not groups.by_key  # taken: the values are not held twice
     keys = [line.partition(b"\t")[0] for line in lines]
     assert keys == sorted(keys)  # bytewise: \xff last, above the 4-byte UTF-8 of the rocket
     assert keys[-1] == b"\xff"
@@ -49,7 +50,7 @@ def test_sorted_lines_sort_keys_by_their_bytes_and_keep_each_keys_lines_together
 def test_sorted_lines_write_keys_and_values_of_a_python_mapper_as_json() -> None:
     groups = KeyGroups()
     groups.add_pairs([(("t", 1), {"n": 2}), (3, None)])
-    assert b"".join(sorted_lines(groups)) == b'3\tnull\n["t", 1]\t{"n": 2}\n'
+    assert b"".join(take_sorted_lines(groups)) == b'3\tnull\n["t", 1]\t{"n": 2}\n'
 
 
 # -- running programs (outside a sandbox here; tests/integration/test_streaming.py runs them in one)
