@@ -173,7 +173,7 @@ def test_a_mapper_not_on_the_workers_path_is_named(swarm_as: LocalCluster, tmp_p
 
 def test_commands_run_inside_the_jobs_sandbox(swarm_as: LocalCluster, tmp_path: Path) -> None:
     """A command sees the sandbox's identity (uid 1000, hostname ipdc-job), not the agent's
-    (root or ipdcagent), and the node's home is not there for it to read."""
+    (root or ipdcagent), is held to its limits, and the node's home is not there for it to read."""
     (tmp_path / "in.txt").write_bytes(b"one line\n")
     result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="id -u", reducer="cat",
                                         output=tmp_path / "uid"))
@@ -181,6 +181,10 @@ def test_commands_run_inside_the_jobs_sandbox(swarm_as: LocalCluster, tmp_path: 
     result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="hostname", reducer="cat",
                                         output=tmp_path / "host"))
     assert b"".join((result.output / f"part-{p:05d}").read_bytes() for p in range(2)) == b"ipdc-job\t\n"
+    # the sandbox's limits hold for it too: 1 GB is past its address space (sandbox.memory_mb = 512)
+    with pytest.raises(TaskFailed, match="exited with status 1; the end of its stderr:(.|\n)*MemoryError"):
+        run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="python3 -c 'bytearray(1 << 30)'",
+                                   reducer="cat", max_attempts=1, output=tmp_path / "big"))
     secrets = " ".join(str(node.home / "ipdc.conf") for node in swarm_as.nodes)
     with pytest.raises(TaskFailed, match="No such file or directory"):
         run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper=f"cat {secrets}", reducer="cat",

@@ -99,6 +99,14 @@ def test_a_failing_program_is_a_task_error_with_the_end_of_its_stderr() -> None:
     assert len(message) < 2400  # only the end of 60 kB of stderr
 
 
+def test_a_program_killed_by_a_limits_signal_names_the_limit() -> None:
+    suicide = CommandStage(("python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGXCPU)"),
+                           shipped=False)
+    with pytest.raises(JobError, match=r"was killed by SIGXCPU \(the CPU-time limit, sandbox.cpu_seconds\) "
+                                       r"\(it wrote nothing on stderr\)"):
+        map_command(suicide, None, b"x\n", 1, CAP)
+
+
 def test_a_program_that_is_not_there_is_named_with_what_to_do() -> None:
     with pytest.raises(JobError, match=r"mapper program 'no-such-mapper' was not found .*--file no-such-mapper"):
         map_command(CommandStage(("no-such-mapper",), shipped=False), None, b"x\n", 1, CAP)
@@ -157,6 +165,8 @@ def test_commands_are_split_with_shlex_and_shipped_programs_found_by_name(tmp_pa
     assert code.stages.combine == CommandStage(("awk", "{print $1}"), shipped=False)
     assert code.stages.reduce == PythonStage("Reduce.py")
     assert code.files == {"mapper": mapper, "stop.txt": data, "Reduce.py": tmp_path / "R.py"}
+    piped = plan_code(tmp_path / "M.py", tmp_path / "R.py", "cat | rm -rf / > out", "cat", None, ())
+    assert piped.stages.map == CommandStage(("cat", "|", "rm", "-rf", "/", ">", "out"), shipped=False)  # no shell
 
 
 @pytest.mark.parametrize(("mapper", "combiner", "files", "error"), [
