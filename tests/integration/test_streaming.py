@@ -182,7 +182,7 @@ def test_commands_run_inside_the_jobs_sandbox(swarm_as: LocalCluster, tmp_path: 
                                         output=tmp_path / "host"))
     assert b"".join((result.output / f"part-{p:05d}").read_bytes() for p in range(2)) == b"ipdc-job\t\n"
     # the sandbox's limits hold for it too: 1 GB is past its address space (sandbox.memory_mb = 512)
-    with pytest.raises(TaskFailed, match="exited with status 1; the end of its stderr:(.|\n)*MemoryError"):
+    with pytest.raises(TaskFailed, match=r"exited with status 1; the end of its stderr:(?s:.)*MemoryError"):
         run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=1, mapper="python3 -c 'bytearray(1 << 30)'",
                                    reducer="cat", max_attempts=1, output=tmp_path / "big"))
     secrets = " ".join(str(node.home / "ipdc.conf") for node in swarm_as.nodes)
