@@ -414,11 +414,20 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
 @click.argument("input_ref", metavar="INPUT")
 @click.option("--k", type=int, default=None,
               help="Workers (= reducers = output parts). Default: every live peer.")
-@click.option("--map", "map_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Map.py",
+@click.option("--map", "map_file", type=click.Path(path_type=Path), default=None,
               show_default="the shipped WordCount Map.py",
               help="File defining map(line) or map(line, path) [and combine].")
-@click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Reduce.py",
+@click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=None,
               show_default="the shipped WordCount Reduce.py", help="File defining reduce(key, values).")
+@click.option("--mapper", metavar="CMD", help="Streaming mapper instead of --map: a command (split like a shell "
+              "line, never run by one) reading input lines on stdin, writing key<TAB>value lines.")
+@click.option("--reducer", metavar="CMD", help="Streaming reducer instead of --reduce: reads its partition's "
+              "key<TAB>value lines sorted by key on stdin; what it writes is the part file.")
+@click.option("--combiner", metavar="CMD", help="Streaming combiner (with --mapper): runs on each map task's "
+              "output sorted by key, writing key<TAB>value lines.")
+@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Ship this file with the job into the tasks' working directory (repeatable). A CMD whose "
+                   "program has this file's name runs it; otherwise CMD's program comes from the worker's PATH.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output directory (default ./ipdc-out/<job-id>); must not hold files.")
 @click.option("--chunks", type=int, default=None, help="Map tasks (default: from input size and K).")
@@ -438,7 +447,8 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
               help="Print only the result CID, to chain jobs: ipdc mr B.py $(ipdc mr --print-cid ...).")
 @click.option("--no-cache", is_flag=True,
               help="Run the job even when the swarm has the result of an identical one.")
-def mr(input_ref: str, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
+def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path | None, mapper: str | None,
+       reducer: str | None, combiner: str | None, files: tuple[Path, ...], output: Path | None,
        chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, detach: bool, quiet: bool,
        as_json: bool, print_cid: bool, no_cache: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
@@ -464,6 +474,15 @@ def mr(input_ref: str, k: int | None, map_file: Path, reduce_file: Path, output:
     XOR-nearest live peer; a task is tried --max-attempts times in all. With
     --verify N every task runs on N peers whose outputs must agree (by CID).
 
+    Hadoop Streaming: --mapper, --reducer and --combiner take a command instead of
+    a Python file, e.g. --mapper 'cut -f 2' or --mapper ./mymap --file mymap. The
+    mapper gets the raw input bytes on stdin; each line it writes is split at its first TAB into key and
+    value. The reducer gets its partition's lines sorted by key (bytewise) and its
+    stdout becomes the part file. A program named like a --file runs that file
+    (a script needs a #! line); any other comes from the worker's PATH, inside its
+    sandbox. A command stage mixes with a Python one; with --mapper, give --reducer
+    or --reduce (a Python reducer gets the values as strings).
+
     The job runs in this node's controller service, so it outlives this command:
     Ctrl-C asks whether to cancel it (no: it goes on, detached). With no running
     node for $IPDC_HOME, a temporary local cluster is started for the job and
@@ -471,11 +490,18 @@ def mr(input_ref: str, k: int | None, map_file: Path, reduce_file: Path, output:
     """
     from ipdc.submit.inputs import input_text, parse_input
 
+    if (mapper is not None and map_file is not None) or (reducer is not None and reduce_file is not None):
+        raise click.UsageError("--mapper/--map (and --reducer/--reduce) both name one stage: give one of them")
+    if mapper is not None and reducer is None and reduce_file is None:
+        raise click.UsageError("a --mapper job needs --reducer CMD, or --reduce FILE for a Python reducer "
+                               "(which gets the values as strings)")
+    map_file, reduce_file = map_file or JOBS_DIR / "Map.py", reduce_file or JOBS_DIR / "Reduce.py"
     spec = {"input": input_text(parse_input(input_ref)), "k": k, "cache": not no_cache,
             "map_file": str(map_file.absolute()),
             "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
             "chunks": chunks, "max_attempts": max_attempts, "verify": verify,
-            "verify_majority": verify_majority}
+            "verify_majority": verify_majority, "mapper": mapper, "reducer": reducer, "combiner": combiner,
+            "files": [str(f.absolute()) for f in files]}
     if detach:
         client = ControlClient(ipdc_home())
         try:

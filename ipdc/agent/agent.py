@@ -38,7 +38,6 @@ import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
@@ -79,18 +78,16 @@ from ipdc.wire.getresult import GETRESULT, GetResult  # noqa: E402
 from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
 from ipdc.wire.ids import JobId, NodeName  # noqa: E402
 from ipdc.wire.logs import LOGS_REPLY, Logs  # noqa: E402
-from ipdc.wire.manifest import JobManifest  # noqa: E402
+from ipdc.wire.manifest import SAFE_NAME, JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
 from ipdc.wire.renew import RENEW, Renew  # noqa: E402
+from ipdc.wire.stages import stages_of  # noqa: E402
 from ipdc.wire.tf import Tf, TfPlan, socket_root  # noqa: E402
 
 if TYPE_CHECKING:
     from ipdc.agent.tfhost import TfHost
 
 log = logging.getLogger("ipdc.agent")
-
-#: File names a manifest may give code files: no directories, no dot files.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def capabilities(tf_setting: str) -> Capabilities:
@@ -305,6 +302,8 @@ class Agent:
                 raise MessageError(f"download: unsafe file name {name!r} in job {manifest.job_id}")
         if manifest.kind == "mapreduce" and (not manifest.chunks or not manifest.partitions):
             raise MessageError(f"download: job {manifest.job_id} has no chunks or no reducers")
+        if manifest.kind == "mapreduce":
+            stages_of(manifest.params.get("stages"), set(manifest.code))  # MessageError when malformed
         if manifest.kind == "tf" and (manifest.code or set(manifest.workers) != set(
                 TfPlan.from_params(manifest.params).peers)):
             raise MessageError(f"download: TF cluster {manifest.job_id} carries code, or its workers "

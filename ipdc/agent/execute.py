@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ipdc.agent.sandbox import RunnerPool
+from ipdc.agent.sandbox import Runner, RunnerPool
 from ipdc.config import SandboxSection
 from ipdc.errors import SandboxError, TaskFailed
 from ipdc.kubo import EMPTY_CID, KuboClient
@@ -48,7 +48,7 @@ class Executor:
 
     def prepare(self, job: str, manifest: JobManifest, job_dir: Path) -> None:
         """Bind a runner to the job now, while its first task is on its way."""
-        self.pool.release(self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions))
+        self.pool.release(self._acquire(job, manifest, job_dir))
 
     def run_map(self, job: str, manifest: JobManifest, job_dir: Path, chunk: Cid,
                 source: ChunkSource | None = None) -> Result:
@@ -69,6 +69,10 @@ class Executor:
         return self._run(job, manifest, job_dir, {"op": "reduce", "sizes": [len(d) for d in documents]},
                          documents, 1, {"fetch": time.perf_counter() - t0})
 
+    def _acquire(self, job: str, manifest: JobManifest, job_dir: Path) -> Runner:
+        """The job's runner, bound with its code and what runs each of its stages."""
+        return self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions, manifest.params.get("stages"))
+
     def fetch(self, cid: str) -> bytes:
         """One input, from wherever the swarm holds it, checked against its CID."""
         return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall)
@@ -76,7 +80,7 @@ class Executor:
     def _run(self, job: str, manifest: JobManifest, job_dir: Path, request: dict[str, Any],
              inputs: list[bytes], outputs: int, stats: dict[str, float]) -> Result:
         memfd = fdmsg.sealed_memfd(inputs, "ipdc-input")
-        runner = self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions)
+        runner = self._acquire(job, manifest, job_dir)
         try:
             reply, fds = runner.call(request, [memfd], timeout=self.settings.task_timeout)
             try:

@@ -187,9 +187,11 @@ class RunnerPool:
                 self._spares.append(runner)
             return not self._closed
 
-    def acquire(self, job: str, code: dict[str, bytes], partitions: int) -> Runner:
+    def acquire(self, job: str, code: dict[str, bytes], partitions: int,
+                stages: dict[str, Any] | None = None) -> Runner:
         """A runner bound to ``job``: an idle one of the job, else a spare (or a fresh one)
-        bound now by sending it ``code`` (file name -> bytes).
+        bound now by sending it ``code`` (file name -> bytes) and what runs each stage
+        (the manifest's ``params["stages"]``; None: Map.py and Reduce.py).
 
         While another runner of the job is being bound (the agent binds one when the job's
         code is in), a task waits for it rather than take another spare: the bind takes
@@ -224,13 +226,14 @@ class RunnerPool:
                 assert runner is not None
                 return runner  # an idle runner of the job
             try:
-                return self._bind(runner, job, code, partitions)
+                return self._bind(runner, job, code, partitions, stages)
             finally:
                 with self._lock:
                     del self._binding[job]
                 bound.set()
 
-    def _bind(self, runner: Runner | None, job: str, code: dict[str, bytes], partitions: int) -> Runner:
+    def _bind(self, runner: Runner | None, job: str, code: dict[str, bytes], partitions: int,
+              stages: dict[str, Any] | None) -> Runner:
         """Send ``code`` to ``runner`` (a spare; a fresh one when None) for ``job``."""
         if runner is None:
             runner = self._start()
@@ -246,8 +249,8 @@ class RunnerPool:
                 runner.wait_ready()
             memfds = [fdmsg.sealed_memfd([data], name) for name, data in code.items()]
             try:
-                runner.call({"op": "load", "job": job, "partitions": partitions, "files": list(code)}, memfds,
-                            timeout=self.settings.task_timeout)
+                runner.call({"op": "load", "job": job, "partitions": partitions, "files": list(code),
+                             "stages": stages}, memfds, timeout=self.settings.task_timeout)
             finally:
                 fdmsg.close_all(memfds)
         except Exception:

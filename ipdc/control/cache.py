@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ipdc.errors import IPDCError, MessageError
 from ipdc.kubo import KuboClient
 from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import MapReduceController
+from ipdc.submit.mapreduce import MapReduceController, job_code
 from ipdc.trust import Signer, TrustStore, verify
 from ipdc.wire.cache import CACHE, MAX_RECORD, CacheRecord, cache_key
 from ipdc.wire.ids import Cid, JobId, NodeName
@@ -55,10 +55,11 @@ def job_key(client: SwarmClient, controller: MapReduceController) -> Keyed:
     job's K when it starts now."""
     job = controller.job
     source = controller.input_source()
-    code = {"Map.py": cid_of_file(job.map_file), "Reduce.py": cid_of_file(job.reduce_file)}
+    shipped = job_code(job)
+    code = {name: cid_of_file(path) for name, path in shipped.files.items()}
     k = job.k if job.k is not None else len(client.peers.live())
-    key = cache_key(code=code, input_cid=source.cid, k=k, chunks=job.chunks, verify=job.verify,
-                    majority=job.verify_majority)
+    key = cache_key(code=code, stages=shipped.stages.to_params(), input_cid=source.cid, k=k, chunks=job.chunks,
+                    verify=job.verify, majority=job.verify_majority)
     return Keyed(key, code, source.cid, source.size)
 
 

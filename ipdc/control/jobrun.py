@@ -63,14 +63,24 @@ def job_params(job: MapReduceJob) -> dict[str, Any]:
     """The job as the history keeps it (and a restarted service rebuilds it from)."""
     return {"input": input_text(job.input), "k": job.k, "map_file": str(job.map_file),
             "reduce_file": str(job.reduce_file), "chunks": job.chunks, "max_attempts": job.max_attempts,
-            "verify": job.verify, "verify_majority": job.verify_majority, "cache": job.cache}
+            "verify": job.verify, "verify_majority": job.verify_majority, "mapper": job.mapper,
+            "reducer": job.reducer, "combiner": job.combiner, "files": [str(f) for f in job.files],
+            "cache": job.cache}
 
 
 def job_of(params: dict[str, Any], output: str) -> MapReduceJob:
     return MapReduceJob(input=parse_input(params["input"]), k=params["k"], map_file=Path(params["map_file"]),
                         reduce_file=Path(params["reduce_file"]), output=Path(output), chunks=params["chunks"],
                         max_attempts=params["max_attempts"], verify=params["verify"],
-                        verify_majority=params["verify_majority"], cache=params.get("cache", True))
+                        verify_majority=params["verify_majority"], cache=params.get("cache", True),
+                        **streaming_of(params))
+
+
+def streaming_of(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's Hadoop Streaming fields, from a submitted spec or a record (where a job
+    recorded before they existed has none)."""
+    return {"mapper": params.get("mapper"), "reducer": params.get("reducer"), "combiner": params.get("combiner"),
+            "files": tuple(Path(f) for f in params.get("files") or ())}
 
 
 def resume_of(row: dict[str, Any]) -> Resume | None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from ipdc.agent.joblogs import job_lines
 from ipdc.control.history import DB_NAME, FINISHED, History
-from ipdc.control.jobrun import Context, JobRun, job_of, job_params, moved, resume_of
+from ipdc.control.jobrun import Context, JobRun, job_of, job_params, moved, resume_of, streaming_of
 from ipdc.control.swarm import fetch_logs, find_record, job_peers, write_result
 from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
@@ -156,7 +156,8 @@ class ControlService:
             input=parse_input(spec["input"]), k=spec.get("k"), map_file=Path(spec["map_file"]),
             reduce_file=Path(spec["reduce_file"]), output=output, chunks=spec.get("chunks"),
             max_attempts=int(spec.get("max_attempts", 3)), verify=int(spec.get("verify", 1)),
-            verify_majority=bool(spec.get("verify_majority", False)), cache=bool(spec.get("cache", True)))
+            verify_majority=bool(spec.get("verify_majority", False)), cache=bool(spec.get("cache", True)),
+            **streaming_of(spec))
         check_job_files(job)
         submitted = time.time()
         self.history.add(job_id, "mapreduce", self.node.signer.public_key, self.config.node.name,

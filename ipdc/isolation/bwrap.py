@@ -37,7 +37,7 @@ INNER_UID = 1000
 #: Where IPDC's user-code modules are, inside.
 LIB = "/ipdc/lib"
 #: IPDC's files a sandbox gets, relative to the ``ipdc`` package: only the user-code side.
-SHIPPED = ("__init__.py", "errors.py", "runner/*.py", "wire/fdmsg.py", "wire/partition.py")
+SHIPPED = ("__init__.py", "errors.py", "runner/*.py", "wire/fdmsg.py", "wire/partition.py", "wire/stages.py")
 #: Size of /dev/shm (POSIX semaphores and shared memory, e.g. for multiprocessing).
 SHM_MB = 64
 #: The first fd after the channel (3): the spec's own fds, then ours.

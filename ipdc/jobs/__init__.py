@@ -1,6 +1,6 @@
-"""Files shipped with IPDC: the default WordCount job and its example input, and
-the TensorFlow example and spec. They are package data, so a wheel install finds
-them as an editable one does."""
+"""Files shipped with IPDC: the default WordCount job and its example input, a Hadoop
+Streaming reducer (streaming/sum_reduce.py), and the TensorFlow example and spec. They
+are package data, so a wheel install finds them as an editable one does."""
 
 from __future__ import annotations
 

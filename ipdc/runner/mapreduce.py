@@ -96,10 +96,7 @@ def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
     Documents are read one at a time, so ``documents`` may be a stream: only the
     merged groups are held, never every document at once.
     """
-    groups = KeyGroups()
-    with _collector_paused():
-        for document in documents:
-            groups.add_columns(read_groups(document))
+    groups = merge_partitions(documents)
     reduce = module.reduce
     lines = []
     for key, values in groups.sorted_items():
@@ -109,6 +106,15 @@ def reduce_partitions(module: ModuleType, documents: Iterable[bytes]) -> bytes:
         else:
             lines.append(f"{format_field(key)}\t{format_field(value)}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def merge_partitions(documents: Iterable[bytes]) -> KeyGroups:
+    """One partition's map outputs merged by key, read one document at a time."""
+    groups = KeyGroups()
+    with _collector_paused():
+        for document in documents:
+            groups.add_columns(read_groups(document))
+    return groups
 
 
 @contextmanager

@@ -11,9 +11,10 @@ runner hands back to kubo itself. The only channel is fd 3, with messages as in
 :mod:`ipdc.wire.fdmsg`:
 
 * runner: ``{"ready": true, "pid": P}`` once started;
-* ``{"op": "load", "job": TAG, "partitions": K, "files": [NAME, ...]}`` with one sealed
-  memfd per file: the files are written to /job (the cwd, on sys.path) and Map.py and
-  Reduce.py, when present, are imported. Answer ``{"ok": true}``.
+* ``{"op": "load", "job": TAG, "partitions": K, "files": [NAME, ...], "stages": S}`` with
+  one sealed memfd per file: the files are written to /job (the cwd, on sys.path), the
+  Python files of the stages ``S`` (:mod:`ipdc.wire.stages`; absent: Map.py and
+  Reduce.py) are imported and the shipped programs made executable. Answer ``{"ok": true}``.
 * ``{"op": "map", "path": PATH}`` with the chunk (PATH: its input file, for a
   ``map(line, path)``): answer ``{"ok": true, "sizes": [K sizes], "stats":
   {...}}`` with one sealed memfd holding the K partition documents back to back.
@@ -46,8 +47,10 @@ from typing import Any, NoReturn
 
 from ipdc.errors import IPDCError, JobError
 from ipdc.runner.mapreduce import load_module, map_pairs, reduce_partitions
+from ipdc.runner.streaming import map_command, reduce_command
 from ipdc.wire import fdmsg
 from ipdc.wire.partition import PartitionError, write_partitions
+from ipdc.wire.stages import PYTHON_JOB, CommandStage, PythonStage, stages_of
 
 #: The channel to the agent.
 CHANNEL_FD = 3
@@ -79,6 +82,7 @@ class Runner:
         self.limits = limits
         """sandbox.* settings the failure messages name: cpu_seconds, memory_mb, file_mb."""
         self.pid = os.getpid()
+        self.stages = PYTHON_JOB
         self.mapper: ModuleType | None = None
         self.reducer: ModuleType | None = None
         self.partitions = 0
@@ -145,40 +149,58 @@ class Runner:
         sys.path.insert(0, os.getcwd())
         self.partitions = int(request["partitions"])
         tag = str(request["job"])
-        if "Map.py" in names:
-            self.mapper = load_module(Path("Map.py").absolute(), f"ipdc_job_{tag}_map")
-        if "Reduce.py" in names:
-            self.reducer = load_module(Path("Reduce.py").absolute(), f"ipdc_job_{tag}_reduce")
+        stages = self.stages = stages_of(request.get("stages"), set(names))
+        for stage in (stages.map, stages.combine, stages.reduce):
+            if isinstance(stage, CommandStage) and stage.shipped:
+                os.chmod(stage.argv[0], 0o755)
+        if isinstance(stages.map, PythonStage) and stages.map.file in names:
+            self.mapper = load_module(Path(stages.map.file).absolute(), f"ipdc_job_{tag}_map")
+        if isinstance(stages.reduce, PythonStage) and stages.reduce.file in names:
+            self.reducer = load_module(Path(stages.reduce.file).absolute(), f"ipdc_job_{tag}_reduce")
         return {}, []
 
     def map(self, request: dict[str, Any], fds: list[int]) -> Reply:
-        if self.mapper is None:
-            raise JobError("this job has no Map.py")
         t0 = time.perf_counter()
         data = _read(fds[0])
-        text = str(data, "utf-8", "surrogateescape")
-        documents = write_partitions(map_pairs(self.mapper, text, str(request.get("path", ""))),
-                                     self.partitions)
+        mapper = self.stages.map
+        if isinstance(mapper, CommandStage):
+            documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap)
+        elif self.mapper is None:
+            raise JobError("this job has no Map.py")
+        else:
+            text = str(data, "utf-8", "surrogateescape")
+            documents = write_partitions(map_pairs(self.mapper, text, str(request.get("path", ""))),
+                                         self.partitions)
         self._only_the_runner()
         t1 = time.perf_counter()
         return _output(documents, {"map": t1 - t0})
 
     def reduce(self, request: dict[str, Any], fds: list[int]) -> Reply:
-        if self.reducer is None:
-            raise JobError("this job has no Reduce.py")
         t0 = time.perf_counter()
         data = _read(fds[0])
         documents, start = [], 0
         for size in request["sizes"]:
             documents.append(data[start:start + int(size)])
             start += int(size)
+        reducer = self.stages.reduce
         try:
-            part = reduce_partitions(self.reducer, documents)
+            if isinstance(reducer, CommandStage):  # the part: the blocks the reducer wrote
+                blocks = reduce_command(reducer, documents, self.output_cap)
+            elif self.reducer is None:
+                raise JobError("this job has no Reduce.py")
+            else:
+                blocks = [reduce_partitions(self.reducer, documents)]
         except PartitionError as exc:
             raise JobError(f"a map output of this reduce task is malformed: {exc}") from None
         self._only_the_runner()
         t1 = time.perf_counter()
-        return _output([part], {"reduce": t1 - t0})
+        output = fdmsg.sealed_memfd(blocks, "ipdc-output")
+        return {"sizes": [sum(map(len, blocks))], "stats": {"reduce": t1 - t0}}, [output]
+
+    @property
+    def output_cap(self) -> int:
+        """The most a streaming program's stdout is read: the agent takes no larger output."""
+        return self.limits["file_mb"] << 20
 
 
 def _read(fd: int) -> bytes | mmap.mmap:

@@ -25,7 +25,6 @@ It also checks that every report answers a request it really sent to that peer
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +46,7 @@ from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.inputs import Input, check_local, cid_input, input_text, local_input, plan_splits
+from ipdc.submit.jobfiles import JobCode, plan_code
 from ipdc.submit.mrstate import (
     Attempt,
     Command,
@@ -90,7 +91,8 @@ ProgressFn = Callable[[str, float, float], None]
 
 @dataclass(frozen=True)
 class MapReduceJob:
-    """What the user asks for: their Map.py and Reduce.py over one input."""
+    """What the user asks for: their Map.py and Reduce.py, or commands (Hadoop Streaming),
+    over one input."""
 
     input: Path | str
     """A local file or directory, or an input in IPFS: a CID or ``/ipfs/CID/path`` (a str);
@@ -98,7 +100,17 @@ class MapReduceJob:
     k: int | None = None
     """Workers (and reducers). None: every live peer."""
     map_file: Path = JOBS_DIR / "Map.py"
+    """The Python map stage, unless ``mapper`` is given."""
     reduce_file: Path = JOBS_DIR / "Reduce.py"
+    """The Python reduce stage, unless ``reducer`` is given."""
+    mapper: str | None = None
+    """A command line (split with shlex, never a shell) that maps instead of ``map_file``."""
+    reducer: str | None = None
+    """A command line that reduces instead of ``reduce_file``."""
+    combiner: str | None = None
+    """A command line that combines each map task's sorted output (with ``mapper`` only)."""
+    files: tuple[Path, ...] = ()
+    """Files shipped with the job into its working directory: programs, helpers, data."""
     output: Path | None = None
     """Default: ``./ipdc-out/<job-id>``."""
     chunks: int | None = None
@@ -190,27 +202,11 @@ def default_chunks(size: int, k: int) -> int:
 def check_job_files(job: MapReduceJob) -> None:
     """Fail before touching the swarm on what the user can fix at once.
 
-    The files are compiled, not run: user code never executes in the submitter.
+    The files are parsed, not run: user code never executes in the submitter.
     """
     if isinstance(job.input, Path):
         check_local(job.input)
-    for path, needed in ((job.map_file, ("map", "map_chunk")), (job.reduce_file, ("reduce",))):
-        try:
-            source = path.read_text()
-        except OSError as exc:
-            raise JobError(f"cannot read job file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise JobError(f"job file {path} is not UTF-8 text") from None
-        try:
-            tree = ast.parse(source, str(path))
-        except SyntaxError as exc:
-            raise JobError(f"job file {path} has a syntax error, line {exc.lineno}: {exc.msg}") from None
-        defined = {node.name for node in tree.body
-                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        defined |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-                    for t in node.targets if isinstance(t, ast.Name)}
-        if not defined & set(needed):
-            raise JobError(f"job file {path} defines no top-level `{needed[0]}` function")
+    job_code(job)
     if job.k is not None and job.k < 1:
         raise JobError(f"--k must be at least 1, not {job.k}")
     if job.max_attempts < 1:
@@ -223,6 +219,12 @@ def check_job_files(job: MapReduceJob) -> None:
     if job.output is not None and job.output.exists() and any(job.output.iterdir()):
         raise JobError(f"output directory {job.output} exists and is not empty; "
                        "choose another --output or remove it")
+
+
+def job_code(job: MapReduceJob) -> JobCode:
+    """The job's stages and the files it ships, checked (the check runs again at upload: the
+    controller service may run the job long after it was submitted)."""
+    return plan_code(job.map_file, job.reduce_file, job.mapper, job.reducer, job.combiner, job.files)
 
 
 class MapReduceController:
@@ -337,8 +339,10 @@ class MapReduceController:
         splits = plan_splits(source, self.job.chunks or default_chunks(size, workers), self.kubo,
                              self.client.config.sandbox.fetch_stall)
         self.progress("upload", 0, size)
-        with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
-            code_cids = self.kubo.add_streams([("Map.py", m), ("Reduce.py", r)])
+        code = job_code(self.job)
+        with ExitStack() as files:
+            code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
+                                               for name, path in code.files.items()])
         self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
         added = self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in splits
                                      if s.file.local is not None)
@@ -347,9 +351,10 @@ class MapReduceController:
         fresh = iter(added)
         self.manifest = JobManifest(
             job_id=self.job_id, owner=NodeName(self.client.name),
-            code={"Map.py": code_cids[0], "Reduce.py": code_cids[1]},
+            code=dict(zip(code.files, code_cids, strict=True)),
             chunks=[next(fresh) if s.file.cid is None else s.file.cid for s in splits],
             partitions=workers, workers=[NodeName(p) for p in self.peers], submitter=self.client.submitter,
+            params={"stages": code.stages.to_params()},
             sources=[ChunkSource(s.file.path, s.offset, None if s.file.cid is None else s.length)
                      for s in splits],
         )

@@ -1,8 +1,9 @@
 """CacheRecord: "this job was computed, and here is its result", shared by the swarm.
 
 A job's **cache key** names everything that decides its result's bytes: the CIDs of
-its code, the CID of its whole input, K (the number of parts), the partitioner, the
-requested number of chunks, and ``--verify``. The output directory, the time, the job
+every file it ships (Map.py, Reduce.py, ``--file``s), what runs each stage (a Python
+file, or a streaming command line), the CID of its whole input, K (the number of
+parts), the partitioner, the requested number of chunks, and ``--verify``. The output directory, the time, the job
 id and the workers are left out: two jobs with the same key write the same parts.
 The key is the SHA-256 of a canonical encoding (sorted JSON, ASCII, no spaces) of a
 versioned dict, so every node computes the same key for the same job.
@@ -27,6 +28,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
@@ -42,11 +44,12 @@ MAX_RECORD = 4096
 _KEY = re.compile(r"[0-9a-f]{64}")
 
 
-def cache_key(*, code: Mapping[str, str], input_cid: str, k: int, chunks: int | None, verify: int,
-              majority: bool) -> str:
-    """The cache key of a job: SHA-256 (hex) of its canonical encoding."""
-    fields = {"v": KEY_VERSION, "code": dict(code), "input": input_cid, "k": k, "partitioner": PARTITIONER,
-              "chunks": chunks, "verify": verify, "majority": majority}
+def cache_key(*, code: Mapping[str, str], stages: Mapping[str, Any], input_cid: str, k: int,
+              chunks: int | None, verify: int, majority: bool) -> str:
+    """The cache key of a job: SHA-256 (hex) of its canonical encoding. ``code``: shipped file
+    name -> CID; ``stages``: the manifest's ``params["stages"]`` (JSON data)."""
+    fields = {"v": KEY_VERSION, "code": dict(code), "stages": dict(stages), "input": input_cid, "k": k,
+              "partitioner": PARTITIONER, "chunks": chunks, "verify": verify, "majority": majority}
     encoded = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(encoded.encode()).hexdigest()
 

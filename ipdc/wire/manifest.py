@@ -8,6 +8,7 @@ manifest fresh and unseen, and the agent itself listed among its workers.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,8 @@ KINDS = ("mapreduce", "tf")
 #: More map tasks or reducers than this is not a real job.
 MAX_TASKS = 1 << 16
 MAX_PARTITIONS = 4096
+#: File names a manifest may give code files: no directories, no dot files.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 #: Longest input file path a chunk may carry (Linux's PATH_MAX).

@@ -292,6 +292,11 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str,
     manifest = manifest_for(code, owner, [me], signer.public_key)
     traversal = dataclasses.replace(manifest, code={"../../evil.py": code["Map.py"]})
     absolute = dataclasses.replace(manifest, job_id=JobId.new(), code={"/etc/evil.py": code["Map.py"]})
+    python_map = {"kind": "python", "file": "Map.py"}
+    not_shipped = dataclasses.replace(manifest, job_id=JobId.new(), params={"stages": {
+        "map": {"kind": "command", "argv": ["./evil"], "shipped": True}, "reduce": python_map}})
+    shell = dataclasses.replace(manifest, job_id=JobId.new(), params={"stages": {
+        "map": {"kind": "shell", "argv": ["rm -rf /"]}, "reduce": python_map}})
     bad_cid = json.loads(encode(signer.sign(Download(manifest), "download", me)))
     bad_cid["manifest"]["code"]["Map.py"] = "not-a-cid;rm -rf /"
     bad_job = json.loads(encode(signer.sign(DoMap(unknown, 0), "domap", me)))
@@ -301,6 +306,10 @@ def _bad_messages(signer: Signer, code: dict[str, Cid], owner: str,
          "unsafe file name"),
         ("absolute file name", "download", encode(signer.sign(Download(absolute), "download", me)),
          "unsafe file name"),
+        ("shipped program not in the job", "download", encode(signer.sign(Download(not_shipped), "download", me)),
+         "job stages: malformed map stage"),
+        ("unknown kind of stage", "download", encode(signer.sign(Download(shell), "download", me)),
+         "job stages: malformed map stage {'kind': 'shell'"),
         ("invalid CID", "download", json.dumps(bad_cid).encode(), "dropped"),
         ("../ job id", "domap", json.dumps(bad_job).encode(), "dropped"),
         ("unknown job", "domap", encode(signer.sign(DoMap(unknown, 0), "domap", me)), "unknown"),
