@@ -30,9 +30,9 @@ PATCH = f'''
 _honest_map_pairs = map_pairs
 
 
-def map_pairs(module, text):  # the patch: every map output gains a pair the input never had
+def map_pairs(module, text, path=""):  # the patch: every map output gains a pair the input never had
     groups = KeyGroups()
-    groups.add_pairs([*_honest_map_pairs(module, text), ({LIE!r}, 1)], None)
+    groups.add_pairs([*_honest_map_pairs(module, text, path), ({LIE!r}, 1)], None)
     return groups
 '''
 
