@@ -164,7 +164,8 @@ class Runner:
         data = _read(fds[0])
         mapper = self.stages.map
         if isinstance(mapper, CommandStage):
-            documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap)
+            documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap,
+                                    str(request.get("path", "")))
         elif self.mapper is None:
             raise JobError("this job has no Map.py")
         else:

@@ -71,6 +71,14 @@ def test_a_mapper_gets_the_raw_bytes_and_its_lines_are_partitioned_as_python_key
     assert found == {b"a": ["1", "1"], b"b": ["1"], b"c\xff": ["1"]}
 
 
+def test_a_mapper_finds_its_input_file_where_hadoop_streaming_puts_it() -> None:
+    mapper = CommandStage(("sh", "-c", 'printf "%s\\t%s\\n" "$mapreduce_map_input_file" "$map_input_file"'),
+                          shipped=False)
+    documents = map_command(mapper, None, b"x\n", 1, CAP, "docs/a b.txt")
+    columns = read_groups(documents[0])
+    assert list(zip(columns.keys, columns.values, strict=True)) == [("docs/a b.txt", "docs/a b.txt")]
+
+
 def test_a_reducer_reads_sorted_lines_and_its_output_is_the_part() -> None:
     mapper = CommandStage(("awk", '{print $1 "\t" $2}'), shipped=False)
     documents = map_command(mapper, None, b"z 1\na 2\nz 3\nm\n", 2, CAP)
