@@ -67,8 +67,6 @@ class Input:
     cid: str
     """The whole input's CID (a UnixFS file or directory)."""
     files: list[InputFile]
-    by_cid: bool
-    """Given by CID: read from the swarm, never added again."""
 
     @property
     def size(self) -> int:
@@ -121,12 +119,12 @@ def local_input(path: Path) -> Input:
     check_local(path)
     if path.is_file():
         root = cid_to_str(_hash_file(path).cid)
-        return Input(root, [InputFile(path.name, path.stat().st_size, path)], False)
+        return Input(root, [InputFile(path.name, path.stat().st_size, path)])
     files: list[InputFile] = []
     link = _walk_local(path, "", files, top=True)
     if not files:
         raise JobError(f"input directory {path} holds no file to read (hidden files are left out)")
-    return Input(cid_to_str(link.cid), files, False)
+    return Input(cid_to_str(link.cid), files)
 
 
 def _hash_file(path: Path) -> Link:
@@ -171,7 +169,7 @@ def cid_input(kubo: KuboClient, ref: str) -> Input:
         root = kubo.resolve(path, RESOLVE_TIMEOUT)
         kind, size = kubo.stat(root, RESOLVE_TIMEOUT)
         if kind == "file":
-            return Input(str(root), [InputFile(path.rsplit("/", 1)[-1], size, cid=root)], True)
+            return Input(str(root), [InputFile(path.rsplit("/", 1)[-1], size, cid=root)])
         files: list[InputFile] = []
         _walk_cid(kubo, root, "", files, top=True)
     except KuboError as exc:
@@ -179,7 +177,7 @@ def cid_input(kubo: KuboClient, ref: str) -> Input:
                        "live node, and the path inside it right?") from None
     if not files:
         raise JobError(f"input {ref} is a directory with no file in it")
-    return Input(str(root), files, True)
+    return Input(str(root), files)
 
 
 def _walk_cid(kubo: KuboClient, cid: Cid, prefix: str, files: list[InputFile], top: bool = False) -> None:
