@@ -125,12 +125,13 @@ class Program:
         try:
             self.process = subprocess.Popen(
                 [program, *stage.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, close_fds=True)
+                stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
         except OSError as exc:
             hint = " (a script needs a #! line)" if exc.errno == 8 else ""
             raise JobError(f"the {role} `{stage.line}` could not start: {exc.strerror}{hint}") from None
         self.threads = [threading.Thread(target=self._feed, args=(feed,), daemon=True),
-                        threading.Thread(target=self._drain, daemon=True)]
+                        threading.Thread(target=self._drain, daemon=True),
+                        threading.Thread(target=self._end_group, daemon=True)]
         for thread in self.threads:
             thread.start()
 
@@ -151,15 +152,26 @@ class Program:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Never leave the program behind: on an error, it is killed."""
+        """Never leave the program behind: on an error, it is killed, with its process group."""
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None and not stream.closed:
                 stream.close()
         for thread in self.threads:
             thread.join()
+
+    def _end_group(self) -> None:
+        """Once the program has exited, kill what it left running in its process group (its
+        session, as Hadoop kills a task's process tree): a leftover holding its stdout or
+        stderr would keep the task waiting for an end of file. Waited for without reaping,
+        so the group's id cannot be reused meanwhile; the task's thread reaps it."""
+        try:
+            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ChildProcessError, ProcessLookupError):
+            pass  # reaped already (its output had ended), or no process was left in the group
 
     def _feed(self, feed: Iterable[bytes | memoryview]) -> None:
         stdin = self.process.stdin

@@ -107,6 +107,24 @@ def test_a_program_killed_by_a_limits_signal_names_the_limit() -> None:
         map_command(suicide, None, b"x\n", 1, CAP)
 
 
+@pytest.mark.timeout(60)
+def test_what_a_program_leaves_running_is_ended_with_it() -> None:
+    """A background process would hold the program's stdout open: the task would wait for it
+    (here 10 minutes) instead of ending with its program."""
+    marker = "601.25"
+    leaves = CommandStage(("sh", "-c", f"sleep {marker} & echo 'a\tb'"), shipped=False)
+    documents = map_command(leaves, None, b"x\n", 1, CAP)
+    assert read_groups(documents[0]).keys == ["a"]
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_a_program_that_is_not_there_is_named_with_what_to_do() -> None:
     with pytest.raises(JobError, match=r"mapper program 'no-such-mapper' was not found .*--file no-such-mapper"):
         map_command(CommandStage(("no-such-mapper",), shipped=False), None, b"x\n", 1, CAP)
