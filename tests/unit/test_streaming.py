@@ -268,3 +268,16 @@ def test_the_interpreter_runs_the_example_reducer() -> None:
     done = subprocess.run([sys.executable, str(shipped("streaming", "sum_reduce.py"))],
                           input=b"a\t1\na\t2\nb\xff\t5\n", capture_output=True, check=True)
     assert done.stdout == b"a\t3\nb\xff\t5\n"
+
+
+def test_a_streaming_job_is_recorded_and_rebuilt_whole(tmp_path: Path) -> None:
+    """The controller service records a job's parameters and rebuilds the job from them when
+    it is restarted; a record made before streaming existed is a Python job."""
+    from ipdc.control.jobrun import job_of, job_params
+    from ipdc.submit.mapreduce import MapReduceJob
+
+    job = MapReduceJob(tmp_path / "in.txt", k=2, mapper="awk '{print $1}'", combiner="./sum", reducer="sort -u",
+                       files=(tmp_path / "sum", tmp_path / "stop.txt"), output=tmp_path / "out")
+    assert job_of(job_params(job), str(tmp_path / "out")) == job
+    old = {k: v for k, v in job_params(job).items() if k not in ("mapper", "reducer", "combiner", "files")}
+    assert job_of(old, str(tmp_path / "out")) == MapReduceJob(tmp_path / "in.txt", k=2, output=tmp_path / "out")
