@@ -33,6 +33,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from typing import Any, cast
 
 from ipdc.errors import JobError
@@ -49,7 +50,7 @@ STDERR_TAIL = 2000
 #: What a signal that ended a program says about it: the limit and the setting behind it.
 SIGNALS = {signal.SIGXCPU: "the CPU-time limit, sandbox.cpu_seconds",
            signal.SIGXFSZ: "the file-size limit, sandbox.file_mb",
-           signal.SIGKILL: "killed from outside: the memory limit, sandbox.memory_mb, or the task was cancelled"}
+           signal.SIGKILL: "the memory limit, sandbox.memory_mb, or a kill from outside the sandbox"}
 
 
 def records(blocks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
@@ -103,6 +104,7 @@ def _first(item: tuple[bytes, str, list[Any]]) -> bytes:
 
 
 def group(pairs: Iterable[tuple[str, str]]) -> KeyGroups:
+    """Records grouped by key, as a Python mapper's pairs are."""
     groups = KeyGroups()
     groups.add_pairs(pairs)
     return groups
@@ -154,7 +156,8 @@ class Program:
     def __exit__(self, *exc: object) -> None:
         """Never leave the program behind: on an error, it is killed, with its process group."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None and not stream.closed:
