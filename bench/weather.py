@@ -37,7 +37,7 @@ import common
 import generic
 
 sys.path.insert(0, str(common.REPO))
-from ipdc.submit.mapreduce import plan_chunks
+from ipdc.submit.inputs import plan_chunks
 
 JOB = common.BENCH / "jobs" / "weather"
 VARIANTS = ("ipdc-generic", "pool2-generic", "counter-generic")

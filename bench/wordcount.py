@@ -51,7 +51,7 @@ import generic
 
 sys.path.insert(0, str(common.REPO))
 from ipdc.jobs import shipped
-from ipdc.submit.mapreduce import plan_chunks
+from ipdc.submit.inputs import plan_chunks
 
 CORPUS = common.BENCH / "corpus" / "corpus.txt"
 #: Chunks for the chunked variants: ~12 MB each on the full corpus, so two workers

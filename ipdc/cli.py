@@ -411,11 +411,12 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
 
 
 @main.command()
-@click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_ref", metavar="INPUT")
 @click.option("--k", type=int, default=None,
               help="Workers (= reducers = output parts). Default: every live peer.")
 @click.option("--map", "map_file", type=click.Path(path_type=Path), default=None,
-              show_default="the shipped WordCount Map.py", help="File defining map(line) [and combine].")
+              show_default="the shipped WordCount Map.py",
+              help="File defining map(line) or map(line, path) [and combine].")
 @click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=None,
               show_default="the shipped WordCount Reduce.py", help="File defining reduce(key, values).")
 @click.option("--mapper", metavar="CMD", help="Streaming mapper instead of --map: a command (split like a shell "
@@ -442,11 +443,27 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
                    "(see `ipdc jobs`, `ipdc job status ID`).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
-def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path | None, mapper: str | None,
+@click.option("--print-cid", is_flag=True,
+              help="Print only the result CID, to chain jobs: ipdc mr B.py $(ipdc mr --print-cid ...).")
+@click.option("--no-cache", is_flag=True,
+              help="Run the job even when the swarm has the result of an identical one.")
+def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path | None, mapper: str | None,
        reducer: str | None, combiner: str | None, files: tuple[Path, ...], output: Path | None,
        chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, detach: bool, quiet: bool,
-       as_json: bool) -> None:
+       as_json: bool, print_cid: bool, no_cache: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
+
+    INPUT is a local file; a local directory (every file in it, hidden ones left out);
+    a CID of a file or directory the swarm holds; or /ipfs/CID/path inside one. An
+    input given by CID is read from the swarm, never uploaded again. A directory that
+    holds part-00000 (a job's output, or its result CID) is read as its part-* files
+    only, so jobs chain with --print-cid. A map(line, path) gets each line's file path
+    inside INPUT as its second argument.
+
+    When a swarm member has already run the same job (the same code, input CID, K,
+    --chunks and --verify), its signed result is used at once (cached: true in the
+    summary), after checking the signer is trusted and the result still retrievable;
+    --no-cache runs it anyway.
 
     The job is your Map.py and Reduce.py (WordCount by default). Input is UTF-8;
     bytes that are not valid UTF-8 reach map() as surrogate escapes and are written
@@ -471,13 +488,16 @@ def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path
     node for $IPDC_HOME, a temporary local cluster is started for the job and
     removed afterwards.
     """
+    from ipdc.submit.inputs import input_text, parse_input
+
     if (mapper is not None and map_file is not None) or (reducer is not None and reduce_file is not None):
         raise click.UsageError("--mapper/--map (and --reducer/--reduce) both name one stage: give one of them")
     if mapper is not None and reducer is None and reduce_file is None:
         raise click.UsageError("a --mapper job needs --reducer CMD, or --reduce FILE for a Python reducer "
                                "(which gets the values as strings)")
     map_file, reduce_file = map_file or JOBS_DIR / "Map.py", reduce_file or JOBS_DIR / "Reduce.py"
-    spec = {"input": str(input_file.absolute()), "k": k, "map_file": str(map_file.absolute()),
+    spec = {"input": input_text(parse_input(input_ref)), "k": k, "cache": not no_cache,
+            "map_file": str(map_file.absolute()),
             "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
             "chunks": chunks, "max_attempts": max_attempts, "verify": verify,
             "verify_majority": verify_majority, "mapper": mapper, "reducer": reducer, "combiner": combiner,
@@ -493,8 +513,8 @@ def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path
         queued = {"job_id": reply["job_id"], "state": "queued", "output": reply["output"]}
         click.echo(json.dumps(queued, indent=2) if as_json else reply["job_id"])
         return
-    show = not quiet and not as_json and err.is_terminal
-    with swarm_for(k, quiet or as_json) as home:
+    show = not quiet and not as_json and not print_cid and err.is_terminal
+    with swarm_for(k, quiet or as_json or print_cid) as home:
         client = ControlClient(home, timeout=None)
         job_id = client.call("submit", job=spec, cwd=os.getcwd())["job_id"]
         try:
@@ -504,7 +524,10 @@ def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path
             final = _interrupted(client, job_id)
     if final["state"] != "succeeded":
         raise remote_error(final)
-    _print_result(final["result"], as_json)
+    if print_cid:
+        click.echo(final["result"]["result_cid"])
+    else:
+        _print_result(final["result"], as_json)
 
 
 def _follow(client: ControlClient, job_id: str,
@@ -559,7 +582,8 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"job {result['job_id']} succeeded in {result['timings']['total']:.2f}s")
+    click.echo(f"job {result['job_id']} succeeded in {result['timings']['total']:.2f}s"
+               + (f" (cached: the result of job {result['cached_from']})" if result.get("cached") else ""))
     click.echo(f"output:  {result['output']}")
     click.echo(f"result:  {result['result_cid']}")
     click.echo(f"workers: {', '.join(w['name'] for w in result['workers'])}")
@@ -643,6 +667,8 @@ def job_status(job_id: str, as_json: bool) -> None:
                f"output {found['output_dir']}")
     if found["result_cid"]:
         click.echo(f"result:  {found['result_cid']}")
+    if (found["summary"] or {}).get("cached"):
+        click.echo(f"cached:  the result of job {found['summary']['cached_from']}; no task ran")
     if found["error"]:
         click.echo(f"error:   {found['error']}")
     table = _table("task", "state", "attempts (peer: outcome, seconds)", "output by")

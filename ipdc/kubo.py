@@ -155,9 +155,10 @@ class KuboClient:
         in the blockstore until a garbage collection."""
         return self.add_streams([(name, io.BytesIO(data))], pin=pin)[0]
 
-    def add_ranges(self, path: Path, ranges: Iterable[tuple[int, int]]) -> list[Cid]:
-        """Add several byte ranges of one file in one request, one CID per range."""
-        windows = [(f"chunk-{i:05d}", _Window(path, off, n)) for i, (off, n) in enumerate(ranges)]
+    def add_ranges(self, pieces: Iterable[tuple[Path, int, int]]) -> list[Cid]:
+        """Add byte ranges (file, offset, length) of one or more files in one request, one
+        CID per range."""
+        windows = [(f"chunk-{i:05d}", _Window(path, off, n)) for i, (path, off, n) in enumerate(pieces)]
         try:
             return self.add_streams(windows)
         finally:
@@ -212,6 +213,50 @@ class KuboClient:
         if response.status_code != 200:
             raise KuboError(f"kubo {cmd} {cid} failed: {_daemon_message(response)}")
         return data
+
+    def fetch_range(self, cid: str, offset: int, length: int, *, stall: float) -> bytes:
+        """``length`` bytes from ``offset`` of the UnixFS file ``cid``, fetching only the
+        blocks that hold them; KuboError on a stall, as :meth:`fetch`.
+
+        No check against a CID of its own is possible for a part of a file: kubo checks
+        every block it takes from a peer against the block's CID, and walks the file's
+        DAG down from ``cid``, so the bytes are the ones ``cid`` names.
+        """
+        if length == 0 or cid == EMPTY_CID:
+            return b""
+        arg = str(Cid(cid))
+        data = self._read_stalling("cat", {"arg": arg, "offset": str(offset), "length": str(length)},
+                                   arg, stall)
+        if len(data) != length:
+            raise KuboError(f"kubo returned {len(data)} bytes of {cid} from offset {offset}, not {length}: "
+                            "the input file is shorter than planned")
+        return data
+
+    def prefetch(self, cid: str, *, stall: float) -> None:
+        """Every block of ``cid``'s DAG into this node (``refs -r``); KuboError when no block
+        arrives for ``stall`` seconds: what is not retrievable from the swarm now."""
+        arg = str(Cid(cid))
+        if cid != EMPTY_CID:
+            self._read_stalling("refs", {"arg": arg, "recursive": "true"}, arg, stall)
+            self._read_stalling("block/stat", {"arg": arg}, arg, stall)
+
+    def resolve(self, path: str, timeout: float) -> Cid:
+        """The CID an IPFS path (``/ipfs/CID/dir/file``) names; KuboError when its blocks do
+        not come within ``timeout`` seconds (kubo would wait for them forever)."""
+        answer = self._post("resolve", {"arg": path}, timeout=timeout).json()
+        return Cid(str(answer["Path"]).removeprefix("/ipfs/"))
+
+    def stat(self, cid: str, timeout: float) -> tuple[str, int]:
+        """A UnixFS node's type ("file" or "directory") and, for a file, its size in bytes."""
+        answer = self._post("files/stat", {"arg": f"/ipfs/{Cid(cid)}"}, timeout=timeout).json()
+        return str(answer["Type"]), int(answer.get("Size") or 0)
+
+    def entries(self, cid: str, timeout: float) -> list[tuple[str, Cid, bool, int]]:
+        """A UnixFS directory's entries: (name, CID, is a directory, size of a file)."""
+        params = {"arg": str(Cid(cid)), "resolve-type": "true", "size": "true"}
+        objects = self._post("ls", params, timeout=timeout).json()["Objects"]
+        return [(str(link["Name"]), Cid(link["Hash"]), link.get("Type") == 1, int(link.get("Size") or 0))
+                for obj in objects for link in obj.get("Links") or []]
 
     def fetch_checked(self, cid: str, *, stall: float) -> bytes:
         """:meth:`fetch`, and the bytes checked against the CID before anything uses them:

@@ -404,7 +404,7 @@ class Agent:
         try:
             if isinstance(action, RunMap):
                 cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
-                                                    action.chunk)
+                                                    action.chunk, job.manifest.source(action.task))
             else:
                 cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
                                                        action.inputs)

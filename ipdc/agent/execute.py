@@ -27,7 +27,7 @@ from ipdc.kubo import EMPTY_CID, KuboClient
 from ipdc.spawn import Sandbox
 from ipdc.wire import fdmsg
 from ipdc.wire.ids import Cid
-from ipdc.wire.manifest import JobManifest
+from ipdc.wire.manifest import ChunkSource, JobManifest
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,17 @@ class Executor:
         """Bind a runner to the job now, while its first task is on its way."""
         self.pool.release(self._acquire(job, manifest, job_dir))
 
-    def run_map(self, job: str, manifest: JobManifest, job_dir: Path, chunk: Cid) -> Result:
+    def run_map(self, job: str, manifest: JobManifest, job_dir: Path, chunk: Cid,
+                source: ChunkSource | None = None) -> Result:
+        """``source``: where the chunk comes from (see :class:`~ipdc.wire.manifest.ChunkSource`);
+        its path goes to the runner for a ``map(line, path)``."""
         t0 = time.perf_counter()
-        data = self.fetch(chunk)
-        return self._run(job, manifest, job_dir, {"op": "map"}, [data], manifest.partitions,
+        if source is not None and source.length is not None:
+            data = self.kubo.fetch_range(chunk, source.offset, source.length, stall=self.settings.fetch_stall)
+        else:
+            data = self.fetch(chunk)
+        request = {"op": "map", "path": source.path if source is not None else ""}
+        return self._run(job, manifest, job_dir, request, [data], manifest.partitions,
                          {"fetch": time.perf_counter() - t0, "bytes": float(len(data))})
 
     def run_reduce(self, job: str, manifest: JobManifest, job_dir: Path, inputs: tuple[Cid, ...]) -> Result:

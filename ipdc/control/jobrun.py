@@ -15,6 +15,7 @@ resumable from then on; a job killed before that simply starts again.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -23,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ipdc.control.cache import Keyed, find_cached, job_key, publish_cached
 from ipdc.control.history import History
-from ipdc.control.swarm import publish_record
+from ipdc.control.swarm import publish_record, write_result
 from ipdc.errors import HistoryError, IPDCError, JobCancelled
 from ipdc.kubo import KuboClient
 from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import MapReduceController, MapReduceJob, Resume, task_of, task_record
+from ipdc.submit.inputs import input_text, parse_input
+from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob, Resume, task_of, task_record
 from ipdc.submit.mrstate import Task
-from ipdc.trust import Signer
+from ipdc.trust import Signer, TrustStore
 from ipdc.wire.ids import JobId
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.schema import build
@@ -52,21 +55,25 @@ class Context:
     home: Path
     changed: Callable[[], None]
     """Tell the service's watchers (dashboards) that something changed."""
+    trust: TrustStore
+    """The keys whose cached results this node uses."""
 
 
 def job_params(job: MapReduceJob) -> dict[str, Any]:
     """The job as the history keeps it (and a restarted service rebuilds it from)."""
-    return {"input": str(job.input), "k": job.k, "map_file": str(job.map_file),
+    return {"input": input_text(job.input), "k": job.k, "map_file": str(job.map_file),
             "reduce_file": str(job.reduce_file), "chunks": job.chunks, "max_attempts": job.max_attempts,
             "verify": job.verify, "verify_majority": job.verify_majority, "mapper": job.mapper,
-            "reducer": job.reducer, "combiner": job.combiner, "files": [str(f) for f in job.files]}
+            "reducer": job.reducer, "combiner": job.combiner, "files": [str(f) for f in job.files],
+            "cache": job.cache}
 
 
 def job_of(params: dict[str, Any], output: str) -> MapReduceJob:
-    return MapReduceJob(input=Path(params["input"]), k=params["k"], map_file=Path(params["map_file"]),
+    return MapReduceJob(input=parse_input(params["input"]), k=params["k"], map_file=Path(params["map_file"]),
                         reduce_file=Path(params["reduce_file"]), output=Path(output), chunks=params["chunks"],
                         max_attempts=params["max_attempts"], verify=params["verify"],
-                        verify_majority=params["verify_majority"], **streaming_of(params))
+                        verify_majority=params["verify_majority"], cache=params.get("cache", True),
+                        **streaming_of(params))
 
 
 def streaming_of(params: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +165,11 @@ class JobRun:
         if self._cancel.is_set():
             controller.cancelled.set()
         try:
-            result = controller.run()
+            keyed = job_key(self.ctx.client, controller)
+            result = self._cached(keyed) if self.job.cache and self.resume is None else None
+            if result is None:
+                result = controller.run()
+                result.cache_key = keyed.key
         except JobCancelled as exc:
             self._end("cancelled", str(exc), exc.exit_code)
         except IPDCError as exc:
@@ -173,9 +184,36 @@ class JobRun:
             try:
                 publish_record(self.ctx.client, self.ctx.signer, self.job_id, result.result_cid,
                                len(result.parts), self.submitted_at)
-            except IPDCError as exc:  # the job succeeded; only `ipdc job get` elsewhere misses it
-                log.warning("job %s: could not publish its result record: %s", self.job_id, exc)
+                if not result.cached:
+                    publish_cached(self.ctx.client, self.ctx.signer, keyed.key, result.result_cid,
+                                   self.job_id)
+            except IPDCError as exc:  # the job succeeded; only `ipdc job get` and the cache miss it
+                log.warning("job %s: could not publish its result and cache records: %s", self.job_id, exc)
             self._end("succeeded", "", 0)
+
+    def _cached(self, keyed: Keyed) -> JobResult | None:
+        """The job's result from the swarm's cache, written to its output directory; None when
+        no trusted member has a retrievable one (or the lookup itself failed: the job runs)."""
+        started = time.monotonic()
+        try:
+            record = find_cached(self.ctx.client, self.ctx.trust, self.ctx.kubo, keyed.key)
+        except IPDCError as exc:
+            log.warning("job %s: could not look up the cache, so the job runs: %s", self.job_id, exc)
+            return None
+        if record is None:
+            return None
+        log.info("job %s: cached, the result of job %s of %s", self.job_id, record.job_id, record.owner)
+        output = self.job.output or Path("ipdc-out") / self.job_id
+        parts = self.ctx.kubo.ls(record.result_cid)
+        result = JobResult(
+            job_id=self.job_id, output=output.absolute(), result_cid=record.result_cid, workers=[],
+            code=keyed.code, chunks=[], parts=[parts[name] for name in sorted(parts)], map_tasks={},
+            input=input_text(self.job.input), input_bytes=keyed.input_bytes, submitted_at=self.submitted_at,
+            input_cid=keyed.input_cid, cache_key=keyed.key, cached=True, cached_from=record.job_id,
+            verify=self.job.verify)
+        result.timings = {"total": time.monotonic() - started}
+        write_result(self.ctx.kubo, record.result_cid, output, json.dumps(result.to_dict(), indent=2) + "\n")
+        return result
 
     def _end(self, state: str, error: str, exit_code: int) -> None:
         if self.controller is not None:

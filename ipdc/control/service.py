@@ -47,6 +47,7 @@ from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
 from ipdc.submit.client import SwarmClient
+from ipdc.submit.inputs import parse_input
 from ipdc.submit.mapreduce import MapReduceJob, check_job_files
 from ipdc.wire.ids import JobId
 
@@ -71,7 +72,8 @@ class ControlService:
         self.history = History(node.home / DB_NAME)
         self.client = SwarmClient(self.config, node.signer)
         self.kubo = node.kubo(timeout=600)
-        self.ctx = Context(self.client, self.kubo, self.history, node.signer, node.home, self._changed)
+        self.ctx = Context(self.client, self.kubo, self.history, node.signer, node.home, self._changed,
+                           node.trust)
         self.runs: dict[str, JobRun] = {}
         self.pool = ThreadPoolExecutor(MAX_RUNNING, thread_name_prefix="job")
         self.version = 0
@@ -151,10 +153,11 @@ class ControlService:
         job_id = JobId.new()
         output = Path(spec["output"]) if spec.get("output") else Path(request["cwd"]) / "ipdc-out" / job_id
         job = MapReduceJob(
-            input=Path(spec["input"]), k=spec.get("k"), map_file=Path(spec["map_file"]),
+            input=parse_input(spec["input"]), k=spec.get("k"), map_file=Path(spec["map_file"]),
             reduce_file=Path(spec["reduce_file"]), output=output, chunks=spec.get("chunks"),
             max_attempts=int(spec.get("max_attempts", 3)), verify=int(spec.get("verify", 1)),
-            verify_majority=bool(spec.get("verify_majority", False)), **streaming_of(spec))
+            verify_majority=bool(spec.get("verify_majority", False)), cache=bool(spec.get("cache", True)),
+            **streaming_of(spec))
         check_job_files(job)
         submitted = time.time()
         self.history.add(job_id, "mapreduce", self.node.signer.public_key, self.config.node.name,

@@ -61,18 +61,20 @@ ACL = """\
 # identities (CN enroll-*) never reach this file: the plugin lets them publish only
 # their own ipdc/enroll/<CN>/request and read their own .../reply.
 # A node reads its own task inbox and swarm key, and everyone's presence, heartbeats,
-# results and removals; it writes any peer's task inbox (messages there are signed),
-# and only its own presence, heartbeat and results.
+# results, cache records and removals; it writes any peer's task inbox (messages there
+# are signed), and only its own presence, heartbeat, results and cache records.
 pattern read ipdc/peer/%u/#
 pattern read ipdc/swarmkey/%u
 pattern read ipdc/presence/+
 pattern read ipdc/heartbeat/+
 pattern read ipdc/result/#
 pattern read ipdc/removed/+
+pattern read ipdc/cache/+/+
 pattern write ipdc/peer/+/+
 pattern write ipdc/presence/%u
 pattern write ipdc/heartbeat/%u
 pattern write ipdc/result/%u/#
+pattern write ipdc/cache/+/%u
 
 # The founding node answers enrollments and alone announces removals and swarm keys.
 user {founder}
@@ -103,7 +105,7 @@ class Broker:
         """Write mosquitto.conf, the ACL and an empty revocation list (the broker's
         certificate and key are written by the caller, which holds the CA)."""
         self.data.mkdir(parents=True, exist_ok=True)
-        self.acl.write_text(ACL.format(founder=founder))
+        self.write_acl(founder)
         write_private(self.revoked, "# nodes removed with `ipdc node remove`, one per line\n", replace=True)
         self.enroll_used.touch()
         limits = "".join(f"{key} {value}\n" for key, value in LIMITS.items())
@@ -136,6 +138,11 @@ class Broker:
             "connection_messages true\n"
             "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
         )
+
+    def write_acl(self, founder: str) -> None:
+        """The ACL of this IPDC version; written again at every start, so a swarm founded by an
+        older one gets the topics new channels need (``ipdc/cache/...``)."""
+        self.acl.write_text(ACL.format(founder=founder))
 
     def set_plugin(self, plugin: Path) -> None:
         """Point the config at ``plugin`` (a rebuilt one, after the cache was cleared or the

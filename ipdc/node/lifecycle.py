@@ -228,6 +228,7 @@ class Node(NodeHome):
         plugin = ensure_plugin()  # built again if the cache was cleared or IPDC's source changed
         if broker.plugin() != plugin:
             broker.set_plugin(plugin)
+        broker.write_acl(cfg.node.name)  # the broker's host is the founder
         service = self.services["mosquitto"]
         service.start([str(binary), "-c", str(broker.conf)])
         address = (cfg.broker.host, cfg.broker.port)

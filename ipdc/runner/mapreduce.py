@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import json
-from collections.abc import ItemsView, Iterable, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -22,8 +23,22 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
-def map_pairs(module: ModuleType, text: str) -> Iterable[tuple[Any, Any]]:
+def takes_path(function: Callable[..., Any]) -> bool:
+    """Whether a user's ``map``/``map_chunk`` takes a second argument, the input file's
+    path (Hadoop's ``map.input.file``): two positional parameters, or ``*args``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or callable object without a signature
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def map_pairs(module: ModuleType, text: str, path: str = "") -> Iterable[tuple[Any, Any]]:
     """The (key, value) pairs of one chunk, after the user's map and combine.
+
+    ``path``: the input file the chunk is part of, given to a ``map(line, path)`` (or
+    ``map_chunk(text, path)``); whether the function takes it is checked once per chunk.
 
     A ``map_chunk`` that returns a dict's items (WordCount's ``Counter(...).items()``)
     already holds each key once with its values combined, so its pairs are used as
@@ -35,15 +50,19 @@ def map_pairs(module: ModuleType, text: str) -> Iterable[tuple[Any, Any]]:
     bulk = getattr(module, "map_chunk", None)
     pairs: Iterable[tuple[Any, Any]]
     if bulk is not None:
+        call = (lambda piece: bulk(piece, path)) if takes_path(bulk) else bulk
         if len(text) <= BULK_PIECE:
-            pairs = bulk(text)
+            pairs = call(text)
             if isinstance(pairs, ItemsView):
                 return pairs
         else:
-            pairs = (pair for piece in line_pieces(text, BULK_PIECE) for pair in bulk(piece))
+            pairs = (pair for piece in line_pieces(text, BULK_PIECE) for pair in call(piece))
     else:
         mapper = module.map
-        pairs = (pair for line in split_lines(text) for pair in mapper(line))
+        if takes_path(mapper):
+            pairs = (pair for line in split_lines(text) for pair in mapper(line, path))
+        else:
+            pairs = (pair for line in split_lines(text) for pair in mapper(line))
     combine = getattr(module, "combine", None)
     groups = KeyGroups()
     groups.add_pairs(pairs, combine)

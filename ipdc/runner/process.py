@@ -15,7 +15,8 @@ runner hands back to kubo itself. The only channel is fd 3, with messages as in
   one sealed memfd per file: the files are written to /job (the cwd, on sys.path), the
   Python files of the stages ``S`` (:mod:`ipdc.wire.stages`; absent: Map.py and
   Reduce.py) are imported and the shipped programs made executable. Answer ``{"ok": true}``.
-* ``{"op": "map"}`` with the chunk: answer ``{"ok": true, "sizes": [K sizes], "stats":
+* ``{"op": "map", "path": PATH}`` with the chunk (PATH: its input file, for a
+  ``map(line, path)``): answer ``{"ok": true, "sizes": [K sizes], "stats":
   {...}}`` with one sealed memfd holding the K partition documents back to back.
 * ``{"op": "reduce", "sizes": [...]}`` with one memfd holding the map outputs of the
   partition back to back: answer as for map, with the one part.
@@ -168,7 +169,8 @@ class Runner:
             raise JobError("this job has no Map.py")
         else:
             text = str(data, "utf-8", "surrogateescape")
-            documents = write_partitions(map_pairs(self.mapper, text), self.partitions)
+            documents = write_partitions(map_pairs(self.mapper, text, str(request.get("path", ""))),
+                                         self.partitions)
         self._only_the_runner()
         t1 = time.perf_counter()
         return _output(documents, {"map": t1 - t0})

@@ -28,6 +28,9 @@ from ipdc.wire.stages import CommandStage, PythonStage, Stages
 
 #: What each function a job file may define is called with: its name and arguments.
 SIGNATURES = {"map": ("line",), "map_chunk": ("text",), "combine": ("key", "values"), "reduce": ("key", "values")}
+#: Arguments a stage may also take: the input file's path, when map (or map_chunk) has a
+#: second parameter (see :func:`ipdc.runner.mapreduce.takes_path`).
+OPTIONAL = {"map": ("path",), "map_chunk": ("path",)}
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ def _top_level(tree: ast.Module) -> dict[str, ast.AST]:
 def _check_arguments(path: Path, name: str, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
     """JobError unless ``node`` can be called with its stage's positional arguments."""
     expected = SIGNATURES[name]
+    optional = OPTIONAL.get(name, ())
     where = f"job file {path}, line {node.lineno}"
     if isinstance(node, ast.AsyncFunctionDef):
         raise JobError(f"{where}: `{name}` is `async def`; it must be a plain function {name}({', '.join(expected)})")
@@ -159,10 +163,12 @@ def _check_arguments(path: Path, name: str, node: ast.FunctionDef | ast.AsyncFun
     required = positional - len(args.defaults)
     missing_kw = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None]
     n = len(expected)
-    if required > n or (positional < n and args.vararg is None) or missing_kw:
+    if required > n + len(optional) or (positional < n and args.vararg is None) or missing_kw:
         takes = f"{required}" if required == positional else f"{required} to {positional}"
         if args.vararg is not None:
             takes = f"at least {required}"
         extra = f" and keyword-only {', '.join(missing_kw)}" if missing_kw else ""
+        calls = f"{name}({', '.join(expected)})" + (f" or {name}({', '.join((*expected, *optional))})"
+                                                      if optional else "")
         raise JobError(f"{where}: `{name}` takes {takes} positional argument(s){extra}, but it is called "
-                       f"as {name}({', '.join(expected)})")
+                       f"as {calls}")

@@ -25,11 +25,9 @@ It also checks that every report answers a request it really sent to that peer
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
-import os
 import queue
 import shutil
 import threading
@@ -47,6 +45,7 @@ from ipdc.jobs import shipped
 from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 from ipdc.submit.client import SwarmClient
+from ipdc.submit.inputs import Input, check_local, cid_input, input_text, local_input, plan_splits
 from ipdc.submit.jobfiles import JobCode, plan_code
 from ipdc.submit.mrstate import (
     Attempt,
@@ -74,7 +73,7 @@ from ipdc.wire.domap import DOMAP, DoMap
 from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GetResult
 from ipdc.wire.ids import Cid, JobId, NodeName
-from ipdc.wire.manifest import JobManifest
+from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.renew import RENEW, Renew
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,11 @@ ProgressFn = Callable[[str, float, float], None]
 @dataclass(frozen=True)
 class MapReduceJob:
     """What the user asks for: their Map.py and Reduce.py, or commands (Hadoop Streaming),
-    over one input file."""
+    over one input."""
 
-    input: Path
+    input: Path | str
+    """A local file or directory, or an input in IPFS: a CID or ``/ipfs/CID/path`` (a str);
+    see :mod:`ipdc.submit.inputs`."""
     k: int | None = None
     """Workers (and reducers). None: every live peer."""
     map_file: Path = JOBS_DIR / "Map.py"
@@ -116,6 +117,8 @@ class MapReduceJob:
     """Map tasks. None: chosen from the input size and K."""
     max_attempts: int = 3
     """Attempts per task (failures plus lost workers) before the job fails."""
+    cache: bool = True
+    """Take the result of an identical job from the swarm's cache (see :mod:`ipdc.control.cache`)."""
     verify: int = 1
     """Distinct peers that run every task; an output counts only when they agree."""
     verify_majority: bool = False
@@ -163,6 +166,13 @@ class JobResult:
     input: str
     input_bytes: int
     submitted_at: float
+    input_cid: str = ""
+    """The whole input's CID (see :mod:`ipdc.submit.inputs`)."""
+    cache_key: str = ""
+    cached: bool = False
+    """The result came from the swarm's cache: no task ran."""
+    cached_from: str = ""
+    """With ``cached``: the job that computed the result."""
     reassigned: list[dict[str, Any]] = field(default_factory=list)
     """Tasks moved off lost workers: kind, task, from, to (the replacement, if any), attempt."""
     lost: list[str] = field(default_factory=list)
@@ -175,28 +185,6 @@ class JobResult:
         data = asdict(self)
         data["output"] = str(self.output)
         return data
-
-
-def plan_chunks(path: Path, chunks: int) -> list[tuple[int, int]]:
-    """Split ``path`` into ``chunks`` (offset, length) ranges that end on a newline.
-
-    A line longer than a chunk makes fewer, larger chunks; there is always at least
-    one range, so an empty input still runs one (empty) map task.
-    """
-    size = path.stat().st_size
-    bounds = [0]
-    with open(path, "rb") as f:
-        for i in range(1, chunks):
-            target = max(size * i // chunks, bounds[-1])
-            if target >= size:
-                break
-            f.seek(target)
-            f.readline()  # run to the end of the line we landed in
-            end = f.tell()
-            if bounds[-1] < end < size:
-                bounds.append(end)
-    bounds.append(size)
-    return [(a, b - a) for a, b in itertools.pairwise(bounds)] or [(0, 0)]
 
 
 def default_chunks(size: int, k: int) -> int:
@@ -216,10 +204,8 @@ def check_job_files(job: MapReduceJob) -> None:
 
     The files are parsed, not run: user code never executes in the submitter.
     """
-    if not job.input.is_file():
-        raise JobError(f"input file {job.input} does not exist (or is not a file)")
-    if not os.access(job.input, os.R_OK):
-        raise JobError(f"input file {job.input} is not readable")
+    if isinstance(job.input, Path):
+        check_local(job.input)
     job_code(job)
     if job.k is not None and job.k < 1:
         raise JobError(f"--k must be at least 1, not {job.k}")
@@ -269,6 +255,7 @@ class MapReduceController:
         """Peer -> digests of the requests we sent it: a report must answer one of them."""
         self.fetches: dict[int, Future[int]] = {}
         self.manifest: JobManifest | None = None
+        self.source: Input | None = None
         self.state: JobState | None = None
         self.staging = Path()
         self.wake: queue.Queue[GetResult | None] = queue.Queue()
@@ -312,7 +299,7 @@ class MapReduceController:
             self.client.unwatch(self.job_id)
             try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
                 if self.manifest is not None:
-                    self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+                    self.kubo.pin_rm(*self.manifest.uploaded())
                 self.uploads.forget(self.job_id)
             except IPDCError as exc:  # the job's own outcome matters more than its litter
                 log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
@@ -337,23 +324,39 @@ class MapReduceController:
         log.info("job %s: workers %s", self.job_id, ", ".join(p.name for p in workers))
         return workers
 
+    def input_source(self) -> Input:
+        """The job's input, listed (and its CID computed) once."""
+        if self.source is None:
+            given = self.job.input
+            self.source = local_input(given) if isinstance(given, Path) else cid_input(self.kubo, given)
+        return self.source
+
     def upload(self, workers: int) -> None:
-        size = self.input_bytes = self.job.input.stat().st_size
-        ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, workers))
+        """Add the code and a local input's chunks to kubo; an input given by CID is only cut
+        into byte ranges of its files."""
+        source = self.input_source()
+        size = self.input_bytes = source.size
+        splits = plan_splits(source, self.job.chunks or default_chunks(size, workers), self.kubo,
+                             self.client.config.sandbox.fetch_stall)
         self.progress("upload", 0, size)
         code = job_code(self.job)
         with ExitStack() as files:
             code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
                                                for name, path in code.files.items()])
         self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
-        chunk_cids = self.kubo.add_ranges(self.job.input, ranges)
-        self.uploads.record(self.job_id, [*code_cids, *chunk_cids])
+        added = self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in splits
+                                     if s.file.local is not None)
+        self.uploads.record(self.job_id, [*code_cids, *added])
         self.progress("upload", size, size)
+        fresh = iter(added)
         self.manifest = JobManifest(
             job_id=self.job_id, owner=NodeName(self.client.name),
             code=dict(zip(code.files, code_cids, strict=True)),
-            chunks=chunk_cids, partitions=workers, workers=[NodeName(p) for p in self.peers],
-            submitter=self.client.submitter, params={"stages": code.stages.to_params()},
+            chunks=[next(fresh) if s.file.cid is None else s.file.cid for s in splits],
+            partitions=workers, workers=[NodeName(p) for p in self.peers], submitter=self.client.submitter,
+            params={"stages": code.stages.to_params()},
+            sources=[ChunkSource(s.file.path, s.offset, None if s.file.cid is None else s.length)
+                     for s in splits],
         )
 
     def reclaim(self, resume: Resume) -> None:
@@ -361,7 +364,7 @@ class MapReduceController:
         agent may have unpinned them (the blocks stay until a GC, so pinning is cheap)."""
         self.manifest = resume.manifest
         self.input_bytes = resume.input_bytes
-        cids = [str(c) for c in (*resume.manifest.code.values(), *resume.manifest.chunks)]
+        cids = [str(c) for c in resume.manifest.uploaded()]
         self.uploads.record(self.job_id, cids)
         self.kubo.pin_add(*cids)
 
@@ -485,7 +488,7 @@ class MapReduceController:
                      for n in state.workers],
             code=dict(self.manifest.code), chunks=list(self.manifest.chunks),
             parts=list(names.values()), map_tasks={m.index: m.by[0] for m in state.maps if m.by},
-            input=str(self.job.input.absolute()), input_bytes=self.input_bytes,
+            input=input_text(self.job.input), input_cid=self.input_source().cid, input_bytes=self.input_bytes,
             submitted_at=self.manifest.submitted_at, reassigned=state.reassigned,
             lost=sorted(state.lost), verify=self.job.verify,
             tasks={"map": [task_record(t) for t in state.maps],

@@ -15,6 +15,7 @@ Topics:
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
     ipdc/result/<node>/<job>/logs GetResult  a worker's log lines of the job, as a CID
     ipdc/result/<node>/<job>/record JobRecord retained: a finished job's signed result CID
+    ipdc/cache/<key>/<node>       CacheRecord retained: the signed result CID of a job's cache key
 
 Membership (:mod:`ipdc.wire.membership`): ``ipdc/enroll/<id>/request|reply``,
 ``ipdc/removed/<node>`` and ``ipdc/swarmkey/<node>``.

@@ -26,6 +26,29 @@ MAX_PARTITIONS = 4096
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
+#: Longest input file path a chunk may carry (Linux's PATH_MAX).
+MAX_PATH = 4096
+
+
+@dataclass(frozen=True)
+class ChunkSource:
+    """Where one map task's chunk comes from, beyond its CID."""
+
+    path: str
+    """The input file it is part of, relative to the input (``docs/a.txt``): map's second
+    argument, as Hadoop's ``map.input.file``."""
+    offset: int = 0
+    length: int | None = None
+    """None: the task's CID is the chunk itself. A number: the chunk is ``length`` bytes from
+    ``offset`` of the task's CID, a file of an input given by CID, which is never added again."""
+
+    def __post_init__(self) -> None:
+        in_range("source.path", len(self.path), 0, MAX_PATH, MessageError)
+        in_range("source.offset", self.offset, 0, 1 << 62, MessageError)
+        if self.length is not None:
+            in_range("source.length", self.length, 0, 1 << 62, MessageError)
+
+
 @dataclass(frozen=True)
 class JobManifest:
     job_id: JobId
@@ -50,6 +73,8 @@ class JobManifest:
     """With ``nonce``, what makes a captured manifest useless later: agents take a nonce
     once, and only within ``agent.manifest_ttl`` of this time."""
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    sources: list[ChunkSource] = field(default_factory=list)
+    """One per chunk, or none (an input of one local file whose map takes no path)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -57,6 +82,19 @@ class JobManifest:
         in_range("manifest.partitions", self.partitions, 0, MAX_PARTITIONS, MessageError)
         in_range("manifest.chunks", len(self.chunks), 0, MAX_TASKS, MessageError)
         in_range("manifest.workers", len(self.workers), 0, MAX_PARTITIONS, MessageError)
+        if self.sources and len(self.sources) != len(self.chunks):
+            raise MessageError(f"manifest.sources: {len(self.sources)} for {len(self.chunks)} chunks")
+
+    def source(self, task: int) -> ChunkSource | None:
+        """Where map task ``task``'s chunk comes from; None: its CID is the chunk."""
+        return self.sources[task] if self.sources else None
+
+    def uploaded(self) -> list[Cid]:
+        """What the submitter added to kubo for this job (and unpins after it): the code and
+        the chunks it cut, never the files of an input given by CID."""
+        chunks = [c for i, c in enumerate(self.chunks)
+                  if self.sources == [] or self.sources[i].length is None]
+        return [*self.code.values(), *chunks]
 
     def reissued(self, workers: list[NodeName]) -> JobManifest:
         """The same job with a fresh time and nonce and the current workers, for a peer

@@ -59,6 +59,7 @@ __all__ = [
     "cid_to_bytes",
     "cid_to_str",
     "directory_cid",
+    "directory_link",
     "file_node_block",
     "verify",
 ]
@@ -344,10 +345,18 @@ def verify(data: bytes | bytearray | memoryview, cid: str, *, chunk_size: int = 
 
 
 def directory_cid(entries: Mapping[str, Link] | Iterable[tuple[str, Link]]) -> str:
-    """The CID ``ipfs add -r --cid-version=1 --raw-leaves`` gives a flat directory.
+    """The CID ``ipfs add -r --cid-version=1 --raw-leaves`` gives a flat directory
+    (see :func:`directory_link`)."""
+    return cid_to_str(directory_link(entries).cid)
 
-    ``entries`` maps each file name to its :meth:`UnixFSHasher.root` (the CID and
-    the cumulative size both go into the directory's link). Only a *basic*
+
+def directory_link(entries: Mapping[str, Link] | Iterable[tuple[str, Link]]) -> Link:
+    """A directory node over ``entries``, as its parent's link: nested directories are
+    built bottom up by giving a subdirectory's link as an entry.
+
+    ``entries`` maps each name to its :meth:`UnixFSHasher.root` or to a subdirectory's
+    :func:`directory_link` (the CID and the cumulative size both go into the directory's
+    link). Only a *basic*
     directory is built: links sorted by name (byte order), each with its Name
     and Tsize, and UnixFS Data ``{Type: Directory}`` alone (no mode, no mtime).
     Names must be valid single path components. kubo switches to a HAMT shard
@@ -370,4 +379,7 @@ def directory_cid(entries: Mapping[str, Link] | Iterable[tuple[str, Link]]) -> s
     if estimate >= 256 * 1024:
         raise ValueError("directory large enough for kubo to shard it (HAMT): not supported")
     parts.append(b"\x0a" + _varint(len(_UNIXFS_DIRECTORY)) + _UNIXFS_DIRECTORY)
-    return cid_to_str(_DAG_PB_PREFIX + hashlib.sha256(b"".join(parts)).digest())
+    block = b"".join(parts)
+    return Link(_DAG_PB_PREFIX + hashlib.sha256(block).digest(),
+                len(block) + sum(link.tsize for _, link in encoded),
+                sum(link.filesize for _, link in encoded))

@@ -21,6 +21,7 @@ from ipdc.errors import MessageError
 from ipdc.trust import Signer
 from ipdc.wire import GETRESULT, HEARTBEAT, INBOX_CHANNELS, PRESENCE
 from ipdc.wire.buffer import Buffer
+from ipdc.wire.cache import CACHE, CacheRecord
 from ipdc.wire.channel import MAX_DEPTH, Channel
 from ipdc.wire.cleanup import CleanUp
 from ipdc.wire.domap import DoMap
@@ -29,7 +30,7 @@ from ipdc.wire.getresult import GetResult
 from ipdc.wire.heartbeat import Heartbeat
 from ipdc.wire.ids import JobId, NodeName
 from ipdc.wire.logs import Logs
-from ipdc.wire.manifest import JobManifest
+from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
 from ipdc.wire.renew import Renew
@@ -37,12 +38,13 @@ from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
 
 CHANNELS: dict[str, Channel[Any]] = {**INBOX_CHANNELS, "presence": PRESENCE, "heartbeat": HEARTBEAT,
-                                     "getresult": GETRESULT, "record": RECORD}
+                                     "getresult": GETRESULT, "record": RECORD, "cache": CACHE}
 CID = cid_of(b"x")
 SIGNER = Signer.generate()
 JOB = JobId.new()
 MANIFEST = JobManifest(job_id=JOB, owner=NodeName("n-a"), code={"Map.py": CID}, chunks=[CID], partitions=1,
-                       workers=[NodeName("n-b")], params={"a": [1, {"b": 2.5}]})
+                       workers=[NodeName("n-b")], params={"a": [1, {"b": 2.5}]},
+                       sources=[ChunkSource("docs/a.txt", 10, 20)])
 VALID: dict[str, Any] = {
     "download": SIGNER.sign(Download(MANIFEST), "download", "n-b"),
     "domap": SIGNER.sign(DoMap(JOB, 3, 1), "domap", "n-b"),
@@ -52,6 +54,7 @@ VALID: dict[str, Any] = {
     "renew": SIGNER.sign(Renew(JOB), "renew", "n-b"),
     "logs": SIGNER.sign(Logs(JOB), "logs", "n-b"),
     "record": SIGNER.sign(JobRecord(JOB, NodeName("n-a"), "mapreduce", CID, 2, 1.0, 2.0), "record", SWARM),
+    "cache": SIGNER.sign(CacheRecord("ab" * 32, CID, JOB, NodeName("n-a"), 1.0), "cache", SWARM),
     "presence": Presence(NodeName("n-a"), "12D3Koo", "10.0.0.1", ["/ip4/10.0.0.1/tcp/4001"],
                          Capabilities(2, 100, False), 2, 0.5, 1.0),
     "heartbeat": Heartbeat(NodeName("n-a"), 1.0, 0.1, 0),

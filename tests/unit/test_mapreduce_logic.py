@@ -14,7 +14,8 @@ from ipdc.runner.mapreduce import (
     reduce_partitions,
     split_lines,
 )
-from ipdc.submit.mapreduce import default_chunks, plan_chunks
+from ipdc.submit.inputs import plan_chunks
+from ipdc.submit.mapreduce import default_chunks
 from ipdc.wire.partition import (
     COMBINE_EVERY,
     read_groups,

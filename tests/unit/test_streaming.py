@@ -222,6 +222,8 @@ def test_a_python_job_ships_map_py_and_reduce_py() -> None:
     ("map", "from mylib import map\n"),
     ("reduce", "def reduce(key, values, /):\n    return sum(values)\n"),
     ("reduce", "import operator\nreduce = operator.add\n"),
+    ("map", "def map(line, path):\n    return [(path, 1)]\n"),
+    ("map", "def map_chunk(text, path):\n    return [(path, 1)]\n"),
 ])
 def test_good_job_files_pass(tmp_path: Path, role: str, source: str) -> None:
     check_python(write(tmp_path, "job.py", source), role)
@@ -233,8 +235,8 @@ def test_good_job_files_pass(tmp_path: Path, role: str, source: str) -> None:
                                                                r"map_chunk\(text\)"),
     ("map", "class Job:\n    def map(self, line):\n        return []\n", "defines no top-level function"),
     ("map", "if True:\n    def map(line):\n        return []\n", "defines no top-level function"),
-    ("map", "\n\ndef map(key, line):\n    return []\n", r"line 3: `map` takes 2 positional argument\(s\), but it "
-                                                       r"is called as map\(line\)"),
+    ("map", "\n\ndef map(key, line, path):\n    return []\n", r"line 3: `map` takes 3 positional argument\(s\), "
+                                                             r"but it is called as map\(line\) or map\(line, path\)"),
     ("map", "def map():\n    return []\n", r"line 1: `map` takes 0 positional"),
     ("map", "def map(line):\n    return []\n\ndef combine(values):\n    return 0\n",
      r"line 4: `combine` takes 1 positional argument\(s\), but it is called as combine\(key, values\)"),
