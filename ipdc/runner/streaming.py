@@ -115,7 +115,9 @@ class Program:
     stderr's end kept. Use as a context manager; :meth:`output` yields stdout, then
     checks the exit status."""
 
-    def __init__(self, role: str, stage: CommandStage, feed: Iterable[bytes | memoryview], cap: int) -> None:
+    def __init__(self, role: str, stage: CommandStage, feed: Iterable[bytes | memoryview], cap: int,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: variables added to the runner's environment for the program."""
         self.role = role
         self.stage = stage
         self.cap = cap
@@ -127,7 +129,8 @@ class Program:
         try:
             self.process = subprocess.Popen(
                 [program, *stage.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+                stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+                env={**os.environ, **env} if env else None)
         except OSError as exc:
             hint = " (a script needs a #! line)" if exc.errno == 8 else ""
             raise JobError(f"the {role} `{stage.line}` could not start: {exc.strerror}{hint}") from None
@@ -244,18 +247,22 @@ def _slices(data: bytes | mmap.mmap) -> Iterator[memoryview]:
         yield view[start:start + BLOCK]
 
 
-def run_stage(role: str, stage: CommandStage, feed: Iterable[bytes | memoryview], cap: int) -> KeyGroups:
+def run_stage(role: str, stage: CommandStage, feed: Iterable[bytes | memoryview], cap: int,
+              env: dict[str, str] | None = None) -> KeyGroups:
     """Run ``stage`` on ``feed``; its output's records, grouped by key."""
-    with Program(role, stage, feed, cap) as program:
+    with Program(role, stage, feed, cap, env) as program:
         return group(records(program.output()))
 
 
 def map_command(mapper: CommandStage, combiner: CommandStage | None, chunk: bytes | mmap.mmap,
-                partitions: int, cap: int) -> list[bytes]:
-    """One map task of a streaming mapper: its partition documents."""
-    groups = run_stage("mapper", mapper, _slices(chunk), cap)
+                partitions: int, cap: int, path: str = "") -> list[bytes]:
+    """One map task of a streaming mapper: its partition documents. ``path``: the input file
+    the chunk is part of, given to the mapper and combiner in the environment as Hadoop
+    Streaming does (``mapreduce_map_input_file``, and the older ``map_input_file``)."""
+    env = {"mapreduce_map_input_file": path, "map_input_file": path} if path else None
+    groups = run_stage("mapper", mapper, _slices(chunk), cap, env)
     if combiner is not None:
-        groups = run_stage("combiner", combiner, take_sorted_lines(groups), cap)
+        groups = run_stage("combiner", combiner, take_sorted_lines(groups), cap, env)
     return write_partitions(groups, partitions)
 
 

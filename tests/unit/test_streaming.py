@@ -71,6 +71,15 @@ def test_a_mapper_gets_the_raw_bytes_and_its_lines_are_partitioned_as_python_key
     assert found == {b"a": ["1", "1"], b"b": ["1"], b"c\xff": ["1"]}
 
 
+def test_a_mapper_and_combiner_get_the_input_file_as_hadoop_streaming_names_it() -> None:
+    mapper = CommandStage(("awk", '{print ENVIRON["mapreduce_map_input_file"] "\t" ENVIRON["map_input_file"]}'),
+                          shipped=False)
+    combiner = CommandStage(("awk", '{print $0 "|" ENVIRON["mapreduce_map_input_file"]}'), shipped=False)
+    documents = map_command(mapper, combiner, b"x\n", 1, CAP, path="docs/a b.txt")
+    columns = read_groups(documents[0])
+    assert (columns.keys, columns.values) == (["docs/a b.txt"], ["docs/a b.txt|docs/a b.txt"])
+
+
 def test_a_reducer_reads_sorted_lines_and_its_output_is_the_part() -> None:
     mapper = CommandStage(("awk", '{print $1 "\t" $2}'), shipped=False)
     documents = map_command(mapper, None, b"z 1\na 2\nz 3\nm\n", 2, CAP)
