@@ -193,9 +193,11 @@ class TfHost:
                            f"({MAX_SOCKET_PATH} bytes): give this node a shorter IPDC_HOME")
         shutil.rmtree(directory, ignore_errors=True)  # what a killed agent left
         for path in reversed([directory, *directory.parents]):
-            if not path.exists():
+            try:
                 path.mkdir()
-                path.chmod(DIR_MODE)
+            except FileExistsError:  # or another agent of this machine made it a moment ago
+                continue
+            path.chmod(DIR_MODE)
         return _Hosted(plan, token, directory)
 
     def _launch(self, hosted: _Hosted) -> None:
