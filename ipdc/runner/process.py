@@ -16,8 +16,9 @@ runner hands back to kubo itself. The only channel is fd 3, with messages as in
   Python files of the stages ``S`` (:mod:`ipdc.wire.stages`; absent: Map.py and
   Reduce.py) are imported and the shipped programs made executable. Answer ``{"ok": true}``.
 * ``{"op": "map", "path": PATH}`` with the chunk (PATH: its input file, for a
-  ``map(line, path)``): answer ``{"ok": true, "sizes": [K sizes], "stats":
-  {...}}`` with one sealed memfd holding the K partition documents back to back.
+  ``map(line, path)``, or a streaming mapper's ``mapreduce_map_input_file``): answer
+  ``{"ok": true, "sizes": [K sizes], "stats": {...}}`` with one sealed memfd holding the K
+  partition documents back to back.
 * ``{"op": "reduce", "sizes": [...]}`` with one memfd holding the map outputs of the
   partition back to back: answer as for map, with the one part.
 * a failure: ``{"ok": false, "error": TEXT, "traceback": TEXT, "fatal": BOOL}``, its
@@ -164,7 +165,8 @@ class Runner:
         data = _read(fds[0])
         mapper = self.stages.map
         if isinstance(mapper, CommandStage):
-            documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap)
+            documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap,
+                                    str(request.get("path", "")))
         elif self.mapper is None:
             raise JobError("this job has no Map.py")
         else:

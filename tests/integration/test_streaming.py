@@ -106,6 +106,28 @@ def test_a_c_mapper_built_here_with_a_python_reduce_file(swarm_as: LocalCluster,
     assert set(result.code) == {"wc_map", "Reduce.py"}
 
 
+def test_streaming_outputs_are_the_same_on_every_peer(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """With --verify 2 every task runs on both peers and counts only when their output CIDs
+    agree: a streaming task's map output and part are the same bytes wherever it runs."""
+    data = make_text(tmp_path / "in.txt", seed=13)
+    result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=3, mapper=AWK_MAPPER,
+                                        combiner=SUM_REDUCE.name, reducer=SUM_REDUCE.name, files=(SUM_REDUCE,),
+                                        verify=2, output=tmp_path / "out"))
+    assert_output(result.output, awk_counts(data), 2, command_reducer=True)
+
+
+def test_a_mapper_knows_its_input_file(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """A directory input: each chunk's file, inside the input, reaches the mapper as Hadoop
+    Streaming's ``mapreduce_map_input_file``; here the mapper counts lines per file."""
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_bytes(b"one\ntwo\nthree\n")
+    (tmp_path / "docs" / "sub" / "b c.txt").write_bytes(b"x\n" * 500)
+    mapper = "awk '{print ENVIRON[\"mapreduce_map_input_file\"] \"\\t1\"}'"
+    result = run(swarm_as, MapReduceJob(tmp_path / "docs", k=2, chunks=4, mapper=mapper, reducer=SUM_REDUCE.name,
+                                        files=(SUM_REDUCE,), output=tmp_path / "out"))
+    assert read_output(result.output, 2)[0] == Counter({b"a.txt": 3, b"sub/b c.txt": 500})
+
+
 def test_a_python_mapper_with_a_command_reducer(swarm_as: LocalCluster, tmp_path: Path) -> None:
     """The shipped WordCount Map.py (its values are ints) feeding the streaming reducer."""
     data = make_text(tmp_path / "in.txt", seed=9)
