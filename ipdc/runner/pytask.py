@@ -30,9 +30,6 @@ from ipdc.errors import ValueRefused
 
 #: msgpack extension code of a tuple (its items packed as an array).
 TUPLE_EXT = 1
-#: Decoded msgpack documents are bounded like MQTT payloads are: a hostile worker's value
-#: cannot make the submitter allocate without limit.
-MAX_DECODED = 1 << 31
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
@@ -64,8 +61,8 @@ def _unext(code: int, data: bytes) -> Any:
 
 
 def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_unext,
-                           max_buffer_size=MAX_DECODED)
+    # msgpack bounds every length by the bytes given: a hostile value cannot make us allocate more
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_unext)
 
 
 def _is_array(value: Any) -> bool:
