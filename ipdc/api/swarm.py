@@ -20,6 +20,8 @@ import base64
 import logging
 import math
 import queue
+import sys
+import sysconfig
 import threading
 import time
 from collections import Counter
@@ -169,6 +171,7 @@ class Swarm:
         if known is not None and known[0] is fn:
             return known[1]
         import cloudpickle
+        _by_value(fn)
         cid = self._store(cloudpickle.dumps(fn))
         self._functions[id(fn)] = (fn, cid)
         return cid
@@ -349,6 +352,24 @@ class Swarm:
                                "unpickling runs code: return plain data (msgpack types, numpy arrays), or "
                                "trust that node's key with `ipdc trust add KEY`")
         return decode(stored.codec, data, allow_pickle=True)
+
+
+def _by_value(fn: Callable[..., Any]) -> None:
+    """Have cloudpickle carry ``fn``'s module by value when it is the user's own code.
+
+    cloudpickle pickles a function of an importable module by reference (its name), which
+    a worker can resolve only when it has the same file: the standard library and
+    installed packages, yes; the user's script or test module, no. So functions travel by
+    value unless their module is installed.
+    """
+    import cloudpickle
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or file is None:
+        return
+    installed = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if not any(Path(file).resolve().is_relative_to(Path(p).resolve()) for p in installed if p):
+        cloudpickle.register_pickle_by_value(module)
 
 
 def node_running(home: Path) -> bool:

@@ -1,0 +1,99 @@
+"""The Python API (ipdc.api) on real agents: three nodes (the session ``swarm``), kubo and
+mosquitto, nothing mocked. Results are checked against the same functions run here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ipdc
+from ipdc.api import Swarm
+from ipdc.errors import ValueRefused
+from ipdc.node.cluster import LocalCluster
+from ipdc.spawn import wait_for
+from ipdc.trust import Signer
+
+
+@pytest.fixture(scope="module")
+def api(swarm: LocalCluster) -> Iterator[Swarm]:
+    """A session on node 0 of the shared three-node swarm."""
+    with Swarm(swarm.nodes[0].home) as session:
+        yield session
+
+
+def agent_log(node_home: Path) -> str:
+    return (node_home / "logs" / "agent.log").read_text()
+
+
+def collatz(n: int) -> int:
+    steps = 0
+    while n != 1:
+        n = n // 2 if n % 2 == 0 else 3 * n + 1
+        steps += 1
+    return steps
+
+
+def test_submit_runs_a_function_with_arguments_on_a_peer(api: Swarm, swarm: LocalCluster) -> None:
+    future = api.submit(lambda a, b, scale=1: (a + b) * scale, 40, 2, scale=10)
+    assert future.result(timeout=60) == 420
+    assert future.peer in {n.config.node.name for n in swarm.nodes}
+    # values keep their types through msgpack: a tuple stays a tuple, bytes stay bytes
+    shaped = api.submit(lambda: {"t": (1, "x"), "b": b"\x00\xff", "f": 0.5, "n": None})
+    assert shaped.result(timeout=60) == {"t": (1, "x"), "b": b"\x00\xff", "f": 0.5, "n": None}
+
+
+def test_map_of_a_thousand_items_is_ordered_and_exact(api: Swarm, swarm: LocalCluster) -> None:
+    items = list(range(1, 1001))
+    assert list(api.map(collatz, items)) == [collatz(n) for n in items]
+    assert list(api.map(math.isqrt, items[:50], chunksize=1)) == [math.isqrt(n) for n in items[:50]]
+
+
+def test_a_remote_exception_is_reraised_with_the_workers_traceback_and_peer(api: Swarm) -> None:
+    def parse(text: str) -> int:
+        return int(text)
+
+    future = api.submit(parse, "not a number")
+    with pytest.raises(ValueError, match="invalid literal") as raised:
+        future.result(timeout=60)
+    note = "\n".join(raised.value.__notes__)
+    assert f"raised on peer {future.peer}" in note
+    assert "in parse" in note and "ValueError: invalid literal" in note
+
+
+def test_as_completed_yields_every_future(api: Swarm) -> None:
+    futures = [api.submit(pow, 2, n) for n in range(20)]
+    done = {f.task_id for f in ipdc.as_completed(futures, timeout=60)}
+    assert done == {f.task_id for f in futures}
+    assert sorted(f.result() for f in futures) == [2 ** n for n in range(20)]
+
+
+def test_a_submitter_the_agents_do_not_trust_is_refused_and_runs_nothing(swarm: LocalCluster) -> None:
+    stranger = Signer.generate()
+    with Swarm(swarm.nodes[0].home, signer=stranger) as session:
+        future = session.submit(collatz, 27)
+        target = next(n for n in swarm.nodes if n.config.node.name == future.peer)
+        assert wait_for(lambda: stranger.public_key in agent_log(target.home), 30)
+        line = next(x for x in agent_log(target.home).splitlines() if stranger.public_key in x)
+        assert f"rejected task {future.task_id}" in line and "not trusted" in line
+        with pytest.raises(TimeoutError):
+            future.result(timeout=2)  # refused messages are never answered
+
+
+def test_a_pickled_result_is_taken_only_from_a_worker_whose_key_is_trusted(api: Swarm,
+                                                                         swarm: LocalCluster) -> None:
+    submitter, trusted, untrusted = swarm.nodes
+    key = untrusted.signer.public_key
+    assert submitter.trust.remove(key)
+    try:
+        refused = api.submit(lambda: {1, 2, 3}, peer=untrusted.config.node.name)  # a set: only pickle holds it
+        with pytest.raises(ValueRefused, match="not trusted here"):
+            refused.result(timeout=60)
+        plain = api.submit(lambda: [1, 2, 3], peer=untrusted.config.node.name)
+        assert plain.result(timeout=60) == [1, 2, 3]  # plain data decodes without running code
+        accepted = api.submit(lambda: {1, 2, 3}, peer=trusted.config.node.name)
+        assert accepted.result(timeout=60) == {1, 2, 3}
+    finally:
+        submitter.trust.add(key, untrusted.config.node.name)
