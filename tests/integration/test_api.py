@@ -88,7 +88,8 @@ def test_a_pickled_result_is_taken_only_from_a_worker_whose_key_is_trusted(api: 
     key = untrusted.signer.public_key
     assert submitter.trust.remove(key)
     try:
-        refused = api.submit(lambda: {1, 2, 3}, peer=untrusted.config.node.name)  # a set: only pickle holds it
+        # a set: only a pickle holds it
+        refused = api.submit(lambda: {1, 2, 3}, peer=untrusted.config.node.name)
         with pytest.raises(ValueRefused, match="not trusted here"):
             refused.result(timeout=60)
         plain = api.submit(lambda: [1, 2, 3], peer=untrusted.config.node.name)

@@ -1,0 +1,133 @@
+"""The Python API's pure parts: the value codec, task placement and the Task wire types."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import cloudpickle
+import numpy
+import pytest
+
+from ipdc.api.placement import choose
+from ipdc.errors import MessageError, NotEnoughPeers, ValueRefused
+from ipdc.peers import Peer
+from ipdc.runner.pytask import decode, encode, run
+from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.presence import Capabilities, Presence
+from ipdc.wire.task import TASK, TASK_REPLY, Task, TaskArg, TaskReply
+
+PLAIN = [None, True, 0, -(1 << 63), (1 << 64) - 1, 1.5, "text", b"\x00bytes", [1, [2]], (1, (2, "x")),
+         {"a": [1, 2], 3: (4,)}, []]
+
+
+@pytest.mark.parametrize("value", PLAIN, ids=repr)
+def test_plain_values_round_trip_through_msgpack_with_their_types(value: object) -> None:
+    codec, data = encode(value)
+    assert codec == "msgpack"
+    back = decode(codec, data, allow_pickle=False)
+    assert back == value and type(back) is type(value)
+
+
+def test_arrays_travel_as_raw_buffers_and_decode_without_pickle() -> None:
+    array = numpy.arange(24, dtype=">f4").reshape(2, 3, 4)
+    codec, data = encode(array)
+    assert codec == "ndarray" and array.tobytes() in data
+    back = decode(codec, data, allow_pickle=False)
+    assert back.dtype == array.dtype and back.shape == array.shape and (back == array).all()
+
+
+def test_an_object_array_header_is_refused() -> None:
+    _, data = encode(numpy.zeros(2))
+    forged = data.replace(b"<f8", b"|O8")  # same header length, an object dtype
+    with pytest.raises(ValueRefused, match="not raw data"):
+        decode("ndarray", forged, allow_pickle=False)
+
+
+def test_anything_else_is_a_pickle_that_only_trusted_senders_may_unpickle() -> None:
+    codec, data = encode({1, 2})
+    assert codec == "pickle"
+    with pytest.raises(ValueRefused, match="runs code"):
+        decode(codec, data, allow_pickle=False)
+    assert decode(codec, data, allow_pickle=True) == {1, 2}
+
+
+def test_garbage_in_a_codec_is_a_value_refused() -> None:
+    with pytest.raises(ValueRefused):
+        decode("msgpack", b"\xc1", allow_pickle=False)
+    with pytest.raises(ValueRefused):
+        decode("ndarray", b"\x00\x00\x00\x09short", allow_pickle=False)
+
+
+def test_run_calls_the_function_with_keywords_and_chunks() -> None:
+    def f(a: int, b: int = 0) -> int:
+        return a * 10 + b
+
+    fn = cloudpickle.dumps(f)
+    ok, codec, data, trace = run(fn, [encode(4), encode(2)], ["b"], chunk=False)
+    assert ok and decode(codec, data, False) == 42 and trace == ""
+    ok, codec, data, _ = run(fn, [encode([1, 2, 3])], [], chunk=True)
+    assert ok and decode(codec, data, False) == [10, 20, 30]
+
+
+def test_run_returns_what_the_function_raised_with_its_traceback() -> None:
+    def f() -> None:
+        raise KeyError("missing")
+
+    ok, codec, data, trace = run(cloudpickle.dumps(f), [], [], chunk=False)
+    assert not ok and "KeyError: 'missing'" in trace
+    error = decode(codec, data, allow_pickle=True)
+    assert isinstance(error, KeyError) and error.args == ("missing",)
+
+
+# -- placement ------------------------------------------------------------------------------
+def peer(name: str, slots: int = 2, tf: bool = False, mem: int = 1000, running: int = 0) -> Peer:
+    p = Peer(Presence(name=NodeName(name), peer_id=f"12D3Koo{name}", host="127.0.0.1", addrs=[],
+                      caps=Capabilities(cores=2, mem_free_mb=mem, tf=tf), slots=slots, load=0.0, ts=0.0))
+    p.running = running
+    return p
+
+
+def xor(p: Peer, key: str) -> int:
+    return p.point ^ int.from_bytes(hashlib.sha256(key.encode()).digest(), "big")
+
+
+def test_the_nearest_of_the_least_loaded_peers_is_chosen() -> None:
+    peers = [peer(f"n-{i}") for i in range(8)]
+    for key in (f"task-{i}" for i in range(50)):
+        assert choose(peers, key, {}, {}).name == min(peers, key=lambda p: xor(p, key)).name
+    busy = {p.name: 2 for p in peers[:7]}  # a full band of 2 tasks on 2 slots: only n-7 is free
+    assert {choose(peers, f"task-{i}", busy, {}).name for i in range(20)} == {"n-7"}
+
+
+def test_heartbeat_running_counts_as_load_and_retries_avoid_tried_peers() -> None:
+    peers = [peer("n-a", running=4), peer("n-b")]
+    assert choose(peers, "t", {}, {}).name == "n-b"
+    assert choose(peers, "t", {}, {}, avoid=["n-b"]).name == "n-a"
+    assert choose([peer("n-b")], "t", {}, {}, avoid=["n-b"]).name == "n-b"  # no other: it may retry there
+
+
+def test_resources_restrict_the_choice_and_none_fitting_says_so() -> None:
+    peers = [peer("n-a"), peer("n-tf", tf=True), peer("n-big", mem=64000)]
+    assert choose(peers, "t", {}, {"tf": True}).name == "n-tf"
+    assert choose(peers, "t", {}, {"mem_mb": 2000}).name == "n-big"
+    with pytest.raises(NotEnoughPeers, match="no live peer offering"):
+        choose(peers, "t", {}, {"tf": True, "mem_mb": 2000})
+    with pytest.raises(NotEnoughPeers, match="unknown resource 'gpu'"):
+        choose(peers, "t", {}, {"gpu": 1})
+
+
+# -- wire -----------------------------------------------------------------------------------
+def test_task_messages_round_trip_and_refuse_nonsense() -> None:
+    fn = Cid("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    task = Task(JobId.new(), JobId.new(), 0, "run", fn=fn, args=[TaskArg("msgpack", data="kg==")], kwargs=[])
+    assert TASK.decode(TASK.encode(task)) == task
+    for bad in ({"op": "run", "fn": None}, {"op": "explode"}, {"attempt": -1},
+                {"args": [{"codec": "marshal"}]}, {"chunk": True, "args": []}, {"kwargs": ["a"], "args": []}):
+        data = {**json.loads(TASK.encode(task)), **bad}
+        with pytest.raises(MessageError):
+            TASK.decode(json.dumps(data).encode())
+    reply = TaskReply(JobId.new(), JobId.new(), 0, NodeName("n-a"), ok=True, data="kg==")
+    assert TASK_REPLY.decode(TASK_REPLY.encode(reply)) == reply
+    with pytest.raises(MessageError):
+        TASK_REPLY.decode(json.dumps({**json.loads(TASK_REPLY.encode(reply)), "codec": "eval"}).encode())
