@@ -151,6 +151,7 @@ class TaskService:
             if task in session.cancelled:
                 return
         self.busy(1)
+        log.info("task %s (attempt %d) of API session %s started", task, msg.attempt, msg.session)
         try:
             reply = self._call(session, msg)
         except Exception as exc:  # the submitter must hear why, whatever it was

@@ -98,3 +98,54 @@ def test_a_pickled_result_is_taken_only_from_a_worker_whose_key_is_trusted(api: 
         assert accepted.result(timeout=60) == {1, 2, 3}
     finally:
         submitter.trust.add(key, untrusted.config.node.name)
+
+
+def test_a_diamond_graph_moves_results_worker_to_worker_never_through_the_submitter(
+        api: Swarm, swarm: LocalCluster) -> None:
+    import numpy
+
+    submitter, one, two = swarm.nodes
+    first, second = one.config.node.name, two.config.node.name
+
+    def source(n: int) -> numpy.ndarray:
+        return numpy.arange(n, dtype=numpy.float64)  # 2 MB: too large to travel inline
+
+    def scale(a: numpy.ndarray, k: float) -> numpy.ndarray:
+        return a * k
+
+    def total(b: numpy.ndarray, c: numpy.ndarray) -> float:
+        return float(b.sum() + c.sum())
+
+    n = 250_000
+    a = api.submit(source, n, peer=first)
+    b = api.submit(scale, a, 2.0, peer=second)
+    c = api.submit(scale, a, 3.0, peer=first)
+    d = api.submit(total, b, c, peer=second)
+    expected = float((numpy.arange(n) * 2.0).sum() + (numpy.arange(n) * 3.0).sum())
+    assert d.result(timeout=120) == expected
+    intermediate = [f.stored() for f in (a, b, c)]
+    assert all(s.cid is not None and s.data is None for s in intermediate)  # by CID, not inline
+    kubo = submitter.kubo()
+    assert not any(kubo.has(str(s.cid)) for s in intermediate)  # the submitter never held them
+    # b ran on `second` and fetched a's result from `first`; d fetched b's locally and c's from `first`
+    assert f"task input {intermediate[0].cid} fetched" in agent_log(two.home)
+    assert f"task input {intermediate[2].cid} fetched" in agent_log(two.home)
+    assert (a.result() == numpy.arange(n)).all()  # fetched now, because it was asked for
+    assert kubo.has(str(intermediate[0].cid))
+
+
+def test_a_large_argument_is_stored_once_and_fetched_once_per_node(api: Swarm, swarm: LocalCluster) -> None:
+    import numpy
+
+    from ipdc.runner.pytask import encode
+    from ipdc.wire.unixfs import cid_of
+
+    array = numpy.random.default_rng(7).random(50 * 2**20 // 8)  # 50 MB
+    cid = cid_of(encode(array)[1])
+    futures = [api.submit(lambda x, i: float(x[i::1000].sum()), array, i) for i in range(20)]
+    assert [f.result(timeout=300) for f in futures] == [float(array[i::1000].sum()) for i in range(20)]
+    workers = {f.peer for f in futures}
+    for node in swarm.nodes:
+        fetches = agent_log(node.home).count(f"task input {cid} fetched")
+        assert fetches == (1 if node.config.node.name in workers else 0), node.config.node.name
+    assert len(workers) >= 2
