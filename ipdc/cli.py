@@ -561,6 +561,8 @@ def _duration(job: dict[str, Any]) -> float | None:
 
 
 def _progress_text(job: dict[str, Any]) -> str:
+    if job["kind"] == "offload":  # a Python API decision: where it ran, and the estimates it chose from
+        return "estimated " + ", ".join(f"{e['where']} {e['total']:.3g}s" for e in job["params"]["estimates"])
     progress = job["progress"]
     return "  ".join(f"{phase} {int(progress[phase][0])}/{int(progress[phase][1])}"
                      for phase in ("map", "reduce") if phase in progress) or "-"

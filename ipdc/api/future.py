@@ -24,6 +24,14 @@ class Stored:
     cid: Cid | None
     trusted: bool
     """The worker's node key is trusted here: a pickle from it may be unpickled."""
+    peer: str = ""
+    """The worker that holds it."""
+    value: Any = None
+    """The value itself, for a call that ran here (``codec`` is :data:`HERE`)."""
+
+
+#: The codec of a result computed in this process: no bytes, the value itself.
+HERE = "here"
 
 
 class Future(concurrent.futures.Future[Any]):

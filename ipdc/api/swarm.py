@@ -26,12 +26,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ipdc import ipdc_home
-from ipdc.api.future import Future, Stored
+from ipdc.api.future import HERE, Future, Stored
+from ipdc.api.offload import LOCAL, Candidate, Decision, Measured, decide
 from ipdc.api.placement import choose
 from ipdc.errors import ControlError, IPDCError, NotEnoughPeers, TaskFailed, ValueRefused
 from ipdc.home import NodeHome
@@ -63,6 +65,7 @@ class _Task:
     pin: str | None
     resources: dict[str, Any]
     attempt: int = -1
+    sent_at: float = 0.0
     re: str = ""
     """The digest of the Task message now in flight: only its reply counts."""
     failures: list[str] = field(default_factory=list)
@@ -89,6 +92,14 @@ class Swarm:
         self._in_flight: Counter[str] = Counter()
         self._functions: dict[int, tuple[Callable[..., Any], Cid]] = {}
         self._stored: set[str] = set()
+        self._runs: dict[str, Measured] = {}
+        self._result_sizes: dict[str, Measured] = {}
+        self._rtts: dict[str, Measured] = {}
+        self._bandwidths: dict[str, Measured] = {}
+        self._here_running = 0
+        self._here = ThreadPoolExecutor(self.config.slots, thread_name_prefix="ipdc-here")
+        self.decisions: list[Decision] = []
+        """Every :meth:`offload` decision, with its estimates and (once the call ended) outcome."""
         self._stop = threading.Event()
         self.client = SwarmClient(self.config, self.signer).connect()
         self._replies = self.client.listen(TASK_REPLY.subscription(job=self.session))
@@ -126,6 +137,76 @@ class Swarm:
                     future.cancel()
         return results()
 
+    def offload(self, fn: Callable[..., Any], /, *args: Any, policy: str = "auto", **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` here or on the peer where the cost model
+        (:mod:`ipdc.api.offload`) expects the result soonest; ``policy`` "local" or "remote"
+        forces the side. The decision and its estimates go to :attr:`decisions` and, when the
+        call ends, to this node's job history (``ipdc jobs``)."""
+        import cloudpickle
+        fn_cid = self._function(fn)
+        values = [*args, *kwargs.values()]
+        arg_bytes = sum(len(encode(v, cloudpickle.dumps)[1]) for v in values if not isinstance(v, Future))
+        me = self.config.node.name
+        with self._lock:
+            run = self._runs.get(fn_cid, Measured()).value
+            result_bytes = int(self._result_sizes.get(fn_cid, Measured()).get(0.0))
+            in_flight = dict(self._in_flight)
+            here = self._here_running
+            candidates = [Candidate(p.name, (p.running + in_flight.get(p.name, 0)) / max(1, p.presence.slots),
+                                    self._rtts.get(p.name, Measured()).value,
+                                    self._bandwidths.get(p.name, Measured()).value)
+                          for p in self.client.peers.live() if p.name != me]
+        own = next((p for p in self.client.peers.live() if p.name == me), None)
+        local_load = ((own.running if own is not None else 0) + here) / self.config.slots
+        choice, estimates = decide(policy, run, local_load, candidates, arg_bytes, result_bytes)
+        decision = Decision(fn_cid, policy, choice, estimates, arg_bytes, result_bytes, time.time())
+        self.decisions.append(decision)
+        if choice == LOCAL:
+            future = self._run_here(fn, fn_cid, args, kwargs)
+        else:
+            future = self._submit(fn, values, list(kwargs), False, choice, {})
+        future.add_done_callback(lambda _: self._record(decision, future))
+        return future
+
+    def _run_here(self, fn: Callable[..., Any], fn_cid: Cid, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Future:
+        """Call ``fn`` in this process (on a thread): an offload decided to stay here."""
+        future = Future(str(JobId.new()), self._materialize, lambda _: None)
+        future.peers.append(LOCAL)
+
+        def call() -> None:
+            with self._lock:
+                self._here_running += 1
+            t0 = time.monotonic()
+            try:
+                value = fn(*[a.result() if isinstance(a, Future) else a for a in args], **kwargs)
+            except Exception as exc:  # the caller's own code: its exception is the outcome
+                future.set_exception(exc)
+            else:
+                with self._lock:
+                    self._runs.setdefault(fn_cid, Measured()).add(time.monotonic() - t0)
+                future.set_result(Stored(HERE, None, None, True, LOCAL, value))
+            finally:
+                with self._lock:
+                    self._here_running -= 1
+        self._here.submit(call)
+        return future
+
+    def _record(self, decision: Decision, future: Future) -> None:
+        """Keep an ended offload's outcome, and record it in the node's job history."""
+        finished = time.time()
+        error = "" if future.cancelled() or future.exception(0) is None else str(future.exception(0))
+        decision.outcome.update(seconds=finished - decision.decided_at, peer=future.peer,
+                                **({"error": error[:500]} if error else {}))
+        state = "cancelled" if future.cancelled() else "failed" if error else "succeeded"
+        from ipdc.ctlsock import ControlClient
+        try:
+            ControlClient(self.node.home, timeout=5).call(
+                "record", kind="offload", params=decision.to_dict(), state=state, error=error[:500],
+                workers=[[decision.choice]], submitted_at=decision.decided_at, finished_at=finished)
+        except ControlError as exc:
+            log.warning("offload decision not recorded in the job history: %s", exc)
+
     def close(self) -> None:
         """Cancel what still runs, disconnect, and stop a temporary cluster."""
         with self._lock:
@@ -134,6 +215,7 @@ class Swarm:
             future.cancel()
         self._stop.set()
         self._pump.join(timeout=5)
+        self._here.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         self.kubo.close()
         if self._on_close is not None:
@@ -201,6 +283,8 @@ class Swarm:
             assert isinstance(value, TaskArg)
             return value
         stored = value.stored()
+        if stored.codec == HERE:
+            return self._arg(stored.value)
         if stored.cid is not None:
             return TaskArg(stored.codec, cid=stored.cid)
         assert stored.data is not None
@@ -244,6 +328,7 @@ class Swarm:
             task.future.peers.append(name)
             self._in_flight[name] += 1
             task.re = self.client.send(TASK, name, message)
+            task.sent_at = time.monotonic()
 
     def _cancel(self, future: Future) -> None:
         with self._lock:
@@ -286,9 +371,10 @@ class Swarm:
         if reply.error:  # the task could not run there: another attempt, elsewhere
             self._retry(task, f"{sender}: {reply.error}")
             return
+        self._measure(task, sender, reply)
         trusted = reply.submitter == self.signer.public_key or reply.submitter in self.trust
         stored = Stored(reply.codec, base64.b64decode(reply.data) if reply.cid is None else None, reply.cid,
-                        trusted)
+                        trusted, sender)
         if reply.ok:
             self._settle(task, stored=stored)
             return
@@ -342,11 +428,30 @@ class Swarm:
         else:
             task.future.set_result(stored)
 
+    def _measure(self, task: _Task, peer: str, reply: TaskReply) -> None:
+        """What offload's cost model learns from a reply: the function's run time and result
+        size, and the round-trip overhead of a task to ``peer``."""
+        if task.chunk:
+            return
+        with self._lock:
+            self._runs.setdefault(task.fn, Measured()).add(reply.seconds)
+            self._result_sizes.setdefault(task.fn, Measured()).add(reply.size)
+            overhead = time.monotonic() - task.sent_at - reply.seconds
+            self._rtts.setdefault(peer, Measured()).add(max(0.0, overhead))
+
     def _materialize(self, stored: Stored) -> Any:
         """The value of a task's result: fetched by CID when it is not inline, then decoded
         (a pickle only from a trusted worker)."""
-        data = stored.data if stored.data is not None else self.kubo.fetch_checked(
-            str(stored.cid), stall=self.config.sandbox.fetch_stall)
+        if stored.codec == HERE:
+            return stored.value
+        if stored.data is not None:
+            data = stored.data
+        else:
+            t0 = time.monotonic()
+            data = self.kubo.fetch_checked(str(stored.cid), stall=self.config.sandbox.fetch_stall)
+            with self._lock:
+                rate = len(data) / max(1e-6, time.monotonic() - t0)
+                self._bandwidths.setdefault(stored.peer, Measured()).add(rate)
         if stored.codec == "pickle" and not stored.trusted:
             raise ValueRefused("a pickled result came from a worker whose node key is not trusted here, and "
                                "unpickling runs code: return plain data (msgpack types, numpy arrays), or "

@@ -149,3 +149,69 @@ def test_a_large_argument_is_stored_once_and_fetched_once_per_node(api: Swarm, s
         fetches = agent_log(node.home).count(f"task input {cid} fetched")
         assert fetches == (1 if node.config.node.name in workers else 0), node.config.node.name
     assert len(workers) >= 2
+
+
+def spin(seconds: float) -> int:
+    """CPU work for about ``seconds``: the heavy function of the offloading tests."""
+    import time as clock
+    end, n = clock.perf_counter() + seconds, 0
+    while clock.perf_counter() < end:
+        n += 1
+    return seconds.__round__()
+
+
+def test_offload_sends_a_heavy_call_away_from_a_loaded_node(api: Swarm, swarm: LocalCluster) -> None:
+    from tests.integration.test_api_failures import slow_square
+
+    me = swarm.nodes[0].config.node.name
+    first = api.offload(spin, 0.5, policy="remote")  # measures its run time and the round trip
+    assert first.result(timeout=60) == 0 and first.peer != me
+    blockers = [api.submit(slow_square, 1, 600, peer=me) for _ in range(swarm.nodes[0].config.slots)]
+    try:
+        assert wait_for(lambda: any(p.name == me and p.running >= swarm.nodes[0].config.slots
+                                    for p in api.client.peers.live()), 30)  # its heartbeat says busy
+        future = api.offload(spin, 0.5)
+        assert future.result(timeout=60) == 0
+        decision = api.decisions[-1]
+        assert decision.choice not in ("local", me) and future.peer == decision.choice
+        local = next(e for e in decision.estimates if e.where == "local")
+        chosen = next(e for e in decision.estimates if e.where == decision.choice)
+        assert local.wait >= local.run > 0.3 and chosen.total < local.total
+        assert "run" not in chosen.assumed  # measured by the first call
+        measured = next(e for e in decision.estimates if e.where == first.peer)
+        assert "rtt" not in measured.assumed and 0 < measured.transfer < 1
+    finally:
+        for blocker in blockers:
+            blocker.cancel()
+
+
+def test_offload_keeps_a_tiny_call_with_a_large_argument_here_and_records_it(
+        api: Swarm, swarm: LocalCluster) -> None:
+    import json
+
+    import numpy
+
+    from tests.helpers import run_cli
+
+    def first_item(a: numpy.ndarray) -> float:
+        return float(a[0])
+
+    assert api.offload(first_item, numpy.ones(4)).result(timeout=60) == 1.0  # measured here
+    big = numpy.full(20 * 2**20 // 8, 2.0)  # 20 MB
+    future = api.offload(first_item, big)
+    assert future.result(timeout=60) == 2.0 and future.peer == "local"
+    decision = api.decisions[-1]
+    assert decision.choice == "local" and decision.arg_bytes >= big.nbytes
+    remote = [e for e in decision.estimates if e.where != "local"]
+    assert len(remote) == 2 and all(e.transfer > 0.1 for e in remote)
+    home = swarm.nodes[0].home
+
+    def recorded() -> list[dict[str, object]]:
+        rows = json.loads(run_cli(["jobs", "--json", "--all"], home).stdout)
+        return [r for r in rows if r["kind"] == "offload" and r["params"]["decided_at"] == decision.decided_at]
+    assert wait_for(lambda: len(recorded()) == 1, 30)
+    row = recorded()[0]
+    assert row["state"] == "succeeded" and row["workers"] == [["local"]]
+    assert {e["where"] for e in row["params"]["estimates"]} == {e.where for e in decision.estimates}
+    assert all({"run", "wait", "transfer", "total", "assumed"} <= set(e) for e in row["params"]["estimates"])
+    assert "estimated local" in run_cli(["jobs"], home).stdout

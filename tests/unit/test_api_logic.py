@@ -9,8 +9,9 @@ import cloudpickle
 import numpy
 import pytest
 
+from ipdc.api.offload import ASSUMED_RTT, Candidate, Measured, decide
 from ipdc.api.placement import choose
-from ipdc.errors import MessageError, NotEnoughPeers, ValueRefused
+from ipdc.errors import JobError, MessageError, NotEnoughPeers, ValueRefused
 from ipdc.peers import Peer
 from ipdc.runner.pytask import decode, encode, run
 from ipdc.wire.ids import Cid, JobId, NodeName
@@ -131,3 +132,49 @@ def test_task_messages_round_trip_and_refuse_nonsense() -> None:
     assert TASK_REPLY.decode(TASK_REPLY.encode(reply)) == reply
     with pytest.raises(MessageError):
         TASK_REPLY.decode(json.dumps({**json.loads(TASK_REPLY.encode(reply)), "codec": "eval"}).encode())
+
+
+# -- the offloading cost model --------------------------------------------------------------
+def test_an_idle_peer_wins_a_heavy_call_from_a_loaded_node() -> None:
+    idle = Candidate("n-idle", load=0.0, rtt=0.005, bandwidth=100e6)
+    busy = Candidate("n-busy", load=2.0, rtt=0.005, bandwidth=100e6)
+    choice, estimates = decide("auto", run=1.0, local_load=1.0, peers=[busy, idle], arg_bytes=1000,
+                               result_bytes=100)
+    assert choice == "n-idle"
+    by_place = {e.where: e for e in estimates}
+    assert by_place["local"].total == pytest.approx(2.0)
+    assert by_place["n-busy"].total == pytest.approx(3.0 + 0.005 + 1100 / 100e6)
+    assert by_place["n-idle"].total == pytest.approx(1.0 + 0.005 + 1100 / 100e6)
+
+
+def test_a_tiny_call_with_a_large_argument_stays_here() -> None:
+    peer = Candidate("n-a", load=0.0, rtt=0.002, bandwidth=100e6)
+    choice, estimates = decide("auto", run=0.001, local_load=0.5, peers=[peer], arg_bytes=50 << 20,
+                               result_bytes=8)
+    assert choice == "local" and estimates[1].transfer > 0.5
+
+
+def test_unmeasured_figures_are_assumed_and_named() -> None:
+    choice, estimates = decide("auto", run=None, local_load=0.0, peers=[Candidate("n-a", 0.0, None, None)],
+                               arg_bytes=0, result_bytes=0)
+    assert choice == "local"  # a function never measured runs here first, where it is measured
+    assert estimates[0].assumed == ("run",) and estimates[1].assumed == ("run", "rtt", "bandwidth")
+    assert estimates[1].transfer == pytest.approx(ASSUMED_RTT)
+
+
+def test_policies_force_the_side_and_bad_ones_are_refused() -> None:
+    peer = Candidate("n-a", load=0.0, rtt=1.0, bandwidth=1.0)
+    assert decide("remote", 0.001, 0.0, [peer], 10, 10)[0] == "n-a"
+    assert decide("local", 100.0, 50.0, [Candidate("n-a", 0.0, 0.0, 1e9)], 0, 0)[0] == "local"
+    with pytest.raises(JobError, match="no live peer"):
+        decide("remote", 1.0, 0.0, [], 0, 0)
+    with pytest.raises(JobError, match="unknown offload policy"):
+        decide("fastest", 1.0, 0.0, [], 0, 0)
+
+
+def test_measured_means_weigh_new_samples() -> None:
+    m = Measured()
+    assert m.get(7.0) == 7.0
+    m.add(1.0)
+    m.add(2.0)
+    assert m.value == pytest.approx(1.3) and m.samples == 2
