@@ -32,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from ipdc import ipdc_home
+from ipdc.api.executor import SwarmExecutor
 from ipdc.api.future import HERE, Future, Stored
+from ipdc.api.mapreduce import run_mapreduce
 from ipdc.api.offload import LOCAL, Candidate, Decision, Measured, decide
 from ipdc.api.placement import choose
 from ipdc.errors import ControlError, IPDCError, NotEnoughPeers, TaskFailed, ValueRefused
 from ipdc.home import NodeHome
 from ipdc.runner.pytask import decode, encode
 from ipdc.submit.client import SwarmClient
+from ipdc.submit.mapreduce import JobResult
 from ipdc.trust import Signer, verify
 from ipdc.wire.ids import Cid, JobId
 from ipdc.wire.task import TASK, TASK_REPLY, Task, TaskArg, TaskReply
@@ -136,6 +139,22 @@ class Swarm:
                 for future in futures:
                     future.cancel()
         return results()
+
+    def mapreduce(self, map_fn: Callable[..., Any], reduce_fn: Callable[..., Any], input_file: str | Path,
+                  k: int = 4, combine: Callable[..., Any] | None = None, output: str | Path | None = None,
+                  max_attempts: int = 3) -> JobResult:
+        """Run a MapReduce job as ``ipdc mr`` does, with ``map_fn(line)`` (pairs),
+        ``reduce_fn(key, values)`` and an optional ``combine(key, values)``; its JobResult
+        (the output directory, the result CID, workers, timings)."""
+        for fn in (map_fn, reduce_fn, combine):
+            if fn is not None:
+                _by_value(fn)
+        return run_mapreduce(self.node.home, map_fn, reduce_fn, Path(input_file), k, combine,
+                             Path(output) if output is not None else None, max_attempts)
+
+    def executor(self) -> SwarmExecutor:
+        """A :class:`concurrent.futures.Executor` over this session."""
+        return SwarmExecutor(self)
 
     def offload(self, fn: Callable[..., Any], /, *args: Any, policy: str = "auto", **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` here or on the peer where the cost model

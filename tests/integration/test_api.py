@@ -208,10 +208,35 @@ def test_offload_keeps_a_tiny_call_with_a_large_argument_here_and_records_it(
 
     def recorded() -> list[dict[str, object]]:
         rows = json.loads(run_cli(["jobs", "--json", "--all"], home).stdout)
-        return [r for r in rows if r["kind"] == "offload" and r["params"]["decided_at"] == decision.decided_at]
+        return [r for r in rows
+                if r["kind"] == "offload" and r["params"]["decided_at"] == decision.decided_at]
     assert wait_for(lambda: len(recorded()) == 1, 30)
     row = recorded()[0]
     assert row["state"] == "succeeded" and row["workers"] == [["local"]]
     assert {e["where"] for e in row["params"]["estimates"]} == {e.where for e in decision.estimates}
     assert all({"run", "wait", "transfer", "total", "assumed"} <= set(e) for e in row["params"]["estimates"])
     assert "estimated local" in run_cli(["jobs"], home).stdout
+
+
+def test_mapreduce_runs_the_mr_engine_with_functions(api: Swarm, tmp_path: Path) -> None:
+    from tests.helpers import read_output, reference_counts
+
+    text = "".join(f"w{i % 37} w{i % 11} {'x' * (i % 5)}\n" for i in range(5000))
+    source = tmp_path / "words.txt"
+    source.write_text(text)
+
+    def words(line: str) -> list[tuple[str, int]]:
+        return [(w, 1) for w in line.split()]
+
+    result = api.mapreduce(words, lambda key, counts: sum(counts), source, k=3,
+                           combine=lambda key, counts: sum(counts), output=tmp_path / "out")
+    counts, _ = read_output(result.output, 3)
+    assert counts == reference_counts(text.encode())
+    assert len(result.parts) == 3 and result.result_cid and (result.output / "_SUCCESS").exists()
+
+
+def test_the_executor_serves_code_written_for_concurrent_futures(api: Swarm) -> None:
+    with api.executor() as pool:
+        assert list(pool.map(pow, [2, 3, 4], [5, 2, 0])) == [32, 9, 1]
+        assert list(pool.map(abs, range(-5, 5), chunksize=3)) == [abs(n) for n in range(-5, 5)]
+        assert pool.submit(divmod, 17, 5).result(timeout=60) == (3, 2)

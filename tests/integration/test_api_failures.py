@@ -3,6 +3,7 @@ agent): cancel, a task that kills its runner every time, a worker killed mid-tas
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from ipdc.api import Swarm
 from ipdc.errors import TaskFailed
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,12 @@ def started(home: Path, task_id: str, attempt: int = 0) -> bool:
     return f"task {task_id} (attempt {attempt}) of API session" in (home / "logs" / "agent.log").read_text()
 
 
+def peers_running(cluster: LocalCluster) -> dict[str, int]:
+    """Each live peer's running tasks, as `ipdc peers --json` shows them."""
+    rows = json.loads(run_cli(["peers", "--json"], cluster.nodes[0].home).stdout)
+    return {r["name"]: r["running"] for r in rows}
+
+
 def slow_square(x: int, seconds: float) -> int:
     time.sleep(seconds)  # the task's own work: long enough to be interrupted
     return x * x
@@ -43,6 +51,7 @@ def test_cancel_stops_a_running_task_and_a_queued_one(api: Swarm, trio: LocalClu
     name = node.config.node.name
     running = api.submit(slow_square, 3, 600, peer=name)
     assert wait_for(lambda: started(node.home, running.task_id), 30)
+    assert wait_for(lambda: peers_running(trio)[name] == 1, 30)  # `ipdc peers` counts API tasks
     queued = api.submit(slow_square, running, 0, peer=name)  # waits for `running`, here
     assert queued.cancel() and queued.cancelled()
     assert running.cancel() and running.cancelled()
@@ -51,6 +60,7 @@ def test_cancel_stops_a_running_task_and_a_queued_one(api: Swarm, trio: LocalClu
     assert after.result(timeout=60) == 16
     assert not started(node.home, queued.task_id)
     assert "cancelled" in (node.home / "logs" / "agent.log").read_text()
+    assert wait_for(lambda: peers_running(trio)[name] == 0, 30)
 
 
 def test_a_task_that_kills_its_runner_fails_after_max_attempts_naming_its_peers(api: Swarm) -> None:
