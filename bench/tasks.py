@@ -19,6 +19,7 @@ Both sides get two workers of one slot each: IPDC's embedded default (a LocalClu
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -100,7 +101,7 @@ def run_ipdc(submits: int, tasks: int, profile: bool) -> dict[str, Any]:
                                         "--output", str(out), "--rate", "500", "--nonblocking"])
             lat = latencies(lambda f, i: swarm.submit(f, i).result(), submits)
             if spy is not None:
-                spy.terminate()
+                spy.send_signal(signal.SIGINT)  # py-spy writes its profile on Ctrl-C
                 spy.wait()
             t0 = time.perf_counter()
             out_chunked = list(swarm.map(inc, range(tasks)))

@@ -32,8 +32,8 @@ def main() -> None:
     grid = list(itertools.product([0.5, 1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 4.0, 8.0, 16.0]))
     with ipdc.connect() as swarm:
         times = list(swarm.map(settling_time, grid, chunksize=5))
-    best_time, best = min(zip(times, grid))
-    for params, seconds in zip(grid, times):
+    best_time, best = min(zip(times, grid, strict=True))
+    for params, seconds in zip(grid, times, strict=True):
         print(f"damping {params[0]:>4}  stiffness {params[1]:>5}  settles in {seconds:6.3f} s")
     print(f"best: damping {best[0]}, stiffness {best[1]} ({best_time} s)")
 
