@@ -240,3 +240,34 @@ def test_the_executor_serves_code_written_for_concurrent_futures(api: Swarm) -> 
         assert list(pool.map(pow, [2, 3, 4], [5, 2, 0])) == [32, 9, 1]
         assert list(pool.map(abs, range(-5, 5), chunksize=3)) == [abs(n) for n in range(-5, 5)]
         assert pool.submit(divmod, 17, 5).result(timeout=60) == (3, 2)
+
+
+def test_a_replayed_or_tampered_task_is_refused_and_unanswered(api: Swarm, swarm: LocalCluster) -> None:
+    import base64
+    import dataclasses
+    import queue
+
+    from ipdc.runner.pytask import encode
+    from ipdc.wire.ids import JobId
+    from ipdc.wire.task import TASK, TASK_REPLY, Task, TaskArg
+
+    worker = swarm.nodes[1]
+    name = worker.config.node.name
+    session = JobId.new()
+    replies = api.client.listen(TASK_REPLY.subscription(job=session))
+    fn = api._function(collatz)
+    arg = TaskArg("msgpack", data=base64.b64encode(encode(27)[1]).decode())
+    task = api.signer.sign(Task(session, JobId.new(), 0, "run", fn, [arg]), TASK.name, name)
+    api.client.bus.publish(TASK.topic(node=name), TASK.encode(task))
+    first = TASK_REPLY.decode(replies.get(timeout=60).payload)
+    assert first.ok and first.task == task.task
+    api.client.bus.publish(TASK.topic(node=name), TASK.encode(task))  # the same bytes again
+    tampered = dataclasses.replace(task, task=JobId.new(), kwargs=[])  # a new id under the old signature
+    api.client.bus.publish(TASK.topic(node=name), TASK.encode(tampered))
+    assert wait_for(lambda: f"rejected task {tampered.task}" in agent_log(worker.home), 30)
+    log = agent_log(worker.home)
+    assert f"rejected task {task.task} (run, attempt 0) of API session {session}: replayed" in log
+    assert "signature does not match" in log.split(f"rejected task {tampered.task}")[1].splitlines()[0]
+    with pytest.raises(queue.Empty):
+        replies.get(timeout=2)  # neither was answered
+    api.client.unlisten(TASK_REPLY.subscription(job=session))
