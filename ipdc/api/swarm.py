@@ -329,6 +329,8 @@ class Swarm:
         """Send ``task`` to a peer (its next attempt)."""
         try:
             if task.pin is not None:
+                if not self.client.peers.is_live(task.pin):
+                    raise NotEnoughPeers(f"peer {task.pin} is not live: `ipdc peers` lists the live ones")
                 name = task.pin
             else:
                 with self._lock:

@@ -11,7 +11,7 @@ import pytest
 
 import ipdc
 from ipdc.api import Swarm
-from ipdc.errors import ValueRefused
+from ipdc.errors import NotEnoughPeers, ValueRefused
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
 from ipdc.trust import Signer
@@ -43,6 +43,18 @@ def test_submit_runs_a_function_with_arguments_on_a_peer(api: Swarm, swarm: Loca
     # values keep their types through msgpack: a tuple stays a tuple, bytes stay bytes
     shaped = api.submit(lambda: {"t": (1, "x"), "b": b"\x00\xff", "f": 0.5, "n": None})
     assert shaped.result(timeout=60) == {"t": (1, "x"), "b": b"\x00\xff", "f": 0.5, "n": None}
+
+
+def test_placement_honours_pins_and_resources(api: Swarm, swarm: LocalCluster) -> None:
+    for node in swarm.nodes:
+        name = node.config.node.name
+        assert api.submit(abs, -1, peer=name).peer == name
+    with pytest.raises(NotEnoughPeers, match="not live"):
+        api.submit(abs, -1, peer="n-nowhere").result(timeout=10)
+    with pytest.raises(NotEnoughPeers, match="no live peer offering"):
+        api.submit(abs, -1, resources={"mem_mb": 10**9}).result(timeout=10)
+    roomy = api.submit(abs, -1, resources={"mem_mb": 1, "cores": 1})
+    assert roomy.result(timeout=60) == 1
 
 
 def test_map_of_a_thousand_items_is_ordered_and_exact(api: Swarm, swarm: LocalCluster) -> None:
