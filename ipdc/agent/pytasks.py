@@ -111,6 +111,9 @@ class TaskService:
         self.busy = busy
         self.inputs = InputCache(executor.fetch)
         self.sessions: dict[tuple[str, str], Session] = {}
+        self._made = 0
+        """Sessions made so far: a session that comes back after it expired gets fresh runners
+        (the pool refuses a dropped name for good)."""
         self._lock = threading.Lock()
 
     def handle(self, msg: Task, re: str) -> None:
@@ -119,7 +122,9 @@ class TaskService:
         with self._lock:
             session = self.sessions.get(key)
             if session is None:
-                tag = f"api-{hashlib.sha256(msg.submitter.encode()).hexdigest()[:8]}-{msg.session}"
+                self._made += 1
+                who = hashlib.sha256(msg.submitter.encode()).hexdigest()[:8]
+                tag = f"api-{who}-{msg.session}-{self._made}"
                 session = self.sessions[key] = Session(tag, time.time())
             session.last_heard = time.time()
             if msg.op == "cancel":

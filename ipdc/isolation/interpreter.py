@@ -102,9 +102,10 @@ def readable_by_others(interpreter: Interpreter) -> bool:
 
 
 def copy_path() -> Path:
-    """One copy per environment (its interpreter and site-packages directories): two venvs on
-    one machine, say a node's and a wheel's, would otherwise replace each other's copy."""
-    where = json.dumps([str(Path(sys.base_prefix).resolve()), [str(s) for s in _site_dirs()]])
+    """One copy per environment (its interpreter and site-packages directories) and layout: two
+    venvs on one machine, say a node's and a wheel's, or two IPDC versions that lay copies out
+    differently, would otherwise replace each other's copy at every agent start."""
+    where = json.dumps([str(Path(sys.base_prefix).resolve()), [str(s) for s in _site_dirs()], LAYOUT])
     tag = hashlib.sha256(where.encode()).hexdigest()[:8]
     return COPY_ROOT / f"ipdc-python{sys.version_info.major}.{sys.version_info.minor}-{tag}"
 

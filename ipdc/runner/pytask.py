@@ -125,7 +125,9 @@ def run(function: bytes, args: Sequence[tuple[str, bytes | memoryview]], kwargs:
         result = [fn(item) for item in positional[0]] if chunk else fn(*positional, **named)
         codec, data = encode(result)
         return True, codec, data, ""
-    except Exception as exc:  # user code may raise anything: it is the task's outcome
+    except MemoryError:  # a limit: the runner reports it and exits (ipdc.runner.process)
+        raise
+    except (Exception, SystemExit) as exc:  # what user code raises is the task's outcome
         trace = traceback.format_exc()
         try:
             codec, data = encode(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -18,10 +19,14 @@ from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
 from tests.helpers import run_cli
 
+LEASE = 6.0
+
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(3, base=tmp_path_factory.mktemp("api-failures")) as cluster:
+    # a short lease, so that a silent session's runners and pins are seen to go
+    with LocalCluster(3, base=tmp_path_factory.mktemp("api-failures"),
+                      settings={"agent": {"job_lease": LEASE}}) as cluster:
         yield cluster
 
 
@@ -74,6 +79,21 @@ def test_a_task_that_kills_its_runner_fails_after_max_attempts_naming_its_peers(
     for peer in future.peers:
         assert peer in str(raised.value)
     assert "runner process" in str(raised.value)
+
+
+def test_a_silent_session_is_dropped_after_the_lease_and_comes_back_fresh(api: Swarm,
+                                                                        trio: LocalCluster) -> None:
+    node = trio.nodes[1]
+    name = node.config.node.name
+    big = api.submit(lambda: b"x" * (1 << 20), peer=name)  # kept by CID on the worker
+    assert big.result(timeout=60) == b"x" * (1 << 20)
+    cid = big.stored().cid
+    assert cid is not None and cid in node.kubo().pins()
+    dropped = re.compile(rf"dropped API session api-[0-9a-f]+-{api.session}-\d+: silent")
+    log = node.home / "logs" / "agent.log"
+    assert wait_for(lambda: dropped.search(log.read_text()) is not None, 3 * LEASE)
+    assert cid not in node.kubo().pins()
+    assert api.submit(abs, -7, peer=name).result(timeout=60) == 7  # new runners for the same session
 
 
 def test_a_worker_killed_mid_task_is_replaced_and_the_result_is_right(api: Swarm, trio: LocalCluster) -> None:
