@@ -227,7 +227,8 @@ class Swarm:
             log.warning("offload decision not recorded in the job history: %s", exc)
 
     def close(self) -> None:
-        """Cancel what still runs, disconnect, and stop a temporary cluster."""
+        """Cancel what still runs, unpin the functions and arguments this session added to
+        kubo, disconnect, and stop a temporary cluster."""
         with self._lock:
             pending = [t.future for t in self._tasks.values()]
         for future in pending:
@@ -236,6 +237,11 @@ class Swarm:
         self._pump.join(timeout=5)
         self._here.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        if self._stored:
+            try:
+                self.kubo.pin_rm(*self._stored)
+            except IPDCError as exc:
+                log.warning("could not unpin this session's inputs: %s", exc)
         self.kubo.close()
         if self._on_close is not None:
             self._on_close()

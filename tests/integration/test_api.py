@@ -161,6 +161,19 @@ def test_a_large_argument_is_stored_once_and_fetched_once_per_node(api: Swarm, s
         fetches = agent_log(node.home).count(f"task input {cid} fetched")
         assert fetches == (1 if node.config.node.name in workers else 0), node.config.node.name
     assert len(workers) >= 2
+    assert cid in swarm.nodes[0].kubo().pins()  # stored once, pinned while the session lasts
+
+
+def test_closing_a_session_unpins_its_inputs(swarm: LocalCluster) -> None:
+    from ipdc.runner.pytask import encode
+    from ipdc.wire.unixfs import cid_of
+
+    data = bytes(range(256)) * 1024  # 256 KiB: by CID
+    cid = cid_of(encode(data)[1])
+    with Swarm(swarm.nodes[0].home) as session:
+        assert session.submit(len, data).result(timeout=60) == len(data)
+        assert cid in swarm.nodes[0].kubo().pins()
+    assert cid not in swarm.nodes[0].kubo().pins()
 
 
 def spin(seconds: float) -> int:
