@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -36,14 +37,22 @@ def _ensure_python_deps(with_tf: bool) -> None:
 #: docker-compose with debootstrap for the base image, the browser of the dashboard test.
 TEST_TOOLS = {"ip": "iproute2", "dockerd": "docker.io", "docker-compose": "docker-compose",
               "debootstrap": "debootstrap", "chromium": "chromium", "chromedriver": "chromium-driver"}
+#: The unprivileged user the tests run agents as, to attack the sandbox from a non-root node.
+TEST_USER = "ipdcagent"
 
 
 def _ensure_test_tools() -> None:
-    """apt-get install the missing test tools, then start dockerd when it does not answer
-    (a container or a machine without systemd has nobody else to start it)."""
+    """apt-get install the missing test tools, add the tests' unprivileged agent user, then
+    start dockerd when it does not answer (a container or a machine without systemd has
+    nobody else to start it)."""
     from ipdc.node.install import install_packages
 
     install_packages([package for command, package in TEST_TOOLS.items() if shutil.which(command) is None])
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        TEST_USER], check=True)
     if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0:
         return
     with open("/var/log/dockerd.log", "ab") as log:

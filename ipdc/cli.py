@@ -328,16 +328,17 @@ def peers(as_json: bool) -> None:
     rows = [{
         "name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "addrs": p.presence.addrs,
         "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
-        "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
+        "tf": p.presence.caps.tf, "slots": p.presence.slots, "running": p.running, "load": round(p.load, 2),
         "last_seen_s": round(p.age(), 1),
     } for p in live]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = _table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "load", "seen (s ago)")
-    for r in rows:
+    table = _table("node", "peer ID", "address", "cores", "free MB", "TF", "slots", "running", "load",
+                   "seen (s ago)")
+    for r in rows:  # running: tasks in its runners now, MapReduce and Python API alike
         table.add_row(r["name"], r["peer_id"], r["host"], str(r["cores"]), str(r["mem_free_mb"]),
-                      "yes" if r["tf"] else "no", str(r["slots"]), f"{r['load']:.2f}",
+                      "yes" if r["tf"] else "no", str(r["slots"]), str(r["running"]), f"{r['load']:.2f}",
                       f"{r['last_seen_s']:.1f}")
     out.print(table)
     err.print(f"{len(rows)} live peer(s)")
@@ -611,6 +612,8 @@ def _duration(job: dict[str, Any]) -> float | None:
 
 
 def _progress_text(job: dict[str, Any]) -> str:
+    if job["kind"] == "offload":  # a Python API decision: where it ran, and the estimates it chose from
+        return "estimated " + ", ".join(f"{e['where']} {e['total']:.3g}s" for e in job["params"]["estimates"])
     progress = job["progress"]
     return "  ".join(f"{phase} {int(progress[phase][0])}/{int(progress[phase][1])}"
                      for phase in ("map", "reduce") if phase in progress) or "-"

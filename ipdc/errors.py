@@ -74,6 +74,11 @@ class TaskFailed(JobError):
         self.remote_traceback = remote_traceback
 
 
+class ValueRefused(JobError):
+    """A task's value that does not decode as its codec says, or a pickle from a worker the
+    submitter does not trust (unpickling runs code)."""
+
+
 class VerificationFailed(JobError):
     """Replicas of one task (``--verify N``) reported different outputs."""
 

@@ -347,6 +347,15 @@ class KuboClient:
                             files={"file": ("node", json.dumps(node).encode())}).json()
         return Cid(answer["Cid"]["/"])
 
+    def has(self, cid: str) -> bool:
+        """Whether this node holds ``cid``'s root block, asking no other peer: what proves that
+        content never came here."""
+        try:
+            self._post("block/stat", {"arg": str(Cid(cid)), "offline": "true"})
+        except KuboError:
+            return False
+        return True
+
     def cumulative_size(self, cid: str) -> int:
         """The bytes of ``cid``'s whole DAG, nodes included (a directory link's Tsize)."""
         return int(self._json("files/stat", {"arg": f"/ipfs/{Cid(cid)}"})["CumulativeSize"])

@@ -4,22 +4,58 @@ probe, and a watch on every process's argv."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ipdc.isolation.cgroups import POOL_GROUP, placement
+from ipdc.isolation.cgroups import POOL_GROUP, delegate, placement, undelegate
 
 if TYPE_CHECKING:
     from ipdc.node.cluster import LocalCluster
+    from ipdc.submit.mapreduce import JobResult, MapReduceJob
 
 REPO = Path(__file__).resolve().parent.parent
+#: The unprivileged user the tests run agents as (made by the sandbox's setup).
+AGENT_USER = "ipdcagent"
+
+
+@contextmanager
+def cluster_as(user: str | None, prefix: str, sandbox: dict[str, Any]) -> Iterator[LocalCluster]:
+    """Two nodes whose agents run as root (``user`` None) or as ``user``, whose cgroups are
+    delegated to it for the while."""
+    from ipdc.node.cluster import LocalCluster
+
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)  # the user must reach its homes
+    if user is not None:
+        delegate(user)
+    try:
+        with LocalCluster(2, base=base, slots=2, settings={"sandbox": sandbox}, user=user) as cluster:
+            yield cluster
+    finally:
+        if user is not None:
+            undelegate(user)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_on(cluster: LocalCluster, job: MapReduceJob) -> JobResult:
+    """Run ``job`` with the first node as its submitter, in this process."""
+    from ipdc.submit.client import SwarmClient
+    from ipdc.submit.mapreduce import MapReduceController
+
+    node = cluster.nodes[0]
+    with SwarmClient(node.config, node.signer).connect() as client, node.kubo() as kubo:
+        return MapReduceController(client, kubo, job, node.home).run()
 
 
 def run_cli(args: list[str], home: Path, timeout: float = 180, check: bool = True,

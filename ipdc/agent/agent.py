@@ -64,6 +64,7 @@ from ipdc.agent.jobs import (  # noqa: E402
     key_of,
 )
 from ipdc.agent.membership import Membership, check_identity  # noqa: E402
+from ipdc.agent.pytasks import TaskService  # noqa: E402
 from ipdc.bus import Bus, Inbound, Will  # noqa: E402
 from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
 from ipdc.home import NodeHome, RenewedJobs, SubmittedJobs  # noqa: E402
@@ -82,6 +83,7 @@ from ipdc.wire.manifest import SAFE_NAME, JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
 from ipdc.wire.renew import RENEW, Renew  # noqa: E402
 from ipdc.wire.stages import stages_of  # noqa: E402
+from ipdc.wire.task import Task  # noqa: E402
 from ipdc.wire.tf import Tf, TfPlan, socket_root  # noqa: E402
 
 if TYPE_CHECKING:
@@ -140,6 +142,8 @@ class Agent:
         self.bus = Bus(cfg.broker, f"{self.name}.agent", session_expiry=3600,
                        will=Will(self.presence_topic), on_connected=self.announce)
         self.membership = Membership(node, self.bus, self.announce, self.stop)
+        self.pytasks = TaskService(self.name, node.signer, self.executor, self.tasks, self.bus.publish,
+                                   self._busy)
         self.stopped_because = ""
         """Why the agent stopped by itself (removed, revoked, identity taken); "" otherwise."""
 
@@ -211,6 +215,7 @@ class Agent:
             with self._lock:
                 expired = self.table.expire(time.time(), self.config.agent.job_lease)
             self.perform(expired)
+            self.pytasks.expire(time.time(), self.config.agent.job_lease)
             for job_id, cids in self.submitted.orphans():
                 self._unpin(tuple(cids), f"the uploads of job {job_id}")
                 self.submitted.forget(job_id)
@@ -276,6 +281,13 @@ class Agent:
     def route(self, msg: Any) -> None:
         now = time.time()
         re = digest(msg)
+        if isinstance(msg, Task):  # a Python API task: fresh and unseen, like a manifest
+            refused = self.nonces.check(msg.nonce, msg.submitted_at)
+            if refused:
+                log.warning("rejected %s: %s", _describe(msg), refused)
+            else:
+                self.pytasks.handle(msg, re)
+            return
         with self._lock:
             if isinstance(msg, Download):
                 actions = self._download(msg.manifest, re, now)
@@ -399,8 +411,7 @@ class Agent:
         job = self.table.jobs.get(key)
         if job is None:
             return
-        with self._lock:
-            self.running += 1
+        self._busy(1)
         try:
             if isinstance(action, RunMap):
                 cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
@@ -423,9 +434,13 @@ class Agent:
             with self._lock:
                 actions = self.table.task_done(key, kind, task, action.attempt, cids, stats, action.re)
         finally:
-            with self._lock:
-                self.running -= 1
+            self._busy(-1)
         self.perform(actions)
+
+    def _busy(self, change: int) -> None:
+        """A task started (+1) or ended (-1): the heartbeat's ``running`` counts it."""
+        with self._lock:
+            self.running += change
 
     def _drop(self, action: Drop) -> None:
         self.executor.drop(job_dir_name(action.key))
@@ -452,6 +467,8 @@ def _describe(msg: Any) -> str:
         return f"buffer {msg.task}->{msg.partition} (attempt {msg.attempt}) of job {msg.job_id}"
     if isinstance(msg, Tf):
         return f"tf {msg.op} of cluster {msg.cluster_id}"
+    if isinstance(msg, Task):
+        return f"task {msg.task} ({msg.op}, attempt {msg.attempt}) of API session {msg.session}"
     return f"{type(msg).__name__.lower()} of job {JobId(msg.job_id)}"
 
 

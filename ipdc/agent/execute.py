@@ -84,7 +84,7 @@ class Executor:
         try:
             reply, fds = runner.call(request, [memfd], timeout=self.settings.task_timeout)
             try:
-                documents = self._outputs(reply, fds, outputs)
+                documents = self.outputs(reply, fds, outputs)
             except TaskFailed:
                 runner.kill()  # it broke the protocol: never hand it out again
                 raise
@@ -99,7 +99,7 @@ class Executor:
         stats["store"] = time.perf_counter() - t0
         return cids, stats
 
-    def _outputs(self, reply: dict[str, Any], fds: list[int], count: int) -> list[bytes]:
+    def outputs(self, reply: dict[str, Any], fds: list[int], count: int) -> list[bytes]:
         """The ``count`` documents the runner handed back; TaskFailed when they do not add up."""
         sizes = reply.get("sizes")
         try:

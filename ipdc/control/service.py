@@ -165,6 +165,20 @@ class ControlService:
         self._start(JobRun(self.ctx, job_id, job, submitted))
         send({"job_id": job_id, "output": str(output)})
 
+    def op_record(self, request: dict[str, Any], send: Send) -> None:
+        """Record work this node's Python API did outside the service (an offload decision and
+        its estimates), so `ipdc jobs` shows it beside the jobs run here."""
+        if request.get("kind") != "offload" or request.get("state") not in FINISHED:
+            raise ControlError("only an ended offload decision is recorded this way")
+        job_id = JobId.new()
+        self.history.add(job_id, "offload", self.node.signer.public_key, self.config.node.name,
+                         dict(request["params"]), "", float(request["submitted_at"]))
+        self.history.update(job_id, state=request["state"], started_at=float(request["submitted_at"]),
+                            finished_at=float(request["finished_at"]), error=str(request.get("error", "")),
+                            workers=list(request["workers"]))
+        self._changed()
+        send({"job_id": job_id})
+
     def _run_or_row(self, request: dict[str, Any]) -> tuple[JobRun | None, dict[str, Any]]:
         job_id = self.history.resolve(str(request.get("job_id", "")))
         row = self.history.job(job_id)

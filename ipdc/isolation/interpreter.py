@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 #: Where a root agent's readable copy of its Python goes.
 COPY_ROOT = Path("/opt")
 MARKER = ".ipdc-copy.json"
+#: How a copy is laid out: a copy made by an older rule is made again.
+#: 2: a venv's package replaces the base's of the same name whole.
+LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,10 @@ def readable_by_others(interpreter: Interpreter) -> bool:
 
 
 def copy_path() -> Path:
-    """One copy per environment (its interpreter and site-packages directories): two venvs on
-    one machine, say a node's and a wheel's, would otherwise replace each other's copy."""
-    where = json.dumps([str(Path(sys.base_prefix).resolve()), [str(s) for s in _site_dirs()]])
+    """One copy per environment (its interpreter and site-packages directories) and layout: two
+    venvs on one machine, say a node's and a wheel's, or two IPDC versions that lay copies out
+    differently, would otherwise replace each other's copy at every agent start."""
+    where = json.dumps([str(Path(sys.base_prefix).resolve()), [str(s) for s in _site_dirs()], LAYOUT])
     tag = hashlib.sha256(where.encode()).hexdigest()[:8]
     return COPY_ROOT / f"ipdc-python{sys.version_info.major}.{sys.version_info.minor}-{tag}"
 
@@ -110,7 +114,7 @@ def _fingerprint() -> dict[str, object]:
     """What the copy was made from; a changed install (pip adds or removes a package, so a
     site-packages directory's mtime changes) makes it out of date."""
     sites = _site_dirs()
-    return {"base": str(Path(sys.base_prefix).resolve()), "version": sys.version,
+    return {"layout": LAYOUT, "base": str(Path(sys.base_prefix).resolve()), "version": sys.version,
             "site": {str(s): s.stat().st_mtime_ns for s in sites}}
 
 
@@ -160,11 +164,7 @@ def prepare_copy(prune: bool = False) -> Path:
         shutil.rmtree(building, ignore_errors=True)
         base = Path(sys.base_prefix).resolve()
         shutil.copytree(base, building, symlinks=True, copy_function=_link_or_copy)
-        inner_site = building / _purelib(base).relative_to(base)
-        for directory in _site_dirs():  # a virtualenv's packages, merged in (the first one wins)
-            if not directory.is_relative_to(base):
-                shutil.copytree(directory, inner_site, symlinks=True, dirs_exist_ok=True,
-                                copy_function=_link_or_copy_new)
+        _merge_sites(base, building / _purelib(base).relative_to(base))
         building.chmod(0o755)
         (building / MARKER).write_text(json.dumps(wanted))
         if root.exists():
@@ -183,6 +183,28 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _link_or_copy_new(source: str, target: str) -> None:
-    if not os.path.lexists(target):
-        _link_or_copy(source, target)
+def _merge_sites(base: Path, inner_site: Path) -> None:
+    """Merge a virtualenv's packages into the copy's site-packages, as the venv sees them:
+    a package the venv has replaces the base interpreter's of the same name whole (the venv's
+    cloudpickle 3, say, not the base's cloudpickle 2 with a few files swapped), and among
+    several venv site directories the first one wins. Only the copy's links are removed;
+    the base install is never written to."""
+    merged: set[str] = set()
+    for directory in _site_dirs():
+        if directory.is_relative_to(base):
+            continue
+        for entry in sorted(directory.iterdir()):
+            if entry.name in merged:
+                continue
+            merged.add(entry.name)
+            target = inner_site / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                target.unlink()
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), target)
+            elif entry.is_dir():
+                shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(target))

@@ -16,10 +16,15 @@ runner hands back to kubo itself. The only channel is fd 3, with messages as in
   Python files of the stages ``S`` (:mod:`ipdc.wire.stages`; absent: Map.py and
   Reduce.py) are imported and the shipped programs made executable. Answer ``{"ok": true}``.
 * ``{"op": "map", "path": PATH}`` with the chunk (PATH: its input file, for a
-  ``map(line, path)``): answer ``{"ok": true, "sizes": [K sizes], "stats":
-  {...}}`` with one sealed memfd holding the K partition documents back to back.
+  ``map(line, path)``, or a streaming mapper's ``mapreduce_map_input_file``): answer
+  ``{"ok": true, "sizes": [K sizes], "stats": {...}}`` with one sealed memfd holding the K
+  partition documents back to back.
 * ``{"op": "reduce", "sizes": [...]}`` with one memfd holding the map outputs of the
   partition back to back: answer as for map, with the one part.
+* ``{"op": "task", "sizes": [...], "codecs": [...], "kwargs": [...], "chunk": BOOL}`` with one
+  memfd holding a Python API task's function and arguments (:mod:`ipdc.runner.pytask`):
+  answer ``{"ok": true, "sizes": [n], "codec": C, "raised": BOOL, "traceback": TEXT}`` with
+  the result (or what the function raised) in one sealed memfd.
 * a failure: ``{"ok": false, "error": TEXT, "traceback": TEXT, "fatal": BOOL}``, its
   texts capped so the message stays under the channel's cap; after a fatal one (a
   limit was hit) the runner exits.
@@ -46,6 +51,7 @@ from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 from ipdc.errors import IPDCError, JobError
+from ipdc.runner import pytask
 from ipdc.runner.mapreduce import load_module, map_pairs, reduce_partitions
 from ipdc.runner.streaming import map_command, reduce_command
 from ipdc.wire import fdmsg
@@ -89,7 +95,7 @@ class Runner:
 
     def serve(self) -> None:
         ops: dict[str, Callable[[dict[str, Any], list[int]], Reply]] = {
-            "load": self.load, "map": self.map, "reduce": self.reduce}
+            "load": self.load, "map": self.map, "reduce": self.reduce, "task": self.task}
         fdmsg.send(self.channel, {"ready": True, "pid": self.pid})
         while (got := fdmsg.recv(self.channel, None)) is not None:
             request, fds = got
@@ -202,6 +208,24 @@ class Runner:
     def output_cap(self) -> int:
         """The most a streaming program's stdout is read: the agent takes no larger output."""
         return self.limits["file_mb"] << 20
+
+
+    def task(self, request: dict[str, Any], fds: list[int]) -> Reply:
+        """A Python API task (:mod:`ipdc.runner.pytask`): the memfd holds the function, then
+        each argument, back to back; ``sizes`` and ``codecs`` describe them."""
+        data = memoryview(_read(fds[0]))
+        parts, start = [], 0
+        for size in request["sizes"]:
+            parts.append(data[start:start + int(size)])
+            start += int(size)
+        t0 = time.perf_counter()
+        args = list(zip(request["codecs"], parts[1:], strict=True))
+        ok, codec, value, trace = pytask.run(bytes(parts[0]), args, [str(k) for k in request["kwargs"]],
+                                             bool(request["chunk"]))
+        self._only_the_runner()
+        reply, out = _output([value], {"run": time.perf_counter() - t0})
+        reply.update(raised=not ok, codec=codec, traceback=clip(trace, MAX_TRACEBACK))
+        return reply, out
 
 
 def _read(fd: int) -> bytes | mmap.mmap:

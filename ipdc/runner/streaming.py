@@ -33,6 +33,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from typing import Any, cast
 
 from ipdc.errors import JobError
@@ -49,7 +50,7 @@ STDERR_TAIL = 2000
 #: What a signal that ended a program says about it: the limit and the setting behind it.
 SIGNALS = {signal.SIGXCPU: "the CPU-time limit, sandbox.cpu_seconds",
            signal.SIGXFSZ: "the file-size limit, sandbox.file_mb",
-           signal.SIGKILL: "killed from outside: the memory limit, sandbox.memory_mb, or the task was cancelled"}
+           signal.SIGKILL: "the memory limit, sandbox.memory_mb, or a kill from outside the sandbox"}
 
 
 def records(blocks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
@@ -103,6 +104,7 @@ def _first(item: tuple[bytes, str, list[Any]]) -> bytes:
 
 
 def group(pairs: Iterable[tuple[str, str]]) -> KeyGroups:
+    """Records grouped by key, as a Python mapper's pairs are."""
     groups = KeyGroups()
     groups.add_pairs(pairs)
     return groups
@@ -115,7 +117,7 @@ class Program:
 
     def __init__(self, role: str, stage: CommandStage, feed: Iterable[bytes | memoryview], cap: int,
                  env: dict[str, str] | None = None) -> None:
-        """``env``: variables added to the program's environment."""
+        """``env``: variables added to the runner's environment for the program."""
         self.role = role
         self.stage = stage
         self.cap = cap
@@ -127,12 +129,14 @@ class Program:
         try:
             self.process = subprocess.Popen(
                 [program, *stage.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, close_fds=True, env={**os.environ, **env} if env else None)
+                stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+                env={**os.environ, **env} if env else None)
         except OSError as exc:
             hint = " (a script needs a #! line)" if exc.errno == 8 else ""
             raise JobError(f"the {role} `{stage.line}` could not start: {exc.strerror}{hint}") from None
         self.threads = [threading.Thread(target=self._feed, args=(feed,), daemon=True),
-                        threading.Thread(target=self._drain, daemon=True)]
+                        threading.Thread(target=self._drain, daemon=True),
+                        threading.Thread(target=self._end_group, daemon=True)]
         for thread in self.threads:
             thread.start()
 
@@ -153,15 +157,27 @@ class Program:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Never leave the program behind: on an error, it is killed."""
+        """Never leave the program behind: on an error, it is killed, with its process group."""
         if self.process.poll() is None:
-            self.process.kill()
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None and not stream.closed:
                 stream.close()
         for thread in self.threads:
             thread.join()
+
+    def _end_group(self) -> None:
+        """Once the program has exited, kill what it left running in its process group (its
+        session, as Hadoop kills a task's process tree): a leftover holding its stdout or
+        stderr would keep the task waiting for an end of file. Waited for without reaping,
+        so the group's id cannot be reused meanwhile; the task's thread reaps it."""
+        try:
+            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ChildProcessError, ProcessLookupError):
+            pass  # reaped already (its output had ended), or no process was left in the group
 
     def _feed(self, feed: Iterable[bytes | memoryview]) -> None:
         stdin = self.process.stdin
@@ -241,12 +257,12 @@ def run_stage(role: str, stage: CommandStage, feed: Iterable[bytes | memoryview]
 def map_command(mapper: CommandStage, combiner: CommandStage | None, chunk: bytes | mmap.mmap,
                 partitions: int, cap: int, path: str = "") -> list[bytes]:
     """One map task of a streaming mapper: its partition documents. ``path``: the input file
-    of the chunk, in the mapper's environment as Hadoop Streaming names it
-    (``mapreduce_map_input_file``, and the older ``map_input_file``)."""
-    env = {"mapreduce_map_input_file": path, "map_input_file": path}
+    the chunk is part of, given to the mapper and combiner in the environment as Hadoop
+    Streaming does (``mapreduce_map_input_file``, and the older ``map_input_file``)."""
+    env = {"mapreduce_map_input_file": path, "map_input_file": path} if path else None
     groups = run_stage("mapper", mapper, _slices(chunk), cap, env)
     if combiner is not None:
-        groups = run_stage("combiner", combiner, take_sorted_lines(groups), cap)
+        groups = run_stage("combiner", combiner, take_sorted_lines(groups), cap, env)
     return write_partitions(groups, partitions)
 
 

@@ -12,10 +12,12 @@ Topics:
     ipdc/peer/<node>/tf           Tf         start or stop this node's part of a TF cluster
     ipdc/peer/<node>/renew        Renew      the job's owner is alive: its lease goes on
     ipdc/peer/<node>/logs         Logs       send your log lines of a job (answered by CID)
+    ipdc/peer/<node>/task         Task       call a Python function (ipdc.api)
     ipdc/result/<node>/<job>      GetResult  a worker's report to the job's owner
     ipdc/result/<node>/<job>/logs GetResult  a worker's log lines of the job, as a CID
     ipdc/result/<node>/<job>/record JobRecord retained: a finished job's signed result CID
     ipdc/cache/<key>/<node>       CacheRecord retained: the signed result CID of a job's cache key
+    ipdc/result/<node>/<session>/task TaskReply a Python API task's result, signed by the worker
 
 Membership (:mod:`ipdc.wire.membership`): ``ipdc/enroll/<id>/request|reply``,
 ``ipdc/removed/<node>`` and ``ipdc/swarmkey/<node>``.
@@ -35,11 +37,12 @@ from ipdc.wire.heartbeat import HEARTBEAT
 from ipdc.wire.logs import LOGS
 from ipdc.wire.presence import PRESENCE
 from ipdc.wire.renew import RENEW
+from ipdc.wire.task import TASK, TASK_REPLY
 from ipdc.wire.tf import TF
 
 #: Channels whose topic is a node's inbox, ``ipdc/peer/<node>/<name>``.
 INBOX_CHANNELS: dict[str, Channel[Any]] = {
-    c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW, LOGS)}
+    c.name: c for c in (DOWNLOAD, DOMAP, BUFFER, CLEANUP, TF, RENEW, LOGS, TASK)}
 
 __all__ = ["BUFFER", "CLEANUP", "DOMAP", "DOWNLOAD", "GETRESULT", "HEARTBEAT", "INBOX_CHANNELS",
-           "LOGS", "PRESENCE", "RENEW", "TF", "Channel"]
+           "LOGS", "PRESENCE", "RENEW", "TASK", "TASK_REPLY", "TF", "Channel"]

@@ -34,11 +34,13 @@ from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
 from ipdc.wire.renew import Renew
+from ipdc.wire.task import TASK_REPLY, Task, TaskArg, TaskReply
 from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
 
 CHANNELS: dict[str, Channel[Any]] = {**INBOX_CHANNELS, "presence": PRESENCE, "heartbeat": HEARTBEAT,
-                                     "getresult": GETRESULT, "record": RECORD, "cache": CACHE}
+                                     "getresult": GETRESULT, "record": RECORD, "cache": CACHE,
+                                     "taskreply": TASK_REPLY}
 CID = cid_of(b"x")
 SIGNER = Signer.generate()
 JOB = JobId.new()
@@ -59,6 +61,11 @@ VALID: dict[str, Any] = {
                          Capabilities(2, 100, False), 2, 0.5, 1.0),
     "heartbeat": Heartbeat(NodeName("n-a"), 1.0, 0.1, 0),
     "getresult": GetResult(JOB, NodeName("n-a"), "map", 1, 0, [CID], re="ab" * 16),
+    "task": SIGNER.sign(Task(JOB, JobId.new(), 1, "run", CID, [TaskArg("msgpack", data="kg=="),
+                                                            TaskArg("ndarray", cid=CID)], ["k"]),
+                        "task", "n-b"),
+    "taskreply": SIGNER.sign(TaskReply(JOB, JobId.new(), 0, NodeName("n-a"), ok=True, cid=CID, size=9,
+                                       re="ab" * 16), "taskreply", JOB),
 }
 EXAMPLES = 1000
 

@@ -18,9 +18,7 @@ import os
 import pwd
 import re
 import secrets
-import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,15 +26,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ipdc.isolation.cgroups import delegate, undelegate
 from ipdc.isolation.zygote import UID_BASE
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
-from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
-from tests.helpers import REPO, processes_with, read_output, reference_counts
+from ipdc.submit.mapreduce import JobResult, MapReduceJob
+from tests.helpers import AGENT_USER, REPO, cluster_as, processes_with, read_output, reference_counts
+from tests.helpers import run_on as run
 
-USER = "ipdcagent"
+USER = AGENT_USER
 LIMITS = {"memory_mb": 512, "disk_mb": 64, "max_pids": 32, "task_timeout": 180.0}
 SECRETS = ("ipdc.conf", "keys/submitter.key", "keys/kubo-api.secret", "trusted_keys", "kubo/swarm.key",
            "kubo/config")
@@ -57,24 +54,9 @@ def map_chunk(text):
 @pytest.fixture(scope="module", params=["root", USER])
 def swarm_as(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     """Two nodes whose agents run as root, or as the unprivileged user."""
-    user = None if request.param == "root" else USER
-    base = Path(tempfile.mkdtemp(prefix="ipdc-hostile-"))
-    base.chmod(0o755)  # the user must reach its homes
-    if user is not None:
-        delegate(user)
-    try:
-        with LocalCluster(2, base=base, slots=2, settings={"sandbox": LIMITS}, user=user) as cluster:
-            yield cluster
-    finally:
-        if user is not None:
-            undelegate(user)
-        shutil.rmtree(base, ignore_errors=True)
+    with cluster_as(None if request.param == "root" else USER, "ipdc-hostile-", LIMITS) as cluster:
+        yield cluster
 
-
-def run(cluster: LocalCluster, job: MapReduceJob) -> JobResult:
-    node = cluster.nodes[0]
-    with SwarmClient(node.config, node.signer).connect() as client, node.kubo() as kubo:
-        return MapReduceController(client, kubo, job, node.home).run()
 
 
 def host_address() -> str:

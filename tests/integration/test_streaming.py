@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,15 +18,14 @@ from pathlib import Path
 import pytest
 
 from ipdc.errors import TaskFailed
-from ipdc.isolation.cgroups import delegate, undelegate
 from ipdc.jobs import shipped
 from ipdc.node.cluster import LocalCluster
-from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
-from tests.helpers import read_output, reference_counts, run_cli
+from ipdc.submit.mapreduce import MapReduceJob
+from tests.helpers import AGENT_USER, cluster_as, read_output, reference_counts, run_cli
+from tests.helpers import run_on as run
 from tests.integration.test_mapreduce import make_text
 
-USER = "ipdcagent"
+USER = AGENT_USER
 LIMITS = {"memory_mb": 512, "disk_mb": 64, "max_pids": 32, "task_timeout": 120.0}
 #: Hadoop's streaming WordCount mapper, in awk: its fields are split on blanks (spaces and tabs).
 AWK_MAPPER = "awk '{for (i = 1; i <= NF; i++) print $i \"\\t1\"}'"
@@ -61,24 +58,9 @@ PY_REDUCE = "def reduce(word, counts):\n    return sum(int(c) for c in counts)\n
 @pytest.fixture(scope="module", params=["root", USER])
 def swarm_as(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     """Two nodes whose agents run as root, or as the unprivileged user."""
-    user = None if request.param == "root" else USER
-    base = Path(tempfile.mkdtemp(prefix="ipdc-streaming-"))
-    base.chmod(0o755)
-    if user is not None:
-        delegate(user)
-    try:
-        with LocalCluster(2, base=base, slots=2, settings={"sandbox": LIMITS}, user=user) as cluster:
-            yield cluster
-    finally:
-        if user is not None:
-            undelegate(user)
-        shutil.rmtree(base, ignore_errors=True)
+    with cluster_as(None if request.param == "root" else USER, "ipdc-streaming-", LIMITS) as cluster:
+        yield cluster
 
-
-def run(cluster: LocalCluster, job: MapReduceJob) -> JobResult:
-    node = cluster.nodes[0]
-    with SwarmClient(node.config, node.signer).connect() as client, node.kubo() as kubo:
-        return MapReduceController(client, kubo, job, node.home).run()
 
 
 def awk_counts(data: bytes) -> Counter[bytes]:
@@ -122,6 +104,28 @@ def test_a_c_mapper_built_here_with_a_python_reduce_file(swarm_as: LocalCluster,
                                         output=tmp_path / "out"))
     assert_output(result.output, reference_counts(data), 2, command_reducer=False)
     assert set(result.code) == {"wc_map", "Reduce.py"}
+
+
+def test_streaming_outputs_are_the_same_on_every_peer(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """With --verify 2 every task runs on both peers and counts only when their output CIDs
+    agree: a streaming task's map output and part are the same bytes wherever it runs."""
+    data = make_text(tmp_path / "in.txt", seed=13)
+    result = run(swarm_as, MapReduceJob(tmp_path / "in.txt", k=2, chunks=3, mapper=AWK_MAPPER,
+                                        combiner=SUM_REDUCE.name, reducer=SUM_REDUCE.name, files=(SUM_REDUCE,),
+                                        verify=2, output=tmp_path / "out"))
+    assert_output(result.output, awk_counts(data), 2, command_reducer=True)
+
+
+def test_a_mapper_knows_its_input_file(swarm_as: LocalCluster, tmp_path: Path) -> None:
+    """A directory input: each chunk's file, inside the input, reaches the mapper as Hadoop
+    Streaming's ``mapreduce_map_input_file``; here the mapper counts lines per file."""
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_bytes(b"one\ntwo\nthree\n")
+    (tmp_path / "docs" / "sub" / "b c.txt").write_bytes(b"x\n" * 500)
+    mapper = "awk '{print ENVIRON[\"mapreduce_map_input_file\"] \"\\t1\"}'"
+    result = run(swarm_as, MapReduceJob(tmp_path / "docs", k=2, chunks=4, mapper=mapper, reducer=SUM_REDUCE.name,
+                                        files=(SUM_REDUCE,), output=tmp_path / "out"))
+    assert read_output(result.output, 2)[0] == Counter({b"a.txt": 3, b"sub/b c.txt": 500})
 
 
 def test_a_python_mapper_with_a_command_reducer(swarm_as: LocalCluster, tmp_path: Path) -> None:

@@ -71,12 +71,13 @@ def test_a_mapper_gets_the_raw_bytes_and_its_lines_are_partitioned_as_python_key
     assert found == {b"a": ["1", "1"], b"b": ["1"], b"c\xff": ["1"]}
 
 
-def test_a_mapper_finds_its_input_file_where_hadoop_streaming_puts_it() -> None:
-    mapper = CommandStage(("sh", "-c", 'printf "%s\\t%s\\n" "$mapreduce_map_input_file" "$map_input_file"'),
+def test_a_mapper_and_combiner_get_the_input_file_as_hadoop_streaming_names_it() -> None:
+    mapper = CommandStage(("awk", '{print ENVIRON["mapreduce_map_input_file"] "\t" ENVIRON["map_input_file"]}'),
                           shipped=False)
-    documents = map_command(mapper, None, b"x\n", 1, CAP, "docs/a b.txt")
+    combiner = CommandStage(("awk", '{print $0 "|" ENVIRON["mapreduce_map_input_file"]}'), shipped=False)
+    documents = map_command(mapper, combiner, b"x\n", 1, CAP, path="docs/a b.txt")
     columns = read_groups(documents[0])
-    assert list(zip(columns.keys, columns.values, strict=True)) == [("docs/a b.txt", "docs/a b.txt")]
+    assert (columns.keys, columns.values) == (["docs/a b.txt"], ["docs/a b.txt|docs/a b.txt"])
 
 
 def test_a_reducer_reads_sorted_lines_and_its_output_is_the_part() -> None:
@@ -113,6 +114,24 @@ def test_a_program_killed_by_a_limits_signal_names_the_limit() -> None:
     with pytest.raises(JobError, match=r"was killed by SIGXCPU \(the CPU-time limit, sandbox.cpu_seconds\) "
                                        r"\(it wrote nothing on stderr\)"):
         map_command(suicide, None, b"x\n", 1, CAP)
+
+
+@pytest.mark.timeout(60)
+def test_what_a_program_leaves_running_is_ended_with_it() -> None:
+    """A background process would hold the program's stdout open: the task would wait for it
+    (here 10 minutes) instead of ending with its program."""
+    marker = "601.25"
+    leaves = CommandStage(("sh", "-c", f"sleep {marker} & echo 'a\tb'"), shipped=False)
+    documents = map_command(leaves, None, b"x\n", 1, CAP)
+    assert read_groups(documents[0]).keys == ["a"]
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_a_program_that_is_not_there_is_named_with_what_to_do() -> None:
@@ -260,3 +279,16 @@ def test_the_interpreter_runs_the_example_reducer() -> None:
     done = subprocess.run([sys.executable, str(shipped("streaming", "sum_reduce.py"))],
                           input=b"a\t1\na\t2\nb\xff\t5\n", capture_output=True, check=True)
     assert done.stdout == b"a\t3\nb\xff\t5\n"
+
+
+def test_a_streaming_job_is_recorded_and_rebuilt_whole(tmp_path: Path) -> None:
+    """The controller service records a job's parameters and rebuilds the job from them when
+    it is restarted; a record made before streaming existed is a Python job."""
+    from ipdc.control.jobrun import job_of, job_params
+    from ipdc.submit.mapreduce import MapReduceJob
+
+    job = MapReduceJob(tmp_path / "in.txt", k=2, mapper="awk '{print $1}'", combiner="./sum", reducer="sort -u",
+                       files=(tmp_path / "sum", tmp_path / "stop.txt"), output=tmp_path / "out")
+    assert job_of(job_params(job), str(tmp_path / "out")) == job
+    old = {k: v for k, v in job_params(job).items() if k not in ("mapper", "reducer", "combiner", "files")}
+    assert job_of(old, str(tmp_path / "out")) == MapReduceJob(tmp_path / "in.txt", k=2, output=tmp_path / "out")
