@@ -26,6 +26,7 @@ It also checks that every report answers a request it really sent to that peer
 from __future__ import annotations
 
 import ast
+import io
 import itertools
 import json
 import logging
@@ -47,6 +48,7 @@ from ipdc.jobs import shipped
 from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 from ipdc.submit.client import SwarmClient
+from ipdc.submit.inline import Payloads
 from ipdc.submit.mrstate import (
     Attempt,
     Command,
@@ -73,6 +75,7 @@ from ipdc.wire.domap import DOMAP, DoMap
 from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GetResult
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.inline import InlineMismatch
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.renew import RENEW, Renew
 
@@ -158,6 +161,9 @@ class JobResult:
     tasks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Every task's final state, attempts and story (see ``task_record``)."""
     timings: dict[str, float] = field(default_factory=dict)
+    transport: dict[str, int] = field(default_factory=dict)
+    """How many code files, chunks, map outputs and parts moved inline (``<what>_inline``) and
+    through IPFS (``<what>_ipfs``); see :mod:`ipdc.wire.inline`."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -261,6 +267,10 @@ class MapReduceController:
         usual way out unpins the job's uploads and sends CleanUp to every peer."""
         self.input_bytes = 0
         self.timings: dict[str, float] = {}
+        self.payloads = Payloads(client.config.agent.inline_max)
+        self.ranges: list[tuple[int, int]] = []
+        """The input chunks' (offset, length), to read a small chunk into its DoMap. A resumed
+        job has none: its chunks and code go by CID."""
         self.peers: dict[str, Peer] = {}
         """Every peer that took part, by name."""
         self.sent: dict[str, set[str]] = {}
@@ -302,6 +312,7 @@ class MapReduceController:
             result = self.describe(output)
             self.timings["total"] = time.monotonic() - started
             result.timings = self.timings
+            result.transport = dict(sorted(self.payloads.counts.items()))
             self.finish(result)
             return result
         finally:
@@ -337,7 +348,7 @@ class MapReduceController:
 
     def upload(self, workers: int) -> None:
         size = self.input_bytes = self.job.input.stat().st_size
-        ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, workers))
+        ranges = self.ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, workers))
         self.progress("upload", 0, size)
         with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
             code_cids = self.kubo.add_streams([("Map.py", m), ("Reduce.py", r)])
@@ -349,7 +360,7 @@ class MapReduceController:
             job_id=self.job_id, owner=NodeName(self.client.name),
             code={"Map.py": code_cids[0], "Reduce.py": code_cids[1]},
             chunks=chunk_cids, partitions=workers, workers=[NodeName(p) for p in self.peers],
-            submitter=self.client.submitter,
+            submitter=self.client.submitter, params={"inline_max": self.payloads.limit},
         )
 
     def reclaim(self, resume: Resume) -> None:
@@ -357,6 +368,7 @@ class MapReduceController:
         agent may have unpinned them (the blocks stay until a GC, so pinning is cheap)."""
         self.manifest = resume.manifest
         self.input_bytes = resume.input_bytes
+        self.payloads.limit = min(self.payloads.limit, resume.manifest.params.get("inline_max", 0))
         cids = [str(c) for c in (*resume.manifest.code.values(), *resume.manifest.chunks)]
         self.uploads.record(self.job_id, cids)
         self.kubo.pin_add(*cids)
@@ -436,6 +448,12 @@ class MapReduceController:
                         self.job_id, result.kind, result.peer)
             return None
         cids = tuple(str(c) for c in result.cids)
+        try:
+            self.payloads.take(result)
+        except InlineMismatch as exc:  # a corrupt or lying worker: its attempt failed
+            log.warning("job %s: %s", self.job_id, exc)
+            phase = result.kind if result.kind in ("map", "reduce") else result.phase or "map"
+            return Failed(result.peer, phase, result.task, result.attempt, str(exc))
         if result.kind == "ready":
             return Ready(result.peer)
         if result.kind == "map":
@@ -451,17 +469,48 @@ class MapReduceController:
         for c in commands:
             if isinstance(c, SendDownload):
                 manifest = self.manifest.reissued([NodeName(n) for n in c.workers])
-                self.send(DOWNLOAD, c.peer, Download(manifest))
+                files = {self.job.map_file: manifest.code["Map.py"],
+                         self.job.reduce_file: manifest.code["Reduce.py"]}
+                code = self.payloads.outgoing("code", [(cid, path.stat().st_size, path.read_bytes)
+                                                       for path, cid in files.items() if self.ranges])
+                self.send(DOWNLOAD, c.peer, Download(manifest, inline=code))
             elif isinstance(c, SendDoMap):
-                self.send(DOMAP, c.peer, DoMap(self.job_id, c.task, c.attempt))
+                chunk = ([(self.manifest.chunks[c.task], self.ranges[c.task][1], self.chunk_reader(c.task))]
+                         if self.ranges else [])
+                inline = self.payloads.outgoing("chunks", chunk)
+                self.send(DOMAP, c.peer, DoMap(self.job_id, c.task, c.attempt, inline=inline))
             elif isinstance(c, SendBuffer):
-                self.send(BUFFER, c.peer, Buffer(self.job_id, c.partition, c.task, Cid(c.cid), c.attempt))
+                self.send(BUFFER, c.peer, Buffer(self.job_id, c.partition, c.task, Cid(c.cid), c.attempt,
+                                                 inline=self.payloads.relay(c.cid)))
             elif isinstance(c, SendRenew):
                 self.send(RENEW, c.peer, Renew(self.job_id))
             else:
-                future = fetcher.submit(self.kubo.cat_to, c.cid, self.staging / f"part-{c.partition:05d}")
+                path = self.staging / f"part-{c.partition:05d}"
+                data = self.payloads.part(c.cid)
+                future = (fetcher.submit(self.kubo.cat_to, c.cid, path) if data is None
+                          else fetcher.submit(self.keep_part, c.cid, data, path))
                 future.add_done_callback(lambda _: self.wake.put(None))
                 self.fetches[c.partition] = future
+
+    def chunk_reader(self, task: int) -> Callable[[], bytes]:
+        """How to read map task ``task``'s chunk from the input file."""
+        offset, length = self.ranges[task]
+
+        def read() -> bytes:
+            with open(self.job.input, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        return read
+
+    def keep_part(self, cid: str, data: bytes, path: Path) -> int:
+        """A part its reducer reported inline: written out, and added to this node's kubo
+        (unpinned: the result directory's pin holds it), where ``ipdc job get`` finds it."""
+        path.write_bytes(data)
+        (added,) = self.kubo.add_streams([(path.name, io.BytesIO(data))], pin=False)
+        if added != cid:
+            raise JobError(f"kubo names part {path.name} {added}, not {cid}: its import settings differ "
+                           "from IPDC's (Import.CidVersion, chunker, raw leaves)")
+        return len(data)
 
     def send(self, channel: Channel[Any], peer: str, message: Any) -> None:
         self.sent.setdefault(peer, set()).add(self.client.send(channel, peer, message))
