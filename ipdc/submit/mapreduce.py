@@ -78,6 +78,7 @@ from ipdc.wire.ids import Cid, JobId, NodeName
 from ipdc.wire.inline import InlineMismatch
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.renew import RENEW, Renew
+from ipdc.wire.unixfs import cid_of
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,8 @@ class MapReduceController:
         self.input_bytes = 0
         self.timings: dict[str, float] = {}
         self.payloads = Payloads(client.config.agent.inline_max)
+        self.adding: threading.Thread | None = None
+        """The background add of a job whose uploads all travel inline (see :meth:`upload`)."""
         self.ranges: list[tuple[int, int]] = []
         """The input chunks' (offset, length), to read a small chunk into its DoMap. A resumed
         job has none: its chunks and code go by CID."""
@@ -319,6 +322,8 @@ class MapReduceController:
             fetcher.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.client.unwatch(self.job_id)
+            if self.adding is not None:
+                self.adding.join()  # its pins, then ours off
             try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
                 if self.manifest is not None:
                     self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
@@ -347,14 +352,27 @@ class MapReduceController:
         return workers
 
     def upload(self, workers: int) -> None:
+        """Put the code and the input chunks in this node's kubo, and make the manifest.
+
+        When every one of them travels inline (see :mod:`ipdc.wire.inline`), no worker waits
+        for kubo: their CIDs are computed here and the adds run in the background, finished
+        before the job's end unpins them."""
         size = self.input_bytes = self.job.input.stat().st_size
         ranges = self.ranges = plan_chunks(self.job.input, self.job.chunks or default_chunks(size, workers))
         self.progress("upload", 0, size)
-        with open(self.job.map_file, "rb") as m, open(self.job.reduce_file, "rb") as r:
-            code_cids = self.kubo.add_streams([("Map.py", m), ("Reduce.py", r)])
-        self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
-        chunk_cids = self.kubo.add_ranges(self.job.input, ranges)
-        self.uploads.record(self.job_id, [*code_cids, *chunk_cids])
+        code = {"Map.py": self.job.map_file.read_bytes(), "Reduce.py": self.job.reduce_file.read_bytes()}
+        if all(n <= self.payloads.limit for n in [*map(len, code.values()), *(n for _, n in ranges)]):
+            code_cids = [Cid(cid_of(data)) for data in code.values()]
+            chunk_cids = [Cid(cid_of(self.chunk_reader(i)())) for i in range(len(ranges))]
+            self.uploads.record(self.job_id, [*code_cids, *chunk_cids])  # first: a kill leaves a record
+            self.adding = threading.Thread(target=self.add_uploads, args=(code, [*code_cids, *chunk_cids]),
+                                           name="upload", daemon=True)
+            self.adding.start()
+        else:
+            code_cids = self.kubo.add_streams([(name, io.BytesIO(data)) for name, data in code.items()])
+            self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
+            chunk_cids = self.kubo.add_ranges(self.job.input, ranges)
+            self.uploads.record(self.job_id, [*code_cids, *chunk_cids])
         self.progress("upload", size, size)
         self.manifest = JobManifest(
             job_id=self.job_id, owner=NodeName(self.client.name),
@@ -362,6 +380,19 @@ class MapReduceController:
             chunks=chunk_cids, partitions=workers, workers=[NodeName(p) for p in self.peers],
             submitter=self.client.submitter, params={"inline_max": self.payloads.limit},
         )
+
+    def add_uploads(self, code: dict[str, bytes], expected: list[Cid]) -> None:
+        """The background half of :meth:`upload`: the same adds, checked against the CIDs the
+        manifest already names."""
+        try:
+            added = [*self.kubo.add_streams([(name, io.BytesIO(data)) for name, data in code.items()]),
+                     *self.kubo.add_ranges(self.job.input, self.ranges)]
+        except IPDCError as exc:
+            log.warning("job %s: could not add its code and input to kubo: %s", self.job_id, exc)
+            return
+        if added != expected:
+            log.error("job %s: kubo names the job's uploads %s, not %s: its import settings differ from "
+                      "IPDC's (Import.CidVersion, chunker, raw leaves)", self.job_id, added, expected)
 
     def reclaim(self, resume: Resume) -> None:
         """Hold on to a resumed job's uploads again: while no submitter lived, the node's
