@@ -18,8 +18,6 @@ import sys
 # every command). The runner does not do this: user code may want trio.
 sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
-import json  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -30,21 +28,37 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 import click  # noqa: E402
 
 from ipdc import __version__, ipdc_home  # noqa: E402
-from ipdc.ctlsock import ControlClient, remote_error  # noqa: E402
 from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError  # noqa: E402
-from ipdc.jobs import shipped  # noqa: E402
-from ipdc.private import write_private  # noqa: E402
 
 if TYPE_CHECKING:
+    import json
+
     from rich.console import Console
 
     from ipdc.config import Config
     from ipdc.control.history import History
+    from ipdc.ctlsock import ControlClient as ControlClientT
     from ipdc.node.lifecycle import Node as NodeT
     from ipdc.submit.client import SwarmClient as SwarmClientT
     from ipdc.trust import Signer
 
-JOBS_DIR = shipped("mapreduce")
+
+
+class _LazyModule:
+    """A standard module imported on first use: ``json`` alone is several ms that
+    ``ipdc --help`` does not need."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if not TYPE_CHECKING:
+    json = _LazyModule("json")
 
 
 class _LazyConsole:
@@ -84,6 +98,12 @@ def Node(home: Path | None = None) -> NodeT:
     return _Node(home)
 
 
+def ControlClient(home: Path, timeout: float | None = 30.0) -> ControlClientT:
+    from ipdc.ctlsock import ControlClient as _ControlClient
+
+    return _ControlClient(home, timeout)
+
+
 def SwarmClient(config: Config, signer: Signer | None = None) -> SwarmClientT:
     from ipdc.submit.client import SwarmClient as _SwarmClient
 
@@ -120,6 +140,8 @@ def main(verbose: int) -> None:
     `python deploy.py start`, and submit jobs from any node. The node is the one in
     $IPDC_HOME (default ~/.ipdc).
     """
+    import logging
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
@@ -256,6 +278,8 @@ def invite(ttl: str, output: Path | None) -> None:
         click.echo(token.encode())
     else:
         try:
+            from ipdc.private import write_private
+
             write_private(output, token.encode() + "\n")
         except FileExistsError:
             raise NodeError(f"{output} exists: choose another file name (a token is written to a new file "
@@ -323,14 +347,13 @@ def swarm_rotate_key(timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def peers(as_json: bool) -> None:
     """List the live peers of the swarm, as their agents announce themselves."""
-    with SwarmClient(Node().config).connect() as client:
-        live = sorted(client.peers.live(), key=lambda p: p.name)
-    rows = [{
-        "name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "addrs": p.presence.addrs,
-        "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
-        "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
-        "last_seen_s": round(p.age(), 1),
-    } for p in live]
+    try:  # the node's controller service follows them already
+        rows: list[dict[str, Any]] = ControlClient(ipdc_home()).call("peers")["peers"]
+    except ControlError:  # it is not running: ask the broker
+        from ipdc.peers import peer_rows
+
+        with SwarmClient(Node().config).connect() as client:
+            rows = peer_rows(client.peers.live())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -414,9 +437,9 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
 @click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--k", type=int, default=None,
               help="Workers (= reducers = output parts). Default: every live peer.")
-@click.option("--map", "map_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Map.py",
+@click.option("--map", "map_file", type=click.Path(path_type=Path), default=None,
               show_default="the shipped WordCount Map.py", help="File defining map(line) [and combine].")
-@click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=JOBS_DIR / "Reduce.py",
+@click.option("--reduce", "reduce_file", type=click.Path(path_type=Path), default=None,
               show_default="the shipped WordCount Reduce.py", help="File defining reduce(key, values).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output directory (default ./ipdc-out/<job-id>); must not hold files.")
@@ -433,7 +456,7 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
                    "(see `ipdc jobs`, `ipdc job status ID`).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job summary as JSON.")
-def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, output: Path | None,
+def mr(input_file: Path, k: int | None, map_file: Path | None, reduce_file: Path | None, output: Path | None,
        chunks: int | None, max_attempts: int, verify: int, verify_majority: bool, detach: bool, quiet: bool,
        as_json: bool) -> None:
     """Run a MapReduce job over INPUT on K peers of the swarm.
@@ -452,6 +475,10 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
     node for $IPDC_HOME, a temporary local cluster is started for the job and
     removed afterwards.
     """
+    from ipdc.jobs import shipped
+
+    map_file = map_file or shipped("mapreduce", "Map.py")
+    reduce_file = reduce_file or shipped("mapreduce", "Reduce.py")
     spec = {"input": str(input_file.absolute()), "k": k, "map_file": str(map_file.absolute()),
             "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
             "chunks": chunks, "max_attempts": max_attempts, "verify": verify,
@@ -477,11 +504,13 @@ def mr(input_file: Path, k: int | None, map_file: Path, reduce_file: Path, outpu
         except KeyboardInterrupt:
             final = _interrupted(client, job_id)
     if final["state"] != "succeeded":
+        from ipdc.ctlsock import remote_error
+
         raise remote_error(final)
     _print_result(final["result"], as_json)
 
 
-def _follow(client: ControlClient, job_id: str,
+def _follow(client: ControlClientT, job_id: str,
             progress: Callable[[str, float, float], None]) -> dict[str, Any]:
     """Show the job's progress until it ends; its last state."""
     final: dict[str, Any] = {}
@@ -491,7 +520,7 @@ def _follow(client: ControlClient, job_id: str,
     return final
 
 
-def _interrupted(client: ControlClient, job_id: str) -> dict[str, Any]:
+def _interrupted(client: ControlClientT, job_id: str) -> dict[str, Any]:
     """Ctrl-C on a running job: cancel it, or leave it running detached. Without a terminal
     to ask on, cancel: nobody would be left to follow the job."""
     keep = False

@@ -47,6 +47,7 @@ from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
 from ipdc.kubo import KuboClient
+from ipdc.peers import peer_rows
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import MapReduceJob, check_job_files
 from ipdc.wire.ids import JobId
@@ -145,6 +146,11 @@ class ControlService:
 
     def op_ping(self, request: dict[str, Any], send: Send) -> None:
         send({"node": self.config.node.name, "pid": os.getpid()})
+
+    def op_peers(self, request: dict[str, Any], send: Send) -> None:
+        """The live peers, from the service's own broker connection: ``ipdc peers`` then needs
+        no connection, TLS handshake and sync of its own."""
+        send({"peers": peer_rows(self.client.peers.live())})
 
     def op_submit(self, request: dict[str, Any], send: Send) -> None:
         """Check the job as ``ipdc mr`` always did, record it, queue it; answer its id."""
