@@ -72,8 +72,8 @@ def submit(home: Path, data: Path, k: int, out: Path) -> tuple[float, dict[str, 
     t = time.perf_counter()
     job_id = client.call("submit", job=spec, cwd=str(out.parent))["job_id"]
     last: dict[str, Any] = {}
-    for last in client.stream("watch", job_id=job_id):
-        pass
+    for answer in client.stream("watch", job_id=job_id):
+        last = answer
     wall = time.perf_counter() - t
     if last.get("state") != "succeeded":
         raise RuntimeError(f"job {job_id} ended {last.get('state')}: {last.get('error')}")
@@ -124,7 +124,8 @@ def ms(seconds: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=60, help="measured jobs per path (default 60)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--k", type=int, default=4)

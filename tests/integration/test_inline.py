@@ -22,6 +22,7 @@ import pytest
 from ipdc.node.cluster import LocalCluster
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
+from ipdc.submit.mrstate import Failed
 from ipdc.trust import Signer
 from ipdc.wire.buffer import BUFFER, Buffer
 from ipdc.wire.cleanup import CLEANUP, CleanUp
@@ -104,9 +105,10 @@ def test_inline_and_ipfs_paths_agree_at_the_threshold(swarm: LocalCluster, tmp_p
 
 
 def test_a_wordcount_across_nodes_is_the_same_both_ways(swarm: LocalCluster, tmp_path: Path) -> None:
-    """Map outputs cross nodes on Buffer (K=3), empty partitions among them."""
+    """Map outputs cross nodes on Buffer (K=3); counts checked against the input itself."""
     rng = random.Random(5)
-    data = "\n".join(" ".join(rng.choice(["x", "y", "z", "w"]) for _ in range(8)) for _ in range(300)).encode()
+    lines = (" ".join(rng.choice(["x", "y", "z", "w"]) for _ in range(8)) for _ in range(300))
+    data = "\n".join(lines).encode()
     inline = run(swarm, tmp_path, "inline", data, INLINE_MAX, WORDS, COUNT, k=3)
     ipfs = run(swarm, tmp_path, "ipfs", data, 0, WORDS, COUNT, k=3)
     assert parts(inline) == parts(ipfs)
@@ -156,7 +158,7 @@ def test_a_worker_refuses_inline_bytes_that_are_not_their_cid(swarm: LocalCluste
                 [(c, b) for c, b in zip(code_cids, code.values(), strict=True)], INLINE_MAX)))
             wait_result(results, "ready")
             chunk = manifest.chunks[0]
-            forged = {chunk: pack([(cid_of(evil), evil)], INLINE_MAX)[cid_of(evil)]}
+            forged = {chunk: base64.b64encode(evil).decode()}
             client.send(DOMAP, worker, DoMap(job_id, 0, 0, inline=forged))
             client.send(DOMAP, worker, DoMap(job_id, 0, 1, inline=pack([(chunk, good)], INLINE_MAX)))
             done = wait_result(results, "map")
@@ -166,9 +168,8 @@ def test_a_worker_refuses_inline_bytes_that_are_not_their_cid(swarm: LocalCluste
             assert read_partition(data)[0] == ["good"]  # the genuine bytes were mapped
 
             evil_partition = write_partitions([("evil", 3)], 1)[0]
-            client.send(BUFFER, worker, Buffer(job_id, 0, 0, partition, 0,
-                                               inline={partition: pack([(cid_of(evil_partition), evil_partition)],
-                                                                       INLINE_MAX)[cid_of(evil_partition)]}))
+            forged = {partition: base64.b64encode(evil_partition).decode()}
+            client.send(BUFFER, worker, Buffer(job_id, 0, 0, partition, 0, inline=forged))
             client.send(BUFFER, worker, Buffer(job_id, 0, 0, partition, 1, inline=done.inline))
             reduced = wait_result(results, "reduce")
             assert reduced.attempt == 1
@@ -181,3 +182,22 @@ def test_a_worker_refuses_inline_bytes_that_are_not_their_cid(swarm: LocalCluste
     for cid in (chunk, partition):
         refusals = [line for line in log.splitlines() if "refused a message" in line and cid in line]
         assert len(refusals) == 1 and signer.public_key in refusals[0], log[-3000:]
+
+
+def test_the_controller_takes_a_report_with_forged_inline_bytes_as_a_failed_attempt(
+        swarm: LocalCluster, tmp_path: Path) -> None:
+    """A worker whose report carries bytes other than its CIDs' fails that attempt (the state
+    machine retries it elsewhere); nothing of the report is held or relayed."""
+    node = swarm.nodes[0]
+    (tmp_path / "in.txt").write_bytes(b"a b c\n")
+    with SwarmClient(node.config, node.signer).connect() as client, node.kubo() as kubo:
+        controller = MapReduceController(client, kubo, MapReduceJob(tmp_path / "in.txt", k=1), node.home)
+        controller.sent["n-liar"] = {"d" * 32}
+        claimed = cid_of(b"the real output")
+        lie = GetResult(controller.job_id, NodeName("n-liar"), "map", task=0, attempt=2, cids=[claimed],
+                        re="d" * 32, inline={claimed: base64.b64encode(b"a forged output").decode()})
+        event = controller.event_of(lie)
+    assert isinstance(event, Failed)
+    assert (event.peer, event.phase, event.task, event.attempt) == ("n-liar", "map", 0, 2)
+    assert claimed in event.error and "worker n-liar" in event.error
+    assert controller.payloads.relay(claimed) == {}
