@@ -15,7 +15,8 @@ Everything is measured side by side in one run, on one warm ``LocalCluster``:
   and at 0 (every payload through kubo), the controller service restarted in between;
   batches alternate so drift on a shared machine hits both.
 * **the whole ``ipdc mr``** from a shell against the warm cluster (p50), and the walls of
-  ``ipdc --help``, ``ipdc peers`` and ``python3 -c pass`` in the same rounds.
+  ``ipdc --help``, ``ipdc peers`` and ``python3 -c pass`` in the same rounds: the venv's
+  ``ipdc`` console script, with bytecode written as an installed IPDC has it.
 
     python bench/latency.py [--jobs 60] [--warmup 3] [--k 4] [--size 1024] [--cli-runs 10]
 """
@@ -102,19 +103,23 @@ def batch(cluster: Any, path: str, data: Path, k: int, jobs: int, warmup: int, w
 def cli_rounds(cluster: Any, data: Path, k: int, runs: int, work: Path) -> dict[str, list[float]]:
     """The whole commands, interleaved round by round so they share the machine's state."""
     env = {**os.environ, "IPDC_HOME": str(cluster.nodes[0].home)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode cached after the first run
+    script = Path(sys.executable).with_name("ipdc")  # the console script a user runs
+    ipdc = [str(script)] if script.exists() else [sys.executable, "-m", "ipdc.cli"]
     commands = {
-        "ipdc mr (tiny job, whole command)": lambda i: [sys.executable, "-m", "ipdc.cli", "mr", str(data),
-                                                        "--k", str(k), "-q", "-o", str(work / f"cli-{i}")],
-        "ipdc --help": lambda i: [sys.executable, "-m", "ipdc.cli", "--help"],
-        "ipdc peers": lambda i: [sys.executable, "-m", "ipdc.cli", "peers"],
+        "ipdc mr (tiny job, whole command)": lambda i: [*ipdc, "mr", str(data), "--k", str(k), "-q",
+                                                        "-o", str(work / f"cli-{i}")],
+        "ipdc --help": lambda i: [*ipdc, "--help"],
+        "ipdc peers": lambda i: [*ipdc, "peers"],
         "python3 -c pass": lambda i: [sys.executable, "-c", "pass"],
     }
     found: dict[str, list[float]] = {name: [] for name in commands}
     for i in range(runs + 1):
         for name, argv in commands.items():
             t = time.perf_counter()
-            subprocess.run(argv(i), env=env, check=True, stdout=subprocess.DEVNULL, cwd=work)
-            if i:  # the first round warms the page cache
+            subprocess.run(argv(i), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           cwd=work)
+            if i:  # the first round writes the bytecode and warms the page cache
                 found[name].append(time.perf_counter() - t)
     return found
 

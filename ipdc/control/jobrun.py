@@ -147,6 +147,7 @@ class JobRun:
         controller = self.controller = MapReduceController(
             self.ctx.client, self.ctx.kubo, self.job, self.ctx.home, self._progress,
             job_id=JobId(self.job_id), observer=self, resume=self.resume)
+        controller.release_later = True
         if self._cancel.is_set():
             controller.cancelled.set()
         try:
@@ -168,6 +169,7 @@ class JobRun:
             except IPDCError as exc:  # the job succeeded; only `ipdc job get` elsewhere misses it
                 log.warning("job %s: could not publish its result record: %s", self.job_id, exc)
             self._end("succeeded", "", 0)
+            controller.release()  # after the user has the result
 
     def _end(self, state: str, error: str, exit_code: int) -> None:
         if self.controller is not None:

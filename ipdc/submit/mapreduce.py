@@ -269,6 +269,10 @@ class MapReduceController:
         self.input_bytes = 0
         self.timings: dict[str, float] = {}
         self.payloads = Payloads(client.config.agent.inline_max)
+        self.release_later = False
+        """Set by a caller that calls :meth:`release` itself once it has recorded a success (the
+        controller service: its user need not wait for the unpin and CleanUp). A job that fails
+        is always released by :meth:`run`."""
         self.adding: threading.Thread | None = None
         """The background add of a job whose uploads all travel inline (see :meth:`upload`)."""
         self.ranges: list[tuple[int, int]] = []
@@ -288,6 +292,7 @@ class MapReduceController:
 
     def run(self) -> JobResult:
         started = time.monotonic()
+        succeeded = False
         if self.resume is None:
             check_job_files(self.job)
             peers = self.choose_workers()
@@ -317,22 +322,28 @@ class MapReduceController:
             result.timings = self.timings
             result.transport = dict(sorted(self.payloads.counts.items()))
             self.finish(result)
+            succeeded = True
             return result
         finally:
             fetcher.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.client.unwatch(self.job_id)
-            if self.adding is not None:
-                self.adding.join()  # its pins, then ours off
-            try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
-                if self.manifest is not None:
-                    self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
-                self.uploads.forget(self.job_id)
-            except IPDCError as exc:  # the job's own outcome matters more than its litter
-                log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
-            finally:
-                for name in self.peers:
-                    self.client.send(CLEANUP, name, CleanUp(self.job_id))
+            if not (succeeded and self.release_later):
+                self.release()
+
+    def release(self) -> None:
+        """Unpin the job's uploads and send CleanUp to every peer that took part."""
+        if self.adding is not None:
+            self.adding.join()  # its pins, then ours off
+        try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
+            if self.manifest is not None:
+                self.kubo.pin_rm(*self.manifest.chunks, *self.manifest.code.values())
+            self.uploads.forget(self.job_id)
+        except IPDCError as exc:  # the job's own outcome matters more than its litter
+            log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
+        finally:
+            for name in self.peers:
+                self.client.send(CLEANUP, name, CleanUp(self.job_id))
 
     # -- planning --------------------------------------------------------------------
     def choose_workers(self) -> list[Peer]:
