@@ -18,17 +18,26 @@ Everything is measured side by side in one run, on one warm ``LocalCluster``:
   ``ipdc --help``, ``ipdc peers`` and ``python3 -c pass`` in the same rounds: the venv's
   ``ipdc`` console script, with bytecode written as an installed IPDC has it.
 
+* ``--profile SECONDS``: afterwards, py-spy (``--idle``, so waits count: this is wall time)
+  records the controller service and every agent while tiny jobs run for that long, and
+  the script prints where a job's wall time goes: in the controller's job thread, in the
+  agents' task threads, and in their message dispatchers (raw stacks in ``--out``).
+
     python bench/latency.py [--jobs 60] [--warmup 3] [--k 4] [--size 1024] [--cli-runs 10]
+                            [--runner-nice 0] [--profile 20 --out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +133,52 @@ def cli_rounds(cluster: Any, data: Path, k: int, runs: int, work: Path) -> dict[
     return found
 
 
+#: (what, the frame whose callees are counted, how many frames below it name a row)
+PROFILE_VIEWS = (
+    ("controller job thread", "control", "MapReduceController.run ", 2),
+    ("agent task threads", "agent", "Agent._run ", 4),
+    ("agent dispatchers", "agent", "Agent.dispatch ", 1),
+)
+
+
+def profile(cluster: Any, data: Path, k: int, seconds: float, work: Path, out: Path) -> None:
+    """py-spy over the controller service and the agents while tiny jobs run; a summary."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    node = cluster.nodes[0]
+    targets = {"control": node.services["control"].pid()}
+    targets.update({f"agent{i}": n.services["agent"].pid() for i, n in enumerate(cluster.nodes)})
+    spies = [subprocess.Popen([spy, "record", "--pid", str(pid), "--idle", "--rate", "200", "--format", "raw",
+                               "-o", str(out / f"{name}.txt"), "--duration", str(int(seconds) + 3)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in targets.items()]
+    time.sleep(1.5)  # py-spy attaches
+    t, jobs = time.monotonic(), 0
+    while time.monotonic() - t < seconds:
+        submit(node.home, data, k, work / f"profiled-{jobs}")
+        jobs += 1
+    for process in spies:
+        process.wait()
+    print(f"\n### Where the wall time goes (py-spy --idle, 200 Hz, {jobs} jobs in {seconds:g} s)")
+    for what, prefix, anchor, depth in PROFILE_VIEWS:
+        rows: Counter[str] = Counter()
+        for path in out.glob(f"{prefix}*.txt"):
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                frames = stack.split(";")
+                at = [i for i, f in enumerate(frames) if f.startswith(anchor)]
+                if at:
+                    below = frames[at[-1] + 1:at[-1] + 1 + depth] or ["(itself)"]
+                    named = (re.sub(r" \(.*?([\w.]+\.py):\d+\)", r" (\1)", f) for f in below)
+                    rows[" > ".join(named)] += int(count)
+        total = sum(rows.values())
+        print(f"\n{what}: {total / 200 / max(jobs, 1) * 1000:.0f} ms of samples per job\n")
+        for row, count in rows.most_common(8):
+            print(f"- {count / total:5.1%} {row}")
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
@@ -137,11 +192,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="input bytes (default 1024)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating inline/IPFS batches per path")
     parser.add_argument("--cli-runs", type=int, default=10)
+    parser.add_argument("--runner-nice", type=int, default=None,
+                        help="the runners' niceness (default: sandbox.nice, 19)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
+                        help="then py-spy the controller service and the agents for this long")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "latency-profile")
     args = parser.parse_args()
 
     print(f"machine: {common.machine()}")
     samples: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="ipdc-latency-") as tmp, common.warm_cluster(4) as cluster:
+    with tempfile.TemporaryDirectory(prefix="ipdc-latency-") as tmp, \
+            common.warm_cluster(4, nice=args.runner_nice) as cluster:
         work = Path(tmp)
         data = tiny_input(work / "tiny.txt", args.size)
         per_batch = max(1, args.jobs // args.rounds)
@@ -150,6 +211,8 @@ def main() -> None:
                 batch(cluster, path, data, args.k, per_batch, args.warmup, work, samples)
         use_path(cluster.nodes[0], PATHS["inline"])
         cli = cli_rounds(cluster, data, args.k, args.cli_runs, work)
+        if args.profile:
+            profile(cluster, data, args.k, args.profile, work, args.out)
 
     n = len(samples["inline"]["wall"])
     rows = []
