@@ -24,7 +24,7 @@ Everything is measured side by side in one run, on one warm ``LocalCluster``:
   agents' task threads, and in their message dispatchers (raw stacks in ``--out``).
 
     python bench/latency.py [--jobs 60] [--warmup 3] [--k 4] [--size 1024] [--cli-runs 10]
-                            [--runner-nice 0] [--profile 20 --out DIR]
+                            [--runner-nice 0] [--warm-runners 2] [--profile 20 --out DIR]
 """
 
 from __future__ import annotations
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--cli-runs", type=int, default=10)
     parser.add_argument("--runner-nice", type=int, default=None,
                         help="the runners' niceness (default: sandbox.nice, 19)")
+    parser.add_argument("--warm-runners", type=int, default=None,
+                        help="agent.warm_runners of every node (default 1)")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="then py-spy the controller service and the agents for this long")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "latency-profile")
@@ -201,8 +203,10 @@ def main() -> None:
 
     print(f"machine: {common.machine()}")
     samples: dict[str, dict[str, list[float]]] = {}
+    warm = args.warm_runners
+    settings = {} if warm is None else {"settings": {"agent": {"warm_runners": warm}}}
     with tempfile.TemporaryDirectory(prefix="ipdc-latency-") as tmp, \
-            common.warm_cluster(4, nice=args.runner_nice) as cluster:
+            common.warm_cluster(4, nice=args.runner_nice, **settings) as cluster:
         work = Path(tmp)
         data = tiny_input(work / "tiny.txt", args.size)
         per_batch = max(1, args.jobs // args.rounds)
