@@ -40,19 +40,13 @@ RUNNER_MODULE = "ipdc.runner.process"
 
 
 def runner_spec(settings: SandboxSection) -> SandboxSpec:
-    """The sandbox of every runner: the node's ``sandbox`` settings.
-
-    A runner starts at normal priority and lowers its own to ``sandbox.nice`` when it is
-    bound to a job, before it imports the job's code: starting a spare is IPDC's work and
-    the next task waits for it, and at nice 19 a busy machine starved it (py-spy: most of a
-    tiny job's time on a worker went to waiting for a spare runner). User code never runs
-    above ``sandbox.nice``."""
+    """The sandbox of every runner: the node's ``sandbox`` settings."""
     limits = Limits(memory_mb=settings.memory_mb, address_space_mb=settings.memory_mb,
                     max_pids=settings.max_pids, cpu_percent=settings.cpu_percent,
                     cpu_seconds=settings.cpu_seconds, disk_mb=settings.disk_mb, file_mb=settings.file_mb,
-                    nice=0)
-    named = {"cpu_seconds": settings.cpu_seconds, "memory_mb": settings.memory_mb,  # its failures name these
-             "file_mb": settings.file_mb, "disk_mb": settings.disk_mb, "nice": settings.nice}
+                    nice=settings.nice)
+    named = {"cpu_seconds": settings.cpu_seconds, "memory_mb": settings.memory_mb,
+             "file_mb": settings.file_mb, "disk_mb": settings.disk_mb}  # the settings its failures name
     return SandboxSpec(module=RUNNER_MODULE, name="runner", args=(json.dumps(named),), limits=limits,
                        ro_dirs=tuple(settings.shared_dirs))
 

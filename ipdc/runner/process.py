@@ -76,8 +76,7 @@ class Runner:
     def __init__(self, channel: socket.socket, limits: dict[str, int]) -> None:
         self.channel = channel
         self.limits = limits
-        """sandbox.* settings: cpu_seconds, memory_mb, file_mb, disk_mb (the failure messages name
-        them) and nice (taken when the runner is bound to a job)."""
+        """sandbox.* settings the failure messages name: cpu_seconds, memory_mb, file_mb."""
         self.pid = os.getpid()
         self.mapper: ModuleType | None = None
         self.reducer: ModuleType | None = None
@@ -137,7 +136,6 @@ class Runner:
         return {"ok": False, "error": clip(error, MAX_ERROR), "traceback": tb}, fatal
 
     def load(self, request: dict[str, Any], fds: list[int]) -> Reply:
-        os.nice(self.limits.get("nice", 0))  # before any of the job's code: it runs at sandbox.nice
         names = [str(n) for n in request["files"]]
         if len(names) != len(fds):
             raise JobError(f"the agent sent {len(fds)} files for {len(names)} names")

@@ -1,5 +1,5 @@
-"""Spare runners start at normal priority (their start is on the next task's critical path),
-and lower their own to ``sandbox.nice`` when bound to a job: user code never runs above it."""
+"""User code runs at ``sandbox.nice`` (19 by default), in map and in reduce, so a volunteer's
+machine stays usable; tiny-job latency work must not raise it (see bench/README.md)."""
 
 from __future__ import annotations
 
