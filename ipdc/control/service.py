@@ -189,9 +189,9 @@ class ControlService:
             with run.changed:
                 run.changed.wait_for(partial(moved, run, seen), timeout=5.0)
                 seen = run.version
-            snapshot = run.snapshot()
-            send({**snapshot, "end": run.finished})
-            if run.finished:
+                finished = run.finished  # read once: a job that ends after this is sent next round
+            send({**run.snapshot(), "end": finished})
+            if finished:
                 return
 
     def op_cancel(self, request: dict[str, Any], send: Send) -> None:
