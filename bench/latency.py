@@ -1,446 +1,238 @@
-"""Latency of tiny MapReduce jobs (1 KB input, K=4) on a warm 4-node local cluster,
-and where each millisecond of one goes.
+"""Latency of tiny MapReduce jobs on a warm 4-node local cluster, as a user meets it.
 
-Each job runs through the library exactly as ``ipdc mr`` does (one SwarmClient
-and one KuboClient kept open, as a long-lived submitter would), and its wall time
-is taken around ``MapReduceController.run()``. The controller is the library's,
-with timestamps added from outside its logic: its kubo client and its swarm
-client are wrapped (every IPFS call, every MQTT send with its signature), the
-job's result queue notes when each report arrives, and a few steps are timed.
+Everything is measured side by side in one run, on one warm ``LocalCluster``:
 
-**Critical path.** Milestones of each job split its wall time into segments that
-add up to it exactly:
+* **tiny jobs through the controller service** (1 KB input, K=4 by default): each job is
+  submitted over the node's control socket, as ``ipdc mr`` does, and followed with
+  ``watch`` to its end; its wall time runs from the submit request to the last answer.
+  p50/p95 over ``--jobs`` jobs, after ``--warmup`` unmeasured ones. The per-phase
+  breakdown comes from the job's own record (``summary.timings``, as in ``job.json``):
+  upload, download (Download until every worker is ready), map, reduce, fetch (from the
+  last reduce result to every part in place), and ``service`` (the wall time outside
+  the controller's ``run()``: queueing, recording, the socket). ``job.json``'s
+  ``transport`` is checked, so each batch really took the path it is named after.
+* **inline vs IPFS**: the same jobs with ``agent.inline_max`` at its default (128 KiB)
+  and at 0 (every payload through kubo), the controller service restarted in between;
+  batches alternate so drift on a shared machine hits both.
+* **the whole ``ipdc mr``** from a shell against the warm cluster (p50), and the walls of
+  ``ipdc --help``, ``ipdc peers`` and ``python3 -c pass`` in the same rounds: the venv's
+  ``ipdc`` console script, with bytecode written as an installed IPDC has it.
 
-  check+select   input/code checks (compile), XOR choice of K live peers
-  upload         GetResult subscription, staging dir, IPFS add of the code and the input
-  download       first Download sent -> last worker ``ready`` (each worker checks the
-                 signature, cats Map.py and Reduce.py from IPFS); DoMaps go to each
-                 worker as it is ready, so map work overlaps this segment
-  map            last ``ready`` -> last map result
-  reduce         last map result -> last reduce result (the controller relays each
-                 map output to its reducer on Buffer)
-  fetch          last reduce result -> every part fetched into the staging dir
-  describe       the result directory CID, and its pin
-  finish         job.json, _SUCCESS, the rename into place
-  cleanup        unsubscribe, CleanUp to each worker, unpin of the input and the code
+* ``--profile SECONDS``: afterwards, py-spy (``--idle``, so waits count: this is wall time)
+  records the controller service and every agent while tiny jobs run for that long, and
+  the script prints where a job's wall time goes: in the controller's job thread, in the
+  agents' task threads, and in their message dispatchers (raw stacks in ``--out``).
 
-**Inside the steps** (per task or per call, medians over jobs): what a worker
-takes from request to report (DoMap -> map result, last Buffer -> reduce result,
-Download -> ready), the runner's own stats from GetResult.stats (IPFS cat, user
-code, IPFS add), the rest of it (agent: runner acquire/bind, queueing, decode,
-signature check; two MQTT hops), the controller's IPFS calls and MQTT sends, and
-how long a report waited in the controller's queue.
-
-For scale, the same run measures a bare MQTT QoS 1 round trip through the
-swarm's broker, the start of a user-code runner (fork from the zygote until
-ready, then ``bind``: importing the job's code), what the ``ipdc mr`` command
-adds around ``run()`` (interpreter and imports, connection and sync), and
-dask.distributed's ``client.submit(...).result()`` latency.
-
-    python bench/latency.py [--jobs 100] [--k 4] [--no-dask] [--timeline] [--cli-runs 10]
+    python bench/latency.py [--jobs 60] [--warmup 3] [--k 4] [--size 1024] [--cli-runs 10]
+                            [--runner-nice 0] [--warm-runners 2] [--profile 20 --out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-sys.path.insert(0, str(common.REPO))
-from ipdc.agent.sandbox import Runner, runner_spec
-from ipdc.bus import Bus, client_id
-from ipdc.config import SandboxSection
-from ipdc.kubo import KuboClient
-from ipdc.peers import Peer
-from ipdc.spawn import Sandbox
-from ipdc.submit.client import SwarmClient
-from ipdc.submit.mapreduce import JobResult, MapReduceController, MapReduceJob
-from ipdc.wire import fdmsg
-from ipdc.wire.getresult import GetResult
-
-MILESTONES = ("check+select", "upload", "download", "map", "reduce", "fetch", "describe", "finish", "cleanup")
-SEGMENT = {"check+select": "compile Map.py/Reduce.py, XOR choice",
-           "upload": "subscribe, IPFS add code + input",
-           "download": "Download -> last ready", "map": "last ready -> last map result",
-           "reduce": "last map result -> last reduce result", "fetch": "last reduce result -> parts fetched",
-           "describe": "result dir CID + pin", "finish": "job.json, _SUCCESS, rename",
-           "cleanup": "unsubscribe, CleanUp, unpin"}
+PHASES = ("upload", "download", "map", "reduce", "fetch", "service")
+PATHS = {"inline": 128 << 10, "ipfs": 0}
 
 
-class Recorder:
-    """Timestamps (``time.perf_counter()``) of one job's steps, from several threads."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.marks: dict[str, float] = {}
-        self.calls: list[tuple[str, float, float]] = []
-        """(what, start, end): IPFS calls ``ipfs <method>`` and MQTT sends ``send <channel>``."""
-        self.sends: list[tuple[str, str, float]] = []
-        """(channel, node, end of send) for requests to workers."""
-        self.arrivals: list[tuple[GetResult, float, float]] = []
-        """(report, put on the job's queue, taken by the controller)."""
-        self.queued: dict[int, float] = {}
-        self._lock = threading.Lock()
-
-    def call(self, what: str, start: float, end: float) -> None:
-        with self._lock:
-            self.calls.append((what, start, end))
-
-    def mark(self, name: str, when: float | None = None) -> None:
-        self.marks.setdefault(name, time.perf_counter() if when is None else when)
-
-
-class TimedKubo:
-    """The controller's KuboClient with every method call timed."""
-
-    def __init__(self, kubo: KuboClient, rec: Recorder) -> None:
-        self._kubo, self._rec = kubo, rec
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._kubo, name)
-        if not callable(attr):
-            return attr
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self._rec.call(f"ipfs {name}", t, time.perf_counter())
-        return timed
-
-
-class TimedClient:
-    """The shared SwarmClient as one job's controller sees it: sends timed (signing
-    included), and the job's result queue noting when each report arrives."""
-
-    def __init__(self, client: SwarmClient, rec: Recorder) -> None:
-        self._client, self._rec = client, rec
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    def send(self, channel: Any, node: str, message: Any) -> None:
-        t = time.perf_counter()
-        self._client.send(channel, node, message)
-        end = time.perf_counter()
-        self._rec.call(f"send {channel.name}", t, end)
-        self._rec.sends.append((channel.name, node, end))
-
-    def watch(self, job_id: str) -> queue.Queue[GetResult]:
-        results = self._client.watch(job_id)
-        put = results.put
-
-        def noted_put(item: GetResult, block: bool = True, timeout: float | None = None) -> None:
-            self._rec.queued[id(item)] = time.perf_counter()
-            put(item, block, timeout)
-        results.put = noted_put  # type: ignore[method-assign]
-        return results
-
-
-class TimedController(MapReduceController):
-    """The library's controller, with the milestones of ``Recorder`` marked."""
-
-    def __init__(self, client: SwarmClient, kubo: KuboClient, job: MapReduceJob, home: Path) -> None:
-        self.rec = Recorder()
-        super().__init__(TimedClient(client, self.rec), TimedKubo(kubo, self.rec), job,  # type: ignore[arg-type]
-                         home)
-
-    def run(self) -> JobResult:
-        self.rec.start = time.perf_counter()
-        return super().run()
-
-    def choose_workers(self) -> list[Peer]:
-        t = time.perf_counter()
-        try:
-            return super().choose_workers()
-        finally:
-            self.rec.call("select", t, time.perf_counter())
-            self.rec.mark("check+select")
-
-    def upload(self) -> list[tuple[int, int]]:
-        try:
-            return super().upload()
-        finally:
-            self.rec.mark("upload")
-
-    def handle(self, result: GetResult, fetcher: ThreadPoolExecutor) -> None:
-        now = time.perf_counter()
-        self.rec.arrivals.append((result, self.rec.queued.pop(id(result), now), now))
-        super().handle(result, fetcher)
-        if len(self.ready) == len(self.workers):
-            self.rec.mark("download", now)
-        if self.maps and all(m.cids is not None for m in self.maps):
-            self.rec.mark("map", now)
-        if self.reduces and all(r.cids is not None for r in self.reduces):
-            self.rec.mark("reduce", now)
-
-    def check_fetches(self) -> None:
-        super().check_fetches()
-        if self.reduces and all(r.fetched for r in self.reduces):
-            self.rec.mark("fetch")
-
-    def describe(self, output: Path, ranges: list[tuple[int, int]]) -> JobResult:
-        try:
-            return super().describe(output, ranges)
-        finally:
-            self.rec.mark("describe")
-
-    def finish(self, result: JobResult) -> None:
-        super().finish(result)
-        self.rec.mark("finish")
-
-
-def breakdown(rec: Recorder, returned: float) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """The job's critical-path segments (s, summing to its wall time) and its inner
-    figures (s, one value per task or call)."""
-    rec.marks["cleanup"] = returned
-    segments, last = {}, rec.start
-    for name in MILESTONES:
-        at = rec.marks.get(name, last)
-        segments[name] = at - last
-        last = at
-    inner: dict[str, list[float]] = defaultdict(list)
-    for what, t, end in rec.calls:
-        inner[what].append(end - t)
-    sent: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for channel, node, end in rec.sends:
-        sent[(channel, node)].append(end)
-    maps_sent: dict[str, list[float]] = {}
-    for channel, node, end in rec.sends:
-        if channel == "domap":
-            maps_sent.setdefault(node, []).append(end)
-    for result, queued, taken in rec.arrivals:
-        inner["controller queue wait"].append(taken - queued)
-        stats = result.stats
-        if result.kind == "ready" and sent[("download", result.peer)]:
-            inner["worker: Download -> ready"].append(queued - sent[("download", result.peer)][0])
-        elif result.kind == "map" and maps_sent.get(result.peer):
-            asked = maps_sent[result.peer].pop(0)  # a worker's DoMaps are answered in order at K=4
-            took = queued - asked
-            inner["worker: DoMap -> map result"].append(took)
-            for key in ("fetch", "map", "store"):
-                inner[f"  runner map: {key}"].append(stats.get(key, 0.0))
-            inner["  rest (agent + 2 MQTT hops)"].append(
-                took - sum(stats.get(k, 0.0) for k in ("fetch", "map", "store")))
-        elif result.kind == "reduce" and sent[("buffer", result.peer)]:
-            took = queued - sent[("buffer", result.peer)][-1]
-            inner["worker: last Buffer -> reduce result"].append(took)
-            for key in ("fetch", "reduce", "store"):
-                inner[f"  runner reduce: {key}"].append(stats.get(key, 0.0))
-            inner["  rest (agent + 2 MQTT hops) "].append(
-                took - sum(stats.get(k, 0.0) for k in ("fetch", "reduce", "store")))
-    return segments, inner
-
-
-def timeline(rec: Recorder, returned: float) -> list[str]:
-    """One job, event by event (ms from the start of run()), for a close look."""
-    events = [(t, f"{what} ({(end - t) * 1000:.1f} ms)") for what, t, end in rec.calls]
-    events += [(queued, f"report {r.kind} {r.task} from {r.peer} (taken +{(taken - queued) * 1000:.1f} ms)")
-               for r, queued, taken in rec.arrivals]
-    events += [(t, f"-- {name} done") for name, t in rec.marks.items()]
-    events.append((returned, "-- run() returned"))
-    return [f"{(t - rec.start) * 1000:8.1f}  {what}" for t, what in sorted(events)]
-
-
-def tiny_input(path: Path, size: int = 1024) -> Path:
-    """``size`` bytes of short English lines (WordCount's natural input)."""
-    line = b"the quick brown fox jumps over the lazy dog and the cat\n"
-    path.write_bytes((line * (size // len(line) + 1))[:size].rsplit(b"\n", 1)[0] + b"\n")
+def tiny_input(path: Path, size: int) -> Path:
+    """``size`` bytes of short words, one line of about 60 bytes after another."""
+    words = [f"w{i % 37}" for i in range(size)]
+    text, line = [], []
+    for word in words:
+        line.append(word)
+        if len(" ".join(line)) > 56:
+            text.append(" ".join(line))
+            line = []
+    data = ("\n".join(text) + "\n").encode()[:size - 1] + b"\n"
+    path.write_bytes(data)
     return path
 
 
-def mqtt_round_trips(config: Any, n: int) -> list[float]:
-    """QoS 1 publish -> delivery back to the same client, through the swarm's broker."""
-    topic = f"ipdc/result/{config.node.name}/bench-rtt"
-    samples = []
-    with Bus(config.broker, client_id(config.node.name, "bench-rtt"), session_expiry=0) as bus:
-        bus.subscribe(topic)
-        bus.connect()
-        for _ in range(n):
-            t = time.perf_counter()
-            bus.publish(topic, b"x")
-            bus.inbox.get(timeout=10)
-            samples.append(time.perf_counter() - t)
-    return samples
+def use_path(node: Any, inline_max: int) -> None:
+    """Restart node 0's controller service with ``agent.inline_max`` set."""
+    from ipdc.config import save_config
+    from ipdc.node.lifecycle import Node
+
+    node.services["control"].stop()
+    save_config(node.config.replace(agent={"inline_max": inline_max}), node.conf_path)
+    Node(node.home).start()
 
 
-def runner_starts(n: int, work: Path) -> dict[str, list[float]]:
-    """What a task pays for a runner. Cold: a sandbox started (zygote fork, cgroups, uid
-    switch, bubblewrap, the interpreter, the runner's imports) until its runner is ready.
-    Then, as for a warm spare: ``load`` (the job's Map.py and Reduce.py sent as memfds and
-    imported) and one tiny map task (input memfd in, partitions memfd out)."""
-    jobs = common.REPO / "ipdc" / "jobs" / "mapreduce"
-    code = {name: (jobs / name).read_bytes() for name in ("Map.py", "Reduce.py")}
-    settings = SandboxSection()
-    spec = runner_spec(settings)
-    out: dict[str, list[float]] = defaultdict(list)
+def submit(home: Path, data: Path, k: int, out: Path) -> tuple[float, dict[str, Any]]:
+    """One job through the controller service: (wall seconds, its summary)."""
+    from ipdc.ctlsock import ControlClient
+
+    client = ControlClient(home, timeout=120)
+    spec = {"input": str(data), "k": k, "map_file": str(common.REPO / "ipdc/jobs/mapreduce/Map.py"),
+            "reduce_file": str(common.REPO / "ipdc/jobs/mapreduce/Reduce.py"), "output": str(out)}
     t = time.perf_counter()
-    sandbox = Sandbox(work / "logs")
-    out["sandbox open (zygote start, probe)"].append(time.perf_counter() - t)
-    try:
-        for i in range(n + 1):
-            t0 = time.perf_counter()
-            runner = Runner(sandbox.start(spec), settings)
-            runner.wait_ready()
-            t1 = time.perf_counter()
-            memfds = [fdmsg.sealed_memfd([data]) for data in code.values()]
-            runner.call({"op": "load", "job": f"bench{i}", "partitions": 4, "files": list(code)}, memfds, 60)
-            t2 = time.perf_counter()
-            task = [fdmsg.sealed_memfd([b"the quick brown fox\n" * 50])]
-            _, outputs = runner.call({"op": "map"}, task, 60)
-            fdmsg.close_all(memfds + task + outputs)
-            t3 = time.perf_counter()
-            runner.kill()
-            t4 = time.perf_counter()
-            if i:  # the first one warms the page cache
-                out["cold sandbox start -> runner ready"].append(t1 - t0)
-                out["load job code (a warm spare's bind)"].append(t2 - t1)
-                out["tiny map task on a bound runner"].append(t3 - t2)
-                out["kill + cgroup removal"].append(t4 - t3)
-    finally:
-        sandbox.close()
-    return out
+    job_id = client.call("submit", job=spec, cwd=str(out.parent))["job_id"]
+    last: dict[str, Any] = {}
+    for answer in client.stream("watch", job_id=job_id):
+        last = answer
+    wall = time.perf_counter() - t
+    if last.get("state") != "succeeded":
+        raise RuntimeError(f"job {job_id} ended {last.get('state')}: {last.get('error')}")
+    return wall, last["result"]
 
 
-def cli_costs(cluster: Any, data: Path, k: int, n: int, out: Path) -> dict[str, list[float]]:
-    """What ``ipdc mr`` adds around ``run()`` in a fresh process against the warm cluster:
-    the whole command, the interpreter with IPDC's imports, and the connection (with
-    its sync on the retained presence messages) and its close."""
+def batch(cluster: Any, path: str, data: Path, k: int, jobs: int, warmup: int, work: Path,
+          samples: dict[str, dict[str, list[float]]]) -> None:
+    node = cluster.nodes[0]
+    use_path(node, PATHS[path])
+    for i in range(warmup + jobs):
+        wall, summary = submit(node.home, data, k, work / f"{path}-{i}-{time.monotonic_ns()}")
+        moved = summary["transport"]
+        if any(key.endswith("_inline" if path == "ipfs" else "_ipfs") for key in moved):
+            raise RuntimeError(f"a {path} job moved payloads the other way: {moved}")
+        if i < warmup:
+            continue
+        timings = summary["timings"]
+        found = samples.setdefault(path, {})
+        found.setdefault("wall", []).append(wall)
+        for phase in PHASES[:-1]:
+            found.setdefault(phase, []).append(timings.get(phase, 0.0))
+        found.setdefault("service", []).append(wall - timings["total"])
+
+
+def cli_rounds(cluster: Any, data: Path, k: int, runs: int, work: Path) -> dict[str, list[float]]:
+    """The whole commands, interleaved round by round so they share the machine's state."""
     env = {**os.environ, "IPDC_HOME": str(cluster.nodes[0].home)}
-    found: dict[str, list[float]] = defaultdict(list)
-    for i in range(n):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ipdc.cli", "mr", str(data), "--k", str(k), "-q",
-                        "-o", str(out / f"cli-{i}")], env=env, check=True, stdout=subprocess.DEVNULL)
-        found["ipdc mr (whole command)"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import ipdc.cli"], env=env, check=True)
-        found["python -c 'import ipdc.cli'"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
-        found["python -c pass"].append(time.perf_counter() - t)
-        node = cluster.nodes[0]
-        t = time.perf_counter()
-        client = SwarmClient(node.config, node.signer).connect()
-        found["SwarmClient connect + sync"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        client.close()
-        found["SwarmClient close"].append(time.perf_counter() - t)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode cached after the first run
+    script = Path(sys.executable).with_name("ipdc")  # the console script a user runs
+    ipdc = [str(script)] if script.exists() else [sys.executable, "-m", "ipdc.cli"]
+    commands = {
+        "ipdc mr (tiny job, whole command)": lambda i: [*ipdc, "mr", str(data), "--k", str(k), "-q",
+                                                        "-o", str(work / f"cli-{i}")],
+        "ipdc --help": lambda i: [*ipdc, "--help"],
+        "ipdc peers": lambda i: [*ipdc, "peers"],
+        "python3 -c pass": lambda i: [sys.executable, "-c", "pass"],
+    }
+    found: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(runs + 1):
+        for name, argv in commands.items():
+            t = time.perf_counter()
+            subprocess.run(argv(i), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           cwd=work)
+            if i:  # the first round writes the bytecode and warms the page cache
+                found[name].append(time.perf_counter() - t)
     return found
 
 
-def dask_submit_latency(n: int) -> list[float]:
-    """client.submit(f, x).result() on a 2-worker dask.distributed LocalCluster."""
-    from dask.distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        client.submit(abs, -1, pure=False).result()  # warm: the first call ships the function
-        samples = []
-        for i in range(n):
-            t = time.perf_counter()
-            client.submit(abs, -i, pure=False).result()
-            samples.append(time.perf_counter() - t)
-    return samples
+#: (what, the frame whose callees are counted, how many frames below it name a row)
+PROFILE_VIEWS = (
+    ("controller job thread", "control", "MapReduceController.run ", 2),
+    ("agent task threads", "agent", "Agent._run ", 4),
+    ("agent dispatchers", "agent", "Agent.dispatch ", 1),
+)
 
 
-def row(name: str, samples: list[float], what: str = "") -> list[str]:
-    ms = [s * 1000 for s in samples] or [0.0]
-    return [name, f"{common.percentile(ms, 50):.1f}", f"{common.percentile(ms, 95):.1f}",
-            f"{common.percentile(ms, 99):.1f}", str(len(samples)), what]
+def profile(cluster: Any, data: Path, k: int, seconds: float, work: Path, out: Path) -> None:
+    """py-spy over the controller service and the agents while tiny jobs run; a summary."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    node = cluster.nodes[0]
+    targets = {"control": node.services["control"].pid()}
+    targets.update({f"agent{i}": n.services["agent"].pid() for i, n in enumerate(cluster.nodes)})
+    spies = [subprocess.Popen([spy, "record", "--pid", str(pid), "--idle", "--rate", "200", "--format", "raw",
+                               "-o", str(out / f"{name}.txt"), "--duration", str(int(seconds) + 3)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in targets.items()]
+    time.sleep(1.5)  # py-spy attaches
+    t, jobs = time.monotonic(), 0
+    while time.monotonic() - t < seconds:
+        submit(node.home, data, k, work / f"profiled-{jobs}")
+        jobs += 1
+    for process in spies:
+        process.wait()
+    print(f"\n### Where the wall time goes (py-spy --idle, 200 Hz, {jobs} jobs in {seconds:g} s)")
+    for what, prefix, anchor, depth in PROFILE_VIEWS:
+        rows: Counter[str] = Counter()
+        for path in out.glob(f"{prefix}*.txt"):
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                frames = stack.split(";")
+                at = [i for i, f in enumerate(frames) if f.startswith(anchor)]
+                if at:
+                    below = frames[at[-1] + 1:at[-1] + 1 + depth] or ["(itself)"]
+                    named = (re.sub(r" \(.*?([\w.]+\.py):\d+\)", r" (\1)", f) for f in below)
+                    rows[" > ".join(named)] += int(count)
+        total = sum(rows.values())
+        print(f"\n{what}: {total / 200 / max(jobs, 1) * 1000:.0f} ms of samples per job\n")
+        for row, count in rows.most_common(8):
+            print(f"- {count / total:5.1%} {row}")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=60, help="measured jobs per path (default 60)")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=3, help="jobs run first and not counted")
-    parser.add_argument("--no-dask", action="store_true", help="skip the dask comparison")
-    parser.add_argument("--timeline", action="store_true", help="print the median job's events")
-    parser.add_argument("--cli-runs", type=int, default=10, help="runs of the ipdc mr command itself")
+    parser.add_argument("--size", type=int, default=1024, help="input bytes (default 1024)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating inline/IPFS batches per path")
+    parser.add_argument("--cli-runs", type=int, default=10)
+    parser.add_argument("--runner-nice", type=int, default=None,
+                        help="the runners' niceness (default: sandbox.nice, 19)")
+    parser.add_argument("--warm-runners", type=int, default=None,
+                        help="agent.warm_runners of every node (default 1)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
+                        help="then py-spy the controller service and the agents for this long")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "latency-profile")
     args = parser.parse_args()
-    common.require("psutil", *(() if args.no_dask else ("dask", "distributed")))
-    print(f"{args.jobs} tiny jobs (1 KB, K={args.k}) on a warm {args.k}-node local cluster")
+
     print(f"machine: {common.machine()}")
+    samples: dict[str, dict[str, list[float]]] = {}
+    warm = args.warm_runners
+    settings = {} if warm is None else {"settings": {"agent": {"warm_runners": warm}}}
+    with tempfile.TemporaryDirectory(prefix="ipdc-latency-") as tmp, \
+            common.warm_cluster(4, nice=args.runner_nice, **settings) as cluster:
+        work = Path(tmp)
+        data = tiny_input(work / "tiny.txt", args.size)
+        per_batch = max(1, args.jobs // args.rounds)
+        for r in range(args.rounds):
+            for path in (("inline", "ipfs") if r % 2 == 0 else ("ipfs", "inline")):
+                batch(cluster, path, data, args.k, per_batch, args.warmup, work, samples)
+        use_path(cluster.nodes[0], PATHS["inline"])
+        cli = cli_rounds(cluster, data, args.k, args.cli_runs, work)
+        if args.profile:
+            profile(cluster, data, args.k, args.profile, work, args.out)
 
-    walls: list[float] = []
-    segments: dict[str, list[float]] = defaultdict(list)
-    inner: dict[str, list[float]] = defaultdict(list)
-    per_call: dict[str, list[float]] = defaultdict(list)
-    lines: list[tuple[float, list[str]]] = []
-    with tempfile.TemporaryDirectory(prefix="ipdc-bench-") as tmp, common.warm_cluster(args.k) as cluster:
-        config = cluster.nodes[0].config
-        data = tiny_input(Path(tmp) / "tiny.txt")
-        with SwarmClient(config, cluster.nodes[0].signer).connect() as client, \
-                cluster.nodes[0].kubo() as kubo:
-            for i in range(args.warmup + args.jobs):
-                job = MapReduceJob(input=data, k=args.k, output=Path(tmp) / f"out-{i}")
-                controller = TimedController(client, kubo, job, cluster.nodes[0].home)
-                t = time.perf_counter()
-                controller.run()
-                returned = time.perf_counter()
-                if i < args.warmup:
-                    continue
-                walls.append(returned - t)
-                seg, details = breakdown(controller.rec, returned)
-                for name, value in seg.items():
-                    segments[name].append(value)
-                for name, values in details.items():
-                    (per_call if name.startswith(("ipfs ", "send ", "select")) else inner)[name] += values
-                for kind in ("ipfs", "send"):
-                    inner[f"per job: {kind} total"].append(
-                        sum(sum(v) for name, v in details.items() if name.startswith(kind + " ")))
-                if args.timeline:
-                    lines.append((returned - t, timeline(controller.rec, returned)))
-        rtts = mqtt_round_trips(config, 200)
-        cli = cli_costs(cluster, data, args.k, args.cli_runs, Path(tmp))
-    starts = runner_starts(10, Path(tempfile.mkdtemp(prefix="ipdc-bench-runners-")))
-    dask = [] if args.no_dask else dask_submit_latency(args.jobs)
-
-    rows = [row("ipdc job (wall)", walls, "MapReduceController.run()")]
-    rows += [row(f"  {name}", segments[name], SEGMENT[name]) for name in MILESTONES]
-    common.print_table("Tiny-job latency: critical path (ms; segments add up to each job's wall)",
-                       ["what", "p50", "p95", "p99", "n", "measures"], rows)
-    totals = {k: v for k, v in inner.items() if k.startswith("per job:")}
-    rows = [row(name, inner[name], "per task") for name in inner
-            if not name.startswith(("per job:", "controller"))]
-    rows += [row("controller queue wait", inner["controller queue wait"],
-                 "report queued -> taken, per report")]
-    rows += [row(name, values, "per call") for name, values in sorted(per_call.items())]
-    rows += [row(name, values, "sum over a job's calls (2 fetches run at a time)")
-             for name, values in sorted(totals.items())]
-    rows += [row("MQTT QoS 1 round trip", rtts, "publish -> own delivery, swarm broker")]
-    rows += [row(name, values, "without a warm spare") for name, values in starts.items()]
-    rows += [row(name, values, "fresh process / new connection, warm cluster")
-             for name, values in cli.items()]
-    if dask:
-        rows.append(row("dask client.submit", dask, "2-worker LocalCluster, submit(...).result()"))
-    common.print_table("Inside the steps (ms)", ["what", "p50", "p95", "p99", "n", "measures"], rows)
-    if lines:
-        lines.sort(key=lambda x: x[0])
-        wall, events = lines[len(lines) // 2]
-        print(f"\n### The median job's events ({wall * 1000:.0f} ms; ms from the start of run())\n")
-        print("```\n" + "\n".join(events) + "\n```")
-    p50, p95 = common.percentile(walls, 50) * 1000, common.percentile(walls, 95) * 1000
-    print(f"\ntarget: p50 <= 80 ms: {p50:.0f} ms -> {'MET' if p50 <= 80 else 'NOT MET'}; "
-          f"p95 <= 150 ms: {p95:.0f} ms -> {'MET' if p95 <= 150 else 'NOT MET'}")
-    raw = {"walls": walls, "segments": segments, "inner": inner, "calls": per_call, "mqtt": rtts,
-           "runner_start": starts, "cli": cli, "dask": dask}
-    print(f"raw results: {common.save('latency', raw)}")
+    n = len(samples["inline"]["wall"])
+    rows = []
+    for what in ("wall", *PHASES):
+        a, b = samples["inline"][what], samples["ipfs"][what]
+        ratio = common.median(b) / common.median(a) if common.median(a) > 0 else float("nan")
+        rows.append([what, ms(common.median(a)), ms(common.percentile(a, 95)), ms(common.median(b)),
+                     ms(common.percentile(b, 95)), f"{ratio:.2f}"])
+    common.print_table(f"Tiny jobs through the controller service ({args.size} B, K={args.k}, warm, {n} jobs "
+                       "per path), ms", ["", "inline p50", "inline p95", "IPFS p50", "IPFS p95",
+                                         "IPFS/inline (p50)"], rows)
+    common.print_table(f"Whole commands ({args.cli_runs} runs each, interleaved), ms",
+                       ["command", "p50", "min", "max"],
+                       [[name, ms(common.median(v)), ms(min(v)), ms(max(v))] for name, v in cli.items()])
+    saved = common.save("latency", {"args": vars(args), "jobs": samples, "cli": cli})
+    print(f"\nraw figures: {saved}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import sys
 # every command). The runner does not do this: user code may want trio.
 sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 
-import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,21 +28,37 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ipdc import __version__, ipdc_home
-from ipdc.ctlsock import ControlClient, remote_error
 from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError
-from ipdc.jobs import shipped
-from ipdc.private import write_private
 
 if TYPE_CHECKING:
+    import json
+
     from rich.console import Console
 
     from ipdc.config import Config
     from ipdc.control.history import History
+    from ipdc.ctlsock import ControlClient as ControlClientT
     from ipdc.node.lifecycle import Node as NodeT
     from ipdc.submit.client import SwarmClient as SwarmClientT
     from ipdc.trust import Signer
 
-JOBS_DIR = shipped("mapreduce")
+
+
+class _LazyModule:
+    """A standard module imported on first use: ``json`` alone is several ms that
+    ``ipdc --help`` does not need."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if not TYPE_CHECKING:
+    json = _LazyModule("json")
 
 
 class _LazyConsole:
@@ -84,6 +98,12 @@ def Node(home: Path | None = None) -> NodeT:
     return _Node(home)
 
 
+def ControlClient(home: Path, timeout: float | None = 30.0) -> ControlClientT:
+    from ipdc.ctlsock import ControlClient as _ControlClient
+
+    return _ControlClient(home, timeout)
+
+
 def SwarmClient(config: Config, signer: Signer | None = None) -> SwarmClientT:
     from ipdc.submit.client import SwarmClient as _SwarmClient
 
@@ -120,6 +140,8 @@ def main(verbose: int) -> None:
     `python deploy.py start`, and submit jobs from any node. The node is the one in
     $IPDC_HOME (default ~/.ipdc).
     """
+    import logging
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
@@ -256,6 +278,8 @@ def invite(ttl: str, output: Path | None) -> None:
         click.echo(token.encode())
     else:
         try:
+            from ipdc.private import write_private
+
             write_private(output, token.encode() + "\n")
         except FileExistsError:
             raise NodeError(f"{output} exists: choose another file name (a token is written to a new file "
@@ -323,14 +347,13 @@ def swarm_rotate_key(timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def peers(as_json: bool) -> None:
     """List the live peers of the swarm, as their agents announce themselves."""
-    with SwarmClient(Node().config).connect() as client:
-        live = sorted(client.peers.live(), key=lambda p: p.name)
-    rows = [{
-        "name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "addrs": p.presence.addrs,
-        "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
-        "tf": p.presence.caps.tf, "slots": p.presence.slots, "running": p.running, "load": round(p.load, 2),
-        "last_seen_s": round(p.age(), 1),
-    } for p in live]
+    try:  # the node's controller service follows them already
+        rows: list[dict[str, Any]] = ControlClient(ipdc_home()).call("peers")["peers"]
+    except ControlError:  # it is not running: ask the broker
+        from ipdc.peers import peer_rows
+
+        with SwarmClient(Node().config).connect() as client:
+            rows = peer_rows(client.peers.live())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -489,6 +512,7 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
     node for $IPDC_HOME, a temporary local cluster is started for the job and
     removed afterwards.
     """
+    from ipdc.jobs import shipped
     from ipdc.submit.inputs import input_text, parse_input
 
     if (mapper is not None and map_file is not None) or (reducer is not None and reduce_file is not None):
@@ -496,7 +520,8 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
     if mapper is not None and reducer is None and reduce_file is None:
         raise click.UsageError("a --mapper job needs --reducer CMD, or --reduce FILE for a Python reducer "
                                "(which gets the values as strings)")
-    map_file, reduce_file = map_file or JOBS_DIR / "Map.py", reduce_file or JOBS_DIR / "Reduce.py"
+    map_file = map_file or shipped("mapreduce", "Map.py")
+    reduce_file = reduce_file or shipped("mapreduce", "Reduce.py")
     spec = {"input": input_text(parse_input(input_ref)), "k": k, "cache": not no_cache,
             "map_file": str(map_file.absolute()),
             "reduce_file": str(reduce_file.absolute()), "output": str(output.absolute()) if output else None,
@@ -524,6 +549,8 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
         except KeyboardInterrupt:
             final = _interrupted(client, job_id)
     if final["state"] != "succeeded":
+        from ipdc.ctlsock import remote_error
+
         raise remote_error(final)
     if print_cid:
         click.echo(final["result"]["result_cid"])
@@ -531,7 +558,7 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
         _print_result(final["result"], as_json)
 
 
-def _follow(client: ControlClient, job_id: str,
+def _follow(client: ControlClientT, job_id: str,
             progress: Callable[[str, float, float], None]) -> dict[str, Any]:
     """Show the job's progress until it ends; its last state."""
     final: dict[str, Any] = {}
@@ -541,7 +568,7 @@ def _follow(client: ControlClient, job_id: str,
     return final
 
 
-def _interrupted(client: ControlClient, job_id: str) -> dict[str, Any]:
+def _interrupted(client: ControlClientT, job_id: str) -> dict[str, Any]:
     """Ctrl-C on a running job: cancel it, or leave it running detached. Without a terminal
     to ask on, cancel: nobody would be left to follow the job."""
     keep = False

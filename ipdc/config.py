@@ -19,6 +19,7 @@ import yaml
 from ipdc import ipdc_home
 from ipdc.errors import ConfigError
 from ipdc.private import write_private
+from ipdc.wire.inline import INLINE_LIMIT, INLINE_MAX
 from ipdc.wire.schema import build
 
 CONFIG_NAME = "ipdc.conf"
@@ -87,6 +88,10 @@ class AgentSection:
     ready_timeout: float = 30.0
     """As a submitter: a worker that has not accepted a job this long after it was asked is
     replaced (an agent that refuses a job, say for an untrusted key, never answers)."""
+    inline_max: int = INLINE_MAX
+    """As a submitter: payloads (code, chunks, map outputs, parts) of at most this many bytes
+    travel inside the job's messages, beside their CID, instead of through a kubo round trip
+    each (see ipdc/wire/inline.py); 0 sends everything through IPFS. At most 262144."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,9 @@ def config_from_dict(data: Any) -> Config:
                          ("agent.ready_timeout", cfg.agent.ready_timeout)):
         if value <= 0:
             raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")
+    if not 0 <= cfg.agent.inline_max <= INLINE_LIMIT:
+        raise ConfigError(f"agent.inline_max: must be 0 (every payload through IPFS) to {INLINE_LIMIT} "
+                          f"bytes, got {cfg.agent.inline_max}")
     for key in ("ca_file", "cert_file", "key_file"):
         if not getattr(cfg.broker, key):
             raise ConfigError(f"broker.{key}: must name a file (relative paths are under the node's home)")

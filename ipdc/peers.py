@@ -28,7 +28,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ipdc.wire.heartbeat import Heartbeat
 from ipdc.wire.presence import Presence
@@ -77,6 +77,15 @@ class Peer:
     def age(self, now: float | None = None) -> float:
         """Seconds since we last heard from this peer."""
         return (now if now is not None else time.monotonic()) - self.last_seen
+
+
+def peer_rows(live: Iterable[Peer]) -> list[dict[str, Any]]:
+    """What ``ipdc peers`` and the dashboard show of each live peer, by name."""
+    return [{"name": p.name, "peer_id": p.peer_id, "host": p.presence.host, "addrs": list(p.presence.addrs),
+             "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
+             "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
+             "running": p.running, "last_seen_s": round(p.age(), 1)}
+            for p in sorted(live, key=lambda p: p.name)]
 
 
 _point = attrgetter("point")

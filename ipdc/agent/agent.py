@@ -43,6 +43,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
@@ -78,6 +79,7 @@ from ipdc.wire.download import Download  # noqa: E402
 from ipdc.wire.getresult import GETRESULT, GetResult  # noqa: E402
 from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
 from ipdc.wire.ids import JobId, NodeName  # noqa: E402
+from ipdc.wire.inline import InlineMismatch, threshold, unpack  # noqa: E402
 from ipdc.wire.logs import LOGS_REPLY, Logs  # noqa: E402
 from ipdc.wire.manifest import SAFE_NAME, JobManifest  # noqa: E402
 from ipdc.wire.presence import PRESENCE, Capabilities, Presence  # noqa: E402
@@ -256,7 +258,12 @@ class Agent:
             if refused:
                 log.warning("rejected %s: %s", _describe(msg), refused)
                 return
+            job = self._take_inline(msg)
             self.route(msg)
+            if job is not None and job not in self.table.jobs:  # refused or finished: nothing will use them
+                self.executor.received.drop(job_dir_name(job))
+        except InlineMismatch as exc:
+            log.warning("refused a message on %s: %s", message.topic, exc)
         except MessageError as exc:
             log.warning("dropped a malformed message on %s: %s", message.topic, exc)
         except Exception:  # one bad message must never stop the agent
@@ -277,6 +284,21 @@ class Agent:
             return ("its signature does not match its content, this node or this channel (forged, "
                     "tampered, or replayed from another node)")
         return ""
+
+    def _take_inline(self, msg: Any) -> JobKey | None:
+        """Check the payloads a message carries inline against their CIDs and keep them for its
+        job (see :mod:`ipdc.agent.inline`); the job's key, or None when it carries none.
+
+        Bytes that do not match their CID refuse the whole message (InlineMismatch, logged by
+        :meth:`dispatch`), before anything of it is acted on."""
+        inline = getattr(msg, "inline", None)
+        if not inline:
+            return None
+        job_id = msg.manifest.job_id if isinstance(msg, Download) else msg.job_id
+        sender = f"submitter {signer_of(msg)} in {_describe(msg)}"
+        key = (signer_of(msg), str(job_id))
+        self.executor.received.put(job_dir_name(key), unpack(inline, sender))
+        return key
 
     def route(self, msg: Any) -> None:
         now = time.time()
@@ -320,6 +342,8 @@ class Agent:
                 TfPlan.from_params(manifest.params).peers)):
             raise MessageError(f"download: TF cluster {manifest.job_id} carries code, or its workers "
                                "are not its plan's hosts")
+        if manifest.kind == "mapreduce":
+            threshold(manifest.params)  # a bad one is a malformed manifest
         if self.name not in manifest.workers:
             return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
                          "replayed from another node?)")]
@@ -379,8 +403,8 @@ class Agent:
         error = ""
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
-            stall = self.config.sandbox.fetch_stall
-            contents = self.fetchers.map(lambda cid: self.kubo.fetch_checked(cid, stall=stall),
+            job = job_dir_name(action.key)
+            contents = self.fetchers.map(lambda cid: self.executor.fetch(job, cid),
                                          action.manifest.code.values())
             for name, data in zip(action.manifest.code, contents, strict=True):
                 (job_dir / name).write_bytes(data)
@@ -414,11 +438,11 @@ class Agent:
         self._busy(1)
         try:
             if isinstance(action, RunMap):
-                cids, stats = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
-                                                    action.chunk, job.manifest.source(action.task))
+                cids, stats, inline = self.executor.run_map(job_dir_name(key), job.manifest, self._dir(key),
+                                                            action.chunk, job.manifest.source(action.task))
             else:
-                cids, stats = self.executor.run_reduce(job_dir_name(key), job.manifest, self._dir(key),
-                                                       action.inputs)
+                cids, stats, inline = self.executor.run_reduce(job_dir_name(key), job.manifest,
+                                                               self._dir(key), action.inputs)
         except Exception as exc:  # a task that fails in any way is reported, never lost
             trace = exc.remote_traceback if isinstance(exc, TaskFailed) else ""
             if not isinstance(exc, IPDCError):
@@ -433,6 +457,10 @@ class Agent:
                      len(cids))
             with self._lock:
                 actions = self.table.task_done(key, kind, task, action.attempt, cids, stats, action.re)
+            if any(isinstance(a, Unpin) for a in actions):
+                self.executor.produced.settle(job_dir_name(key))  # in kubo before it is unpinned
+            actions = [Report(replace(a.result, inline=inline)) if isinstance(a, Report) else a
+                       for a in actions]
         finally:
             self._busy(-1)
         self.perform(actions)

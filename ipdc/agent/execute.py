@@ -9,24 +9,29 @@ module does it. A runner has no network, so the agent does all of a task's I/O:
 3. takes the outputs back as one sealed memfd (an unsealed one, or one over
    ``sandbox.file_mb``, is refused), with their sizes in the reply;
 4. adds them to kubo in one request, and reports their CIDs.
+
+Small inputs and outputs skip kubo on the critical path: an input that came inline in
+its message is taken from :class:`~ipdc.agent.inline.Received`, and a small output is
+reported inline and added to kubo afterwards (:class:`~ipdc.agent.inline.Produced`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ipdc.agent.inline import Produced, Received
 from ipdc.agent.sandbox import Runner, RunnerPool
 from ipdc.config import SandboxSection
 from ipdc.errors import SandboxError, TaskFailed
-from ipdc.kubo import EMPTY_CID, KuboClient
+from ipdc.kubo import KuboClient
 from ipdc.spawn import Sandbox
 from ipdc.wire import fdmsg
 from ipdc.wire.ids import Cid
+from ipdc.wire.inline import Inline, threshold
 from ipdc.wire.manifest import ChunkSource, JobManifest
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,8 @@ log = logging.getLogger(__name__)
 #: Map outputs a reduce task fetches at once: each one from another peer is a bitswap round trip.
 FETCH_THREADS = 8
 
-Result = tuple[list[Cid], dict[str, float]]
+Result = tuple[list[Cid], dict[str, float], Inline]
+"""The outputs' CIDs, the task's stats, and the small outputs' bytes to report inline."""
 
 
 class Executor:
@@ -45,6 +51,8 @@ class Executor:
         self.kubo = kubo
         self.pool = RunnerPool(settings, sandbox, warm)
         self.fetchers = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="input")
+        self.received = Received()
+        self.produced = Produced(kubo)
 
     def prepare(self, job: str, manifest: JobManifest, job_dir: Path) -> None:
         """Bind a runner to the job now, while its first task is on its way."""
@@ -58,14 +66,14 @@ class Executor:
         if source is not None and source.length is not None:
             data = self.kubo.fetch_range(chunk, source.offset, source.length, stall=self.settings.fetch_stall)
         else:
-            data = self.fetch(chunk)
+            data = self.fetch(job, chunk)
         request = {"op": "map", "path": source.path if source is not None else ""}
         return self._run(job, manifest, job_dir, request, [data], manifest.partitions,
                          {"fetch": time.perf_counter() - t0, "bytes": float(len(data))})
 
     def run_reduce(self, job: str, manifest: JobManifest, job_dir: Path, inputs: tuple[Cid, ...]) -> Result:
         t0 = time.perf_counter()
-        documents = list(self.fetchers.map(self.fetch, inputs))
+        documents = list(self.fetchers.map(lambda cid: self.fetch(job, cid), inputs))
         return self._run(job, manifest, job_dir, {"op": "reduce", "sizes": [len(d) for d in documents]},
                          documents, 1, {"fetch": time.perf_counter() - t0})
 
@@ -73,8 +81,14 @@ class Executor:
         """The job's runner, bound with its code and what runs each of its stages."""
         return self.pool.acquire(job, _code(manifest, job_dir), manifest.partitions, manifest.params.get("stages"))
 
-    def fetch(self, cid: str) -> bytes:
-        """One input, from wherever the swarm holds it, checked against its CID."""
+    def fetch(self, job: str, cid: str) -> bytes:
+        """One input: as it came inline for the job, or from wherever the swarm holds it; checked
+        against its CID either way."""
+        data = self.received.get(job, cid)
+        return self.fetch_swarm(cid) if data is None else data
+
+    def fetch_swarm(self, cid: str) -> bytes:
+        """One input from wherever the swarm holds it, checked against its CID."""
         return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall)
 
     def _run(self, job: str, manifest: JobManifest, job_dir: Path, request: dict[str, Any],
@@ -92,12 +106,12 @@ class Executor:
             fdmsg.close_all([memfd])
             self.pool.release(runner)
         t0 = time.perf_counter()
-        cids = self._store(documents)
+        cids, inline = self.produced.store(job, documents, threshold(manifest.params))
         task_stats = reply.get("stats")
         if isinstance(task_stats, dict):
             stats.update({str(k): float(v) for k, v in task_stats.items() if isinstance(v, (int, float))})
         stats["store"] = time.perf_counter() - t0
-        return cids, stats
+        return cids, stats, inline
 
     def outputs(self, reply: dict[str, Any], fds: list[int], count: int) -> list[bytes]:
         """The ``count`` documents the runner handed back; TaskFailed when they do not add up."""
@@ -121,18 +135,16 @@ class Executor:
             start += size
         return documents
 
-    def _store(self, documents: list[bytes]) -> list[Cid]:
-        """Add the outputs to kubo in one request; an empty one is the empty CID without a
-        request (each added file costs kubo a few ms of pinning)."""
-        streams = [(f"out-{i}", io.BytesIO(d)) for i, d in enumerate(documents) if d]
-        added = iter(self.kubo.add_streams(streams))
-        return [next(added) if d else Cid(EMPTY_CID) for d in documents]
-
     def drop(self, job: str) -> None:
+        """Stop the job's runners and forget its inline inputs; return once its outputs are in
+        kubo, so that they can be unpinned."""
         self.pool.drop(job)
+        self.received.drop(job)
+        self.produced.settle(job)
 
     def close(self) -> None:
         self.pool.close()
+        self.produced.close()
         self.fetchers.shutdown(wait=False, cancel_futures=True)
 
 

@@ -109,7 +109,7 @@ class TaskService:
         self.threads = threads
         self.publish = publish
         self.busy = busy
-        self.inputs = InputCache(executor.fetch)
+        self.inputs = InputCache(executor.fetch_swarm)
         self.sessions: dict[tuple[str, str], Session] = {}
         self._made = 0
         """Sessions made so far: a session that comes back after it expired gets fresh runners

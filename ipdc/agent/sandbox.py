@@ -209,9 +209,11 @@ class RunnerPool:
                 runner = idle.pop() if idle else None
                 binding = self._binding.get(job) if runner is None else None
                 if runner is None and binding is None:  # this call binds one
-                    while self._spares and not self._spares[-1].alive():
-                        dead.append(self._spares.pop())
-                    runner = self._spares.pop() if self._spares else None
+                    # the oldest spare first: a spare joins the list as soon as it is started,
+                    # so the newest may still be starting (py-spy: binds waited in wait_ready)
+                    while self._spares and not self._spares[0].alive():
+                        dead.append(self._spares.pop(0))
+                    runner = self._spares.pop(0) if self._spares else None
                     self._refill.set()
                     self._binding[job] = bound = threading.Event()
                 if runner is not None:

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from ipdc.control.jobrun import moved
 from ipdc.control.swarm import fetch_logs, job_peers
 from ipdc.errors import IPDCError
+from ipdc.peers import peer_rows
 from ipdc.submit.tf import list_clusters, unanswered
 
 if TYPE_CHECKING:
@@ -73,11 +74,7 @@ class Dashboard:
 
     # -- what the pages show ---------------------------------------------------------------
     def peers(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "peer_id": p.peer_id, "host": p.presence.host,
-                 "cores": p.presence.caps.cores, "mem_free_mb": p.presence.caps.mem_free_mb,
-                 "tf": p.presence.caps.tf, "slots": p.presence.slots, "load": round(p.load, 2),
-                 "running": p.running, "last_seen_s": round(p.age(), 1)}
-                for p in sorted(self.service.client.peers.live(), key=lambda p: p.name)]
+        return peer_rows(self.service.client.peers.live())
 
     def jobs(self) -> list[dict[str, Any]]:
         """The newest jobs, with the live state and progress of those running here."""

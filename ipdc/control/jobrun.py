@@ -162,6 +162,7 @@ class JobRun:
         controller = self.controller = MapReduceController(
             self.ctx.client, self.ctx.kubo, self.job, self.ctx.home, self._progress,
             job_id=JobId(self.job_id), observer=self, resume=self.resume)
+        controller.release_later = True
         if self._cancel.is_set():
             controller.cancelled.set()
         try:
@@ -190,6 +191,7 @@ class JobRun:
             except IPDCError as exc:  # the job succeeded; only `ipdc job get` and the cache miss it
                 log.warning("job %s: could not publish its result and cache records: %s", self.job_id, exc)
             self._end("succeeded", "", 0)
+            controller.release()  # after the user has the result
 
     def _cached(self, keyed: Keyed) -> JobResult | None:
         """The job's result from the swarm's cache, written to its output directory; None when

@@ -46,6 +46,7 @@ from ipdc.control.swarm import fetch_logs, find_record, job_peers, write_result
 from ipdc.ctlsock import socket_address, socket_path
 from ipdc.errors import ControlError, IPDCError, JobError
 from ipdc.home import NodeHome
+from ipdc.peers import peer_rows
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.inputs import parse_input
 from ipdc.submit.mapreduce import MapReduceJob, check_job_files
@@ -147,6 +148,11 @@ class ControlService:
     def op_ping(self, request: dict[str, Any], send: Send) -> None:
         send({"node": self.config.node.name, "pid": os.getpid()})
 
+    def op_peers(self, request: dict[str, Any], send: Send) -> None:
+        """The live peers, from the service's own broker connection: ``ipdc peers`` then needs
+        no connection, TLS handshake and sync of its own."""
+        send({"peers": peer_rows(self.client.peers.live())})
+
     def op_submit(self, request: dict[str, Any], send: Send) -> None:
         """Check the job as ``ipdc mr`` always did, record it, queue it; answer its id."""
         spec = request["job"]
@@ -199,9 +205,9 @@ class ControlService:
             with run.changed:
                 run.changed.wait_for(partial(moved, run, seen), timeout=5.0)
                 seen = run.version
-            snapshot = run.snapshot()
-            send({**snapshot, "end": run.finished})
-            if run.finished:
+                finished = run.finished  # read once: a job that ends after this is sent next round
+            send({**run.snapshot(), "end": finished})
+            if finished:
                 return
 
     def op_cancel(self, request: dict[str, Any], send: Send) -> None:

@@ -25,6 +25,7 @@ It also checks that every report answers a request it really sent to that peer
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +47,8 @@ from ipdc.jobs import shipped
 from ipdc.kubo import KuboClient, single_block
 from ipdc.peers import Peer, select_nearest
 from ipdc.submit.client import SwarmClient
-from ipdc.submit.inputs import Input, check_local, cid_input, input_text, local_input, plan_splits
+from ipdc.submit.inline import Payloads
+from ipdc.submit.inputs import Input, Split, check_local, cid_input, input_text, local_input, plan_splits
 from ipdc.submit.jobfiles import JobCode, plan_code
 from ipdc.submit.mrstate import (
     Attempt,
@@ -73,8 +76,10 @@ from ipdc.wire.domap import DOMAP, DoMap
 from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GetResult
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.inline import InlineMismatch
 from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.renew import RENEW, Renew
+from ipdc.wire.unixfs import cid_of
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +185,9 @@ class JobResult:
     tasks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Every task's final state, attempts and story (see ``task_record``)."""
     timings: dict[str, float] = field(default_factory=dict)
+    transport: dict[str, int] = field(default_factory=dict)
+    """How many code files, chunks, map outputs and parts moved inline (``<what>_inline``) and
+    through IPFS (``<what>_ipfs``); see :mod:`ipdc.wire.inline`."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -221,6 +229,14 @@ def check_job_files(job: MapReduceJob) -> None:
                        "choose another --output or remove it")
 
 
+def read_split(split: Split) -> bytes:
+    """A local input's chunk, read from its file."""
+    assert split.file.local is not None
+    with open(split.file.local, "rb") as f:
+        f.seek(split.offset)
+        return f.read(split.length)
+
+
 def job_code(job: MapReduceJob) -> JobCode:
     """The job's stages and the files it ships, checked (the check runs again at upload: the
     controller service may run the job long after it was submitted)."""
@@ -249,6 +265,18 @@ class MapReduceController:
         usual way out unpins the job's uploads and sends CleanUp to every peer."""
         self.input_bytes = 0
         self.timings: dict[str, float] = {}
+        self.payloads = Payloads(client.config.agent.inline_max)
+        self.release_later = False
+        """Set by a caller that calls :meth:`release` itself once it has recorded a success (the
+        controller service: its user need not wait for the unpin and CleanUp). A job that fails
+        is always released by :meth:`run`."""
+        self.adding: threading.Thread | None = None
+        """The background add of a job whose uploads all travel inline (see :meth:`upload`)."""
+        self.splits: list[Split] = []
+        """The map tasks' chunks, when this controller planned them (not after a resume)."""
+        self.code_files: dict[str, Path] = {}
+        """The input chunks' (offset, length), to read a small chunk into its DoMap. A resumed
+        job has none: its chunks and code go by CID."""
         self.peers: dict[str, Peer] = {}
         """Every peer that took part, by name."""
         self.sent: dict[str, set[str]] = {}
@@ -264,6 +292,7 @@ class MapReduceController:
 
     def run(self) -> JobResult:
         started = time.monotonic()
+        succeeded = False
         if self.resume is None:
             check_job_files(self.job)
             peers = self.choose_workers()
@@ -291,21 +320,30 @@ class MapReduceController:
             result = self.describe(output)
             self.timings["total"] = time.monotonic() - started
             result.timings = self.timings
+            result.transport = dict(sorted(self.payloads.counts.items()))
             self.finish(result)
+            succeeded = True
             return result
         finally:
             fetcher.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.client.unwatch(self.job_id)
-            try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
-                if self.manifest is not None:
-                    self.kubo.pin_rm(*self.manifest.uploaded())
-                self.uploads.forget(self.job_id)
-            except IPDCError as exc:  # the job's own outcome matters more than its litter
-                log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
-            finally:
-                for name in self.peers:
-                    self.client.send(CLEANUP, name, CleanUp(self.job_id))
+            if not (succeeded and self.release_later):
+                self.release()
+
+    def release(self) -> None:
+        """Unpin the job's uploads and send CleanUp to every peer that took part."""
+        if self.adding is not None:
+            self.adding.join()  # its pins, then ours off
+        try:  # before CleanUp: once the workers unpin too, every kubo on the machine is busy
+            if self.manifest is not None:
+                self.kubo.pin_rm(*self.manifest.uploaded())
+            self.uploads.forget(self.job_id)
+        except IPDCError as exc:  # the job's own outcome matters more than its litter
+            log.warning("job %s: could not unpin its input and code: %s", self.job_id, exc)
+        finally:
+            for name in self.peers:
+                self.client.send(CLEANUP, name, CleanUp(self.job_id))
 
     # -- planning --------------------------------------------------------------------
     def choose_workers(self) -> list[Peer]:
@@ -332,21 +370,38 @@ class MapReduceController:
         return self.source
 
     def upload(self, workers: int) -> None:
-        """Add the code and a local input's chunks to kubo; an input given by CID is only cut
-        into byte ranges of its files."""
+        """Put the code and a local input's chunks in this node's kubo, and make the manifest;
+        an input given by CID is only cut into byte ranges of its files.
+
+        When every upload is small enough to travel inline (see :mod:`ipdc.wire.inline`), no
+        worker waits for kubo: their CIDs are computed here and the adds run in the
+        background, finished before the job's end unpins them."""
         source = self.input_source()
         size = self.input_bytes = source.size
-        splits = plan_splits(source, self.job.chunks or default_chunks(size, workers), self.kubo,
-                             self.client.config.sandbox.fetch_stall)
+        splits = self.splits = plan_splits(source, self.job.chunks or default_chunks(size, workers), self.kubo,
+                                           self.client.config.sandbox.fetch_stall)
         self.progress("upload", 0, size)
         code = job_code(self.job)
-        with ExitStack() as files:
-            code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
-                                               for name, path in code.files.items()])
-        self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
-        added = self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in splits
-                                     if s.file.local is not None)
-        self.uploads.record(self.job_id, [*code_cids, *added])
+        self.code_files = code.files
+        local = [s for s in splits if s.file.local is not None]
+        limit = self.payloads.limit
+        if all(path.stat().st_size <= limit for path in code.files.values()) and all(s.length <= limit
+                                                                                    for s in local):
+            code_bytes = {name: path.read_bytes() for name, path in code.files.items()}
+            code_cids = [Cid(cid_of(data)) for data in code_bytes.values()]
+            added = [Cid(cid_of(read_split(s))) for s in local]
+            self.uploads.record(self.job_id, [*code_cids, *added])  # first: a kill leaves a record
+            self.adding = threading.Thread(target=self.add_uploads, args=(code_bytes, local, [*code_cids, *added]),
+                                           name="upload", daemon=True)
+            self.adding.start()
+        else:
+            with ExitStack() as files:
+                code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
+                                                   for name, path in code.files.items()])
+            self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
+            added = self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local
+                                         if s.file.local is not None)
+            self.uploads.record(self.job_id, [*code_cids, *added])
         self.progress("upload", size, size)
         fresh = iter(added)
         self.manifest = JobManifest(
@@ -354,16 +409,31 @@ class MapReduceController:
             code=dict(zip(code.files, code_cids, strict=True)),
             chunks=[next(fresh) if s.file.cid is None else s.file.cid for s in splits],
             partitions=workers, workers=[NodeName(p) for p in self.peers], submitter=self.client.submitter,
-            params={"stages": code.stages.to_params()},
+            params={"stages": code.stages.to_params(), "inline_max": limit},
             sources=[ChunkSource(s.file.path, s.offset, None if s.file.cid is None else s.length)
                      for s in splits],
         )
+
+    def add_uploads(self, code: dict[str, bytes], local: list[Split], expected: list[Cid]) -> None:
+        """The background half of :meth:`upload`: the same adds, checked against the CIDs the
+        manifest already names."""
+        try:
+            added = [*self.kubo.add_streams([(name, io.BytesIO(data)) for name, data in code.items()]),
+                     *self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local
+                                           if s.file.local is not None)]
+        except IPDCError as exc:
+            log.warning("job %s: could not add its code and input to kubo: %s", self.job_id, exc)
+            return
+        if added != expected:
+            log.error("job %s: kubo names the job's uploads %s, not %s: its import settings differ from "
+                      "IPDC's (Import.CidVersion, chunker, raw leaves)", self.job_id, added, expected)
 
     def reclaim(self, resume: Resume) -> None:
         """Hold on to a resumed job's uploads again: while no submitter lived, the node's
         agent may have unpinned them (the blocks stay until a GC, so pinning is cheap)."""
         self.manifest = resume.manifest
         self.input_bytes = resume.input_bytes
+        self.payloads.limit = min(self.payloads.limit, resume.manifest.params.get("inline_max", 0))
         cids = [str(c) for c in resume.manifest.uploaded()]
         self.uploads.record(self.job_id, cids)
         self.kubo.pin_add(*cids)
@@ -443,6 +513,12 @@ class MapReduceController:
                         self.job_id, result.kind, result.peer)
             return None
         cids = tuple(str(c) for c in result.cids)
+        try:
+            self.payloads.take(result)
+        except InlineMismatch as exc:  # a corrupt or lying worker: its attempt failed
+            log.warning("job %s: %s", self.job_id, exc)
+            phase = result.kind if result.kind in ("map", "reduce") else result.phase or "map"
+            return Failed(result.peer, phase, result.task, result.attempt, str(exc))
         if result.kind == "ready":
             return Ready(result.peer)
         if result.kind == "map":
@@ -458,17 +534,37 @@ class MapReduceController:
         for c in commands:
             if isinstance(c, SendDownload):
                 manifest = self.manifest.reissued([NodeName(n) for n in c.workers])
-                self.send(DOWNLOAD, c.peer, Download(manifest))
+                code = self.payloads.outgoing("code", [(manifest.code[name], path.stat().st_size, path.read_bytes)
+                                                       for name, path in self.code_files.items()])
+                self.send(DOWNLOAD, c.peer, Download(manifest, inline=code))
             elif isinstance(c, SendDoMap):
-                self.send(DOMAP, c.peer, DoMap(self.job_id, c.task, c.attempt))
+                split = self.splits[c.task] if self.splits else None
+                chunk = ([(self.manifest.chunks[c.task], split.length, partial(read_split, split))]
+                         if split is not None and split.file.local is not None else [])
+                inline = self.payloads.outgoing("chunks", chunk)
+                self.send(DOMAP, c.peer, DoMap(self.job_id, c.task, c.attempt, inline=inline))
             elif isinstance(c, SendBuffer):
-                self.send(BUFFER, c.peer, Buffer(self.job_id, c.partition, c.task, Cid(c.cid), c.attempt))
+                self.send(BUFFER, c.peer, Buffer(self.job_id, c.partition, c.task, Cid(c.cid), c.attempt,
+                                                 inline=self.payloads.relay(c.cid)))
             elif isinstance(c, SendRenew):
                 self.send(RENEW, c.peer, Renew(self.job_id))
             else:
-                future = fetcher.submit(self.kubo.cat_to, c.cid, self.staging / f"part-{c.partition:05d}")
+                path = self.staging / f"part-{c.partition:05d}"
+                data = self.payloads.part(c.cid)
+                future = (fetcher.submit(self.kubo.cat_to, c.cid, path) if data is None
+                          else fetcher.submit(self.keep_part, c.cid, data, path))
                 future.add_done_callback(lambda _: self.wake.put(None))
                 self.fetches[c.partition] = future
+
+    def keep_part(self, cid: str, data: bytes, path: Path) -> int:
+        """A part its reducer reported inline: written out, and added to this node's kubo
+        (unpinned: the result directory's pin holds it), where ``ipdc job get`` finds it."""
+        path.write_bytes(data)
+        (added,) = self.kubo.add_streams([(path.name, io.BytesIO(data))], pin=False)
+        if added != cid:
+            raise JobError(f"kubo names part {path.name} {added}, not {cid}: its import settings differ "
+                           "from IPDC's (Import.CidVersion, chunker, raw leaves)")
+        return len(data)
 
     def send(self, channel: Channel[Any], peer: str, message: Any) -> None:
         self.sent.setdefault(peer, set()).add(self.client.send(channel, peer, message))

@@ -11,12 +11,13 @@ like any other, so a reducer that receives no keys still finishes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
 from ipdc.wire.getresult import MAX_ATTEMPT
 from ipdc.wire.ids import Cid, JobId
+from ipdc.wire.inline import Inline, check_inline
 from ipdc.wire.manifest import MAX_PARTITIONS, MAX_TASKS
 from ipdc.wire.schema import in_range
 
@@ -32,8 +33,11 @@ class Buffer:
     """The reduce attempt of ``partition`` this Buffer belongs to."""
     submitter: str = ""
     sig: str = ""
+    inline: Inline = field(default_factory=dict)
+    """The map output's bytes, when it is small (see :mod:`ipdc.wire.inline`)."""
 
     def __post_init__(self) -> None:
+        check_inline("buffer", self.inline)
         in_range("buffer.partition", self.partition, 0, MAX_PARTITIONS, MessageError)
         in_range("buffer.task", self.task, 0, MAX_TASKS, MessageError)
         in_range("buffer.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)

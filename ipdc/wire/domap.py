@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
 from ipdc.wire.getresult import MAX_ATTEMPT
 from ipdc.wire.ids import JobId
+from ipdc.wire.inline import Inline, check_inline
 from ipdc.wire.manifest import MAX_TASKS
 from ipdc.wire.schema import in_range
 
@@ -23,8 +24,11 @@ class DoMap:
     submitter: str = ""
     sig: str = ""
     """Ed25519 signature by ``submitter``, the key that signed the job's manifest."""
+    inline: Inline = field(default_factory=dict)
+    """The chunk's bytes, when it is small (see :mod:`ipdc.wire.inline`)."""
 
     def __post_init__(self) -> None:
+        check_inline("domap", self.inline)
         in_range("domap.task", self.task, 0, MAX_TASKS, MessageError)
         in_range("domap.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)
 

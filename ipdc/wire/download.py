@@ -7,9 +7,10 @@ its id and refer back to this manifest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ipdc.wire.channel import Channel
+from ipdc.wire.inline import Inline, check_inline
 from ipdc.wire.manifest import JobManifest
 
 
@@ -18,6 +19,11 @@ class Download:
     manifest: JobManifest
     sig: str = ""
     """Ed25519 signature by ``manifest.submitter`` over the whole message."""
+    inline: Inline = field(default_factory=dict)
+    """The code files' bytes, when they are small (see :mod:`ipdc.wire.inline`)."""
+
+    def __post_init__(self) -> None:
+        check_inline("download", self.inline)
 
 
 DOWNLOAD: Channel[Download] = Channel("download", Download, "ipdc/peer/{node}/download")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ipdc.errors import MessageError
 from ipdc.wire.channel import Channel
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.inline import Inline, check_inline
 from ipdc.wire.manifest import MAX_PARTITIONS, MAX_TASKS
 from ipdc.wire.schema import in_range
 
@@ -43,8 +44,11 @@ class GetResult:
     re: str = ""
     """The digest (:func:`ipdc.trust.digest`) of the signed request this answers: the
     submitter acts only on answers to requests it sent that peer."""
+    inline: Inline = field(default_factory=dict)
+    """The bytes of the small ones among ``cids`` (see :mod:`ipdc.wire.inline`)."""
 
     def __post_init__(self) -> None:
+        check_inline("getresult", self.inline)
         in_range("getresult.task", self.task, 0, MAX_TASKS, MessageError)
         in_range("getresult.attempt", self.attempt, 0, MAX_ATTEMPT, MessageError)
         in_range("getresult.cids", len(self.cids), 0, MAX_PARTITIONS, MessageError)

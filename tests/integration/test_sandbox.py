@@ -163,7 +163,7 @@ def wordcount(executor: Executor, kubo: KuboClient, base: Path, inputs: tuple[by
     try:
         maps = [executor.run_map(job.id, job.manifest, job.dir, kubo.add_bytes(data))[0] for data in inputs]
         for p in range(partitions):
-            (cid,), _ = executor.run_reduce(job.id, job.manifest, job.dir, tuple(m[p] for m in maps))
+            (cid,), _, _ = executor.run_reduce(job.id, job.manifest, job.dir, tuple(m[p] for m in maps))
             for line in kubo.cat(cid).splitlines():
                 key, _, value = line.rpartition(b"\t")
                 counts[key] = int(value)
