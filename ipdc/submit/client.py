@@ -162,9 +162,15 @@ class SwarmClient:
         if len(parts) < 3:
             return
         elif parts[1] == "presence":
-            presence = PRESENCE.decode(message.payload) if message.payload else None
-            if presence is not None and presence.name != parts[2]:
-                raise MessageError(f"a presence on {parts[2]}'s topic claims to be {presence.name}")
+            try:
+                presence = PRESENCE.decode(message.payload) if message.payload else None
+                if presence is not None and presence.name != parts[2]:
+                    raise MessageError(f"a presence on {parts[2]}'s topic claims to be {presence.name}")
+            except MessageError:
+                # What the broker now keeps for this peer is unusable: it is gone for us as it
+                # is for anyone who subscribes from now on, until it announces itself again.
+                self.peers.update_presence(parts[2], None)
+                raise
             log.debug("presence of %s: %s%s", parts[2], "announced" if presence else "gone",
                       " (retained)" if message.retain else "")
             self.peers.update_presence(parts[2], presence, _age(message, presence.ts if presence else 0))
