@@ -2,7 +2,9 @@
 
 Both sides get two workers of one slot each: IPDC's embedded default (a LocalCluster of
 2 nodes: mosquitto, kubo and an agent each; tasks in sandboxed runners) and dask's
-``LocalCluster(n_workers=2, threads_per_worker=1)``. Measured, in this order, dask first:
+``LocalCluster(n_workers=2, threads_per_worker=1)``, both running for the whole run. They
+take turns (``--rounds``, alternating who goes first), so both meet the same load on a
+shared machine:
 
 1. **submit**: ``submit(inc, i).result()`` one at a time (after a warm-up), p50 and p95;
 2. **map**: 10,000 tiny tasks (``inc``), wall time and tasks per second: IPDC's ``map``
@@ -10,15 +12,16 @@ Both sides get two workers of one slot each: IPDC's embedded default (a LocalClu
 3. **graph**: a 200-task reduction tree (100 leaves, then pair sums), futures as
    arguments, wall time.
 
-    python bench/tasks.py [--submits 300] [--tasks 10000] [--profile]
+    python bench/tasks.py [--submits 300] [--tasks 10000] [--rounds 3] [--profile]
 
 ``--profile`` also samples the submitting process with py-spy during IPDC's submits
-(``bench/results/tasks-submit-profile.txt``).
+(``bench/results/tasks-submit-profile.txt``), after the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -42,8 +45,6 @@ def add(a: int, b: int) -> int:
 
 
 def latencies(submit: Callable[[Callable[..., Any], int], Any], n: int) -> list[float]:
-    for i in range(20):  # warm-up: runners bound, connections open, functions cached
-        submit(inc, i)
     samples = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -73,45 +74,47 @@ def ms(samples: list[float], q: float) -> float:
     return common.percentile([s * 1000 for s in samples], q)
 
 
-def run_dask(submits: int, tasks: int) -> dict[str, Any]:
-    from distributed import Client, LocalCluster
+class Side:
+    """One system under test, as the measurements call it."""
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        lat = latencies(lambda f, i: client.submit(f, i, pure=False).result(), submits)
-        t0 = time.perf_counter()
-        out = client.gather(client.map(inc, range(tasks), pure=False))
-        map_s = time.perf_counter() - t0
-        assert out == [i + 1 for i in range(tasks)]
-        graph_s, value = tree(lambda f, *a: client.submit(f, *a, pure=False), lambda f: f.result())
-    return {"submit": lat, "map_s": map_s, "graph_s": graph_s, "graph_value": value}
+    def __init__(self, name: str, submit: Callable[..., Any],
+                 maps: dict[str, Callable[[int], list[int]]]) -> None:
+        self.name = name
+        self.submit = submit
+        """``submit(f, *args)``: a future."""
+        self.maps = maps
+        """Variant -> ``map(inc, range(n))`` as a list."""
+        self.figures: dict[str, list[float]] = {"submit": []}
 
 
-def run_ipdc(submits: int, tasks: int, profile: bool) -> dict[str, Any]:
-    import os
-    with common.warm_cluster(2) as cluster:
-        from ipdc.api import Swarm
-        with Swarm(cluster.nodes[0].home) as swarm:
-            spy = None
-            if profile:
-                out = common.RESULTS / "tasks-submit-profile.txt"
-                common.RESULTS.mkdir(exist_ok=True)
-                py_spy = str(Path(sys.executable).parent / "py-spy")
-                spy = subprocess.Popen([py_spy, "record", "--pid", str(os.getpid()), "--format", "raw",
-                                        "--output", str(out), "--rate", "500", "--nonblocking"])
-            lat = latencies(lambda f, i: swarm.submit(f, i).result(), submits)
-            if spy is not None:
-                spy.send_signal(signal.SIGINT)  # py-spy writes its profile on Ctrl-C
-                spy.wait()
-            t0 = time.perf_counter()
-            out_chunked = list(swarm.map(inc, range(tasks)))
-            map_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out_single = list(swarm.map(inc, range(tasks), chunksize=1))
-            map1_s = time.perf_counter() - t0
-            assert out_chunked == out_single == [i + 1 for i in range(tasks)]
-            graph_s, value = tree(swarm.submit, lambda f: f.result())
-    return {"submit": lat, "map_s": map_s, "map1_s": map1_s, "graph_s": graph_s, "graph_value": value}
+def measure(sides: list[Side], submits: int, tasks: int, rounds: int) -> None:
+    """Every measurement, the sides taking turns (in alternating order) so that both meet
+    the same load on a shared machine."""
+    for side in sides:  # warm-up: runners bound, connections open, functions cached
+        latencies(lambda f, i, s=side: s.submit(f, i).result(), 20)
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            side.figures["submit"] += latencies(lambda f, i, s=side: s.submit(f, i).result(),
+                                                submits // rounds)
+            for variant, run in side.maps.items():
+                t0 = time.perf_counter()
+                assert run(tasks) == [i + 1 for i in range(tasks)]
+                side.figures.setdefault(variant, []).append(time.perf_counter() - t0)
+            seconds, value = tree(side.submit, lambda f: f.result())
+            assert value == sum(range(1, 101))
+            side.figures.setdefault("graph", []).append(seconds)
+
+
+def profile_submits(swarm: Any, n: int) -> Path:
+    """py-spy's samples of this process during ``n`` IPDC submits (raw, one stack a line)."""
+    out = common.RESULTS / "tasks-submit-profile.txt"
+    common.RESULTS.mkdir(exist_ok=True)
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                            "--format", "raw", "--output", str(out), "--rate", "500", "--nonblocking"])
+    latencies(lambda f, i: swarm.submit(f, i).result(), n)
+    spy.send_signal(signal.SIGINT)  # py-spy writes its profile on Ctrl-C
+    spy.wait()
+    return out
 
 
 def main() -> None:
@@ -119,29 +122,45 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--submits", type=int, default=300)
     parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     print(common.machine())
-    dask = run_dask(args.submits, args.tasks)
-    ipdc = run_ipdc(args.submits, args.tasks, args.profile)
-    assert dask["graph_value"] == ipdc["graph_value"]
+    from distributed import Client, LocalCluster
+
+    dask_cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with common.warm_cluster(2) as cluster, dask_cluster, Client(dask_cluster) as client:
+        from ipdc.api import Swarm
+        with Swarm(cluster.nodes[0].home) as swarm:
+            dask = Side("dask", lambda f, *a: client.submit(f, *a, pure=False),
+                        {"map": lambda n: client.gather(client.map(inc, range(n), pure=False))})
+            ipdc = Side("IPDC", swarm.submit, {"map": lambda n: list(swarm.map(inc, range(n))),
+                                               "map1": lambda n: list(swarm.map(inc, range(n), chunksize=1))})
+            measure([dask, ipdc], args.submits, args.tasks, args.rounds)
+            profile = profile_submits(swarm, args.submits) if args.profile else None
     n = args.tasks
+    i, d = ipdc.figures, dask.figures
+    med = common.median
     rows = [
-        ["submit(f).result() p50, ms", f"{ms(ipdc['submit'], 50):.2f}", f"{ms(dask['submit'], 50):.2f}",
-         f"{ms(ipdc['submit'], 50) / ms(dask['submit'], 50):.2f}"],
-        ["submit(f).result() p95, ms", f"{ms(ipdc['submit'], 95):.2f}", f"{ms(dask['submit'], 95):.2f}",
-         f"{ms(ipdc['submit'], 95) / ms(dask['submit'], 95):.2f}"],
-        [f"map of {n:,} tiny tasks, tasks/s (IPDC: default chunks)", f"{n / ipdc['map_s']:,.0f}",
-         f"{n / dask['map_s']:,.0f}", f"{dask['map_s'] / ipdc['map_s']:.2f}"],
-        [f"map of {n:,}, chunksize=1 (one task each), tasks/s", f"{n / ipdc['map1_s']:,.0f}",
-         f"{n / dask['map_s']:,.0f}", f"{dask['map_s'] / ipdc['map1_s']:.2f}"],
-        ["200-task graph, s", f"{ipdc['graph_s']:.2f}", f"{dask['graph_s']:.2f}",
-         f"{ipdc['graph_s'] / dask['graph_s']:.2f}"],
+        ["submit(f).result() p50, ms", f"{ms(i['submit'], 50):.2f}", f"{ms(d['submit'], 50):.2f}",
+         f"{ms(i['submit'], 50) / ms(d['submit'], 50):.2f}"],
+        ["submit(f).result() p95, ms", f"{ms(i['submit'], 95):.2f}", f"{ms(d['submit'], 95):.2f}",
+         f"{ms(i['submit'], 95) / ms(d['submit'], 95):.2f}"],
+        [f"map of {n:,} tiny tasks, tasks/s (IPDC: default chunks)", f"{n / med(i['map']):,.0f}",
+         f"{n / med(d['map']):,.0f}", f"{med(d['map']) / med(i['map']):.2f}"],
+        [f"map of {n:,}, chunksize=1 (one task each), tasks/s", f"{n / med(i['map1']):,.0f}",
+         f"{n / med(d['map']):,.0f}", f"{med(d['map']) / med(i['map1']):.2f}"],
+        ["200-task graph, s", f"{med(i['graph']):.2f}", f"{med(d['graph']):.2f}",
+         f"{med(i['graph']) / med(d['graph']):.2f}"],
     ]
-    common.print_table("Python API vs dask.distributed LocalCluster(2)", ["measure", "IPDC", "dask", "ratio"],
-                       rows)
-    print("\nratio: IPDC / dask; for tasks/s rows IPDC's rate over dask's (above 1: IPDC is faster)")
-    common.save("tasks", {"ipdc": ipdc, "dask": dask, "args": vars(args)})
+    common.print_table(f"Python API vs dask.distributed LocalCluster(2), {args.rounds} interleaved rounds",
+                       ["measure", "IPDC", "dask", "ratio"], rows)
+    print("\nratio: IPDC / dask; for tasks/s rows IPDC's rate over dask's (above 1: IPDC is faster); "
+          "map and graph rows are medians of the rounds")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if profile is not None:
+        print(f"py-spy profile of {args.submits} IPDC submits: {profile}")
+    common.save("tasks", {"ipdc": i, "dask": d, "args": vars(args)})
 
 
 if __name__ == "__main__":

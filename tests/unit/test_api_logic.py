@@ -178,3 +178,14 @@ def test_measured_means_weigh_new_samples() -> None:
     m.add(1.0)
     m.add(2.0)
     assert m.value == pytest.approx(1.3) and m.samples == 2
+
+
+def test_the_api_is_imported_only_when_used() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, ipdc, ipdc.cli; assert 'ipdc.api' not in sys.modules and 'cloudpickle' not in "
+             "sys.modules; ipdc.connect; assert 'ipdc.api' in sys.modules; print(ipdc.Future.__module__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ipdc.api.future"
