@@ -162,9 +162,13 @@ class SwarmClient:
         if len(parts) < 3:
             return
         elif parts[1] == "presence":
-            presence = PRESENCE.decode(message.payload) if message.payload else None
-            if presence is not None and presence.name != parts[2]:
-                raise MessageError(f"a presence on {parts[2]}'s topic claims to be {presence.name}")
+            try:
+                presence = PRESENCE.decode(message.payload) if message.payload else None
+                if presence is not None and presence.name != parts[2]:
+                    raise MessageError(f"a presence on {parts[2]}'s topic claims to be {presence.name}")
+            except MessageError:  # garbage is no presence: the node is not live, as a fresh client sees it
+                self.peers.update_presence(parts[2], None)
+                raise
             log.debug("presence of %s: %s%s", parts[2], "announced" if presence else "gone",
                       " (retained)" if message.retain else "")
             self.peers.update_presence(parts[2], presence, _age(message, presence.ts if presence else 0))
