@@ -1,0 +1,71 @@
+"""Attacks on a job's input and on the swarm's result cache, on the real 3-node swarm.
+
+The attacker here is whoever made an input the user runs a job on (a shared data
+directory, a CID someone published) or a swarm member publishing on MQTT. Each test
+tries the attack through ``ipdc mr`` against real kubo, mosquitto and agents, and
+asserts it fails safely: a clear error, and nothing read or uploaded that the user did
+not name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ipdc.node.cluster import LocalCluster
+from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES
+from ipdc.wire.ids import Cid
+from ipdc.wire.unixfs import cid_of_file
+from tests.helpers import run_cli
+
+
+def test_a_symlink_in_an_input_directory_uploads_nothing_it_points_at(swarm: LocalCluster, tmp_path: Path) -> None:
+    """A data directory holding a link to the submitting node's own signing key: the job is
+    refused, naming the link, and the key's bytes are in no node's kubo."""
+    node = swarm.nodes[0]
+    secret = next(p for p in (node.home / "keys").iterdir() if p.is_file())
+    data = tmp_path / "shared-data"
+    data.mkdir()
+    (data / "words.txt").write_text("the cat sat\n")
+    (data / "notes.txt").symlink_to(secret)
+    done = run_cli(["mr", "--k", "2", str(data), "-o", str(tmp_path / "out")], node.home, check=False)
+    assert done.returncode != 0
+    assert f"symbolic link notes.txt -> {secret}; links inside an input are not followed" in done.stderr
+    assert not (tmp_path / "out").exists()
+    secret_cid = cid_of_file(secret)
+    for member in swarm.nodes:
+        with member.kubo() as kubo:
+            assert secret_cid not in kubo.pins()
+            assert secret_cid not in kubo._post("refs/local").text
+
+
+def test_a_directory_dag_bomb_fails_at_once_with_the_bound(swarm: LocalCluster, tmp_path: Path) -> None:
+    """A CID of four small directory blocks, each linking the next one 300 times (27 million
+    paths): listing it stops at MAX_ENTRIES with an error saying why, each directory listed
+    once, instead of walking for ever."""
+    holder = swarm.nodes[2]
+    with holder.kubo() as kubo:
+        leaf = kubo.add_bytes(b"boom\n", "leaf.txt")
+        child, size = leaf, 5
+        for _ in range(3):
+            names = {f"d{i:03d}": Cid(child) for i in range(300)}
+            child = kubo.make_directory(names, dict.fromkeys(names, size))
+            size = kubo.cumulative_size(child)
+    done = run_cli(["mr", "--k", "2", str(child), "-o", str(tmp_path / "out")], swarm.nodes[0].home,
+                   check=False, timeout=120)
+    assert done.returncode != 0
+    assert f"holds more than {MAX_ENTRIES} files and directories" in done.stderr
+
+
+def test_a_directory_nested_past_the_bound_fails_with_the_bound(swarm: LocalCluster, tmp_path: Path) -> None:
+    """A chain of MAX_DEPTH + 20 directories given by CID fails naming the depth bound (a
+    walk without one recursed once per level)."""
+    holder = swarm.nodes[2]
+    with holder.kubo() as kubo:
+        child, size = kubo.add_bytes(b"deep\n", "x.txt"), 5
+        for _ in range(MAX_DEPTH + 20):
+            child = kubo.make_directory({"d": Cid(child)}, {"d": size})
+            size = kubo.cumulative_size(child)
+    done = run_cli(["mr", "--k", "2", f"/ipfs/{child}", "-o", str(tmp_path / "out")], swarm.nodes[0].home,
+                   check=False, timeout=120)
+    assert done.returncode != 0
+    assert f"nests directories more than {MAX_DEPTH} deep" in done.stderr
