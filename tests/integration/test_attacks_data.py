@@ -9,13 +9,16 @@ not name.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 from ipdc.node.cluster import LocalCluster
 from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES
+from ipdc.submit.mapreduce import JOBS_DIR
 from ipdc.wire.ids import Cid
 from ipdc.wire.unixfs import cid_of_file
-from tests.helpers import run_cli
+from tests.helpers import read_output, run_cli
 
 
 def test_a_symlink_in_an_input_directory_uploads_nothing_it_points_at(swarm: LocalCluster, tmp_path: Path) -> None:
@@ -69,3 +72,29 @@ def test_a_directory_nested_past_the_bound_fails_with_the_bound(swarm: LocalClus
                    check=False, timeout=120)
     assert done.returncode != 0
     assert f"nests directories more than {MAX_DEPTH} deep" in done.stderr
+
+
+#: A job whose output depends on its input's name: lines per input file.
+PATH_MAP = "def map(line, path):\n    yield path, 1\n"
+
+
+def test_the_same_bytes_under_another_file_name_are_not_served_from_the_cache(swarm: LocalCluster,
+                                                                              tmp_path: Path) -> None:
+    """``map(line, path)`` gets a single-file input's own name, which the file's CID does not
+    cover: the same bytes as ``b.txt`` after ``a.txt`` must count under ``b.txt``, not take
+    the cached ``a.txt`` result. Both runs are exact against the line count."""
+    node = swarm.nodes[0]
+    (tmp_path / "Map.py").write_text(PATH_MAP)
+    data = b"one line\n" * 120
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(data)
+        done = run_cli(["mr", "--json", "--k", "1", "--map", str(tmp_path / "Map.py"), "--reduce",
+                        str(JOBS_DIR / "Reduce.py"), str(tmp_path / name), "-o", str(tmp_path / f"out-{name}")],
+                       node.home)
+        summary = json.loads(done.stdout)
+        assert summary["cached"] is False
+        assert read_output(Path(summary["output"]), 1)[0] == Counter({name.encode(): 120})
+    again = json.loads(run_cli(["mr", "--json", "--k", "1", "--map", str(tmp_path / "Map.py"), "--reduce",
+                                str(JOBS_DIR / "Reduce.py"), str(tmp_path / "b.txt"), "-o",
+                                str(tmp_path / "out-again")], node.home).stdout)
+    assert again["cached"] is True and read_output(Path(again["output"]), 1)[0] == Counter({b"b.txt": 120})
