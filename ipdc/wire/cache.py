@@ -5,8 +5,9 @@ every file it ships (Map.py, Reduce.py, ``--file``s), what runs each stage (a Py
 file, or a streaming command line), the CID of its whole input and, for an input of
 one file, that file's name (which ``map(line, path)`` and a streaming mapper's
 ``mapreduce_map_input_file`` receive, and a file's CID does not cover; a directory's
-CID covers its names), K (the number of parts), the partitioner, the requested number of chunks, and ``--verify``. The output directory, the time, the job
-id and the workers are left out: two jobs with the same key write the same parts.
+CID covers its names), K (the number of parts), the partitioner, the requested
+number of chunks, and ``--verify``. The output directory, the time, the job id and
+the workers are left out: two jobs with the same key write the same parts.
 The key is the SHA-256 of a canonical encoding (sorted JSON, ASCII, no spaces) of a
 versioned dict, so every node computes the same key for the same job.
 

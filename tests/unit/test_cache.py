@@ -35,7 +35,8 @@ def test_the_key_is_sha256_of_sorted_compact_json() -> None:
 
 
 @pytest.mark.parametrize("change", [{"code": {"Map.py": "m2", "Reduce.py": "r"}},
-                                    {"code": {"Map.py": "m", "Reduce.py": "r2"}}, {"input_cid": "j"}, {"input_name": "b.txt"},
+                                    {"code": {"Map.py": "m", "Reduce.py": "r2"}}, {"input_cid": "j"},
+                                    {"input_name": "b.txt"},
                                     {"stages": {"map": {"kind": "command", "argv": ["cut", "-f", "2"]}}},
                                     {"k": 4}, {"chunks": 8}, {"verify": 2}, {"majority": True}])
 def test_everything_that_decides_the_result_changes_the_key(change: dict[str, object]) -> None:
