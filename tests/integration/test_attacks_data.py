@@ -18,7 +18,8 @@ from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES
 from ipdc.submit.mapreduce import JOBS_DIR
 from ipdc.wire.ids import Cid
 from ipdc.wire.unixfs import cid_of_file
-from tests.helpers import read_output, run_cli
+from tests.helpers import read_output, reference_counts, run_cli
+from tests.integration.test_cache import SLOW_MAP, bogus_result, forge, key_of, make_input, mr
 
 
 def test_a_symlink_in_an_input_directory_uploads_nothing_it_points_at(swarm: LocalCluster, tmp_path: Path) -> None:
@@ -98,3 +99,27 @@ def test_the_same_bytes_under_another_file_name_are_not_served_from_the_cache(sw
                                 str(JOBS_DIR / "Reduce.py"), str(tmp_path / "b.txt"), "-o",
                                 str(tmp_path / "out-again")], node.home).stdout)
     assert again["cached"] is True and read_output(Path(again["output"]), 1)[0] == Counter({b"b.txt": 120})
+
+
+def test_a_retained_record_of_a_key_no_longer_trusted_is_not_used(swarm: LocalCluster, tmp_path: Path) -> None:
+    """A member's signed record stays retained on the broker after ``ipdc trust remove`` of
+    its key: the next identical job computes (exact counts) and the log says why, on the
+    running controller, with no restart. ``ipdc trust add`` makes it count again."""
+    node, member = swarm.nodes[0], swarm.nodes[1]
+    fast = tmp_path / "Fast.py"
+    fast.write_text(SLOW_MAP.format(delay="00"))
+    data = make_input(tmp_path / "in.txt", 21)
+    wrong = bogus_result(member)
+    forge(member, member.signer, key_of(fast, tmp_path / "in.txt"), wrong)
+    args = ["--map", str(fast), str(tmp_path / "in.txt")]
+    trusted, _ = mr(node, [*args, "-o", str(tmp_path / "o1")])
+    assert trusted["cached"] is True and trusted["result_cid"] == wrong  # the control: the signer is trusted
+    run_cli(["trust", "remove", member.signer.public_key], node.home)
+    try:
+        removed, _ = mr(node, [*args, "-o", str(tmp_path / "o2")])
+        assert removed["cached"] is False
+        assert read_output(Path(removed["output"]), 3)[0] == reference_counts(data)
+        assert (f"signed by {member.signer.public_key}, a key this node does not trust"
+                in (node.home / "logs" / "control.log").read_text())
+    finally:
+        run_cli(["trust", "add", member.signer.public_key], node.home)
