@@ -234,10 +234,12 @@ class KuboClient:
 
     def prefetch(self, cid: str, *, stall: float) -> None:
         """Every block of ``cid``'s DAG into this node (``refs -r``); KuboError when no block
-        arrives for ``stall`` seconds: what is not retrievable from the swarm now."""
+        arrives for ``stall`` seconds: what is not retrievable from the swarm now. Each block
+        is listed once (``--unique``): without it kubo lists a block once per path to it, so a
+        DAG of 60 blocks each linking the next twice is 2**60 lines, read here whole."""
         arg = str(Cid(cid))
         if cid != EMPTY_CID:
-            self._read_stalling("refs", {"arg": arg, "recursive": "true"}, arg, stall)
+            self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
             self._read_stalling("block/stat", {"arg": arg}, arg, stall)
 
     def resolve(self, path: str, timeout: float) -> Cid:

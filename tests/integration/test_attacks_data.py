@@ -123,3 +123,29 @@ def test_a_retained_record_of_a_key_no_longer_trusted_is_not_used(swarm: LocalCl
                 in (node.home / "logs" / "control.log").read_text())
     finally:
         run_cli(["trust", "add", member.signer.public_key], node.home)
+
+
+def test_a_trusted_record_naming_a_dag_bomb_is_checked_in_bounds_and_the_job_computes(
+        swarm: LocalCluster, tmp_path: Path) -> None:
+    """A trusted member's record names a "result" of 61 blocks, each directory linking the next
+    twice (2**60 paths). The retrievability check lists each block once (kubo's ``refs -r``
+    without ``--unique`` lists one line per path: 2**17 - 2 of them already at 16 levels,
+    read whole into the controller), the result, not being a directory of parts, is not
+    written, and the job computes exact counts."""
+    node, member = swarm.nodes[0], swarm.nodes[1]
+    with member.kubo() as kubo:
+        child = kubo.add_bytes(b"the\t1\n", "part")
+        levels = []
+        for _ in range(60):  # a link's size is only a hint: the true ones pass 2**63
+            child = kubo.make_directory({"a": Cid(child), "b": Cid(child)}, {"a": 1, "b": 1})
+            levels.append(child)
+        assert len(kubo._post("refs", {"arg": levels[15], "recursive": "true"}).text.split()) == 2**17 - 2
+    fast = tmp_path / "Fast.py"
+    fast.write_text(SLOW_MAP.format(delay="00"))
+    data = make_input(tmp_path / "in.txt", 23)
+    forge(member, member.signer, key_of(fast, tmp_path / "in.txt"), child)
+    result, _ = mr(node, ["--map", str(fast), str(tmp_path / "in.txt"), "-o", str(tmp_path / "out")])
+    assert result["cached"] is False
+    assert read_output(Path(result["output"]), 3)[0] == reference_counts(data)
+    assert f"the cached result {child} of {member.config.node.name} was not written, so the job runs" in (
+        node.home / "logs" / "control.log").read_text()
