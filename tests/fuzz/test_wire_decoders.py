@@ -33,8 +33,8 @@ from ipdc.wire.logs import Logs
 from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
-from ipdc.wire.stages import CommandStage, stages_of
 from ipdc.wire.renew import Renew
+from ipdc.wire.stages import CommandStage, stages_of
 from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
 
