@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 from ipdc.node.cluster import LocalCluster
-from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES
+from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES, RESOLVE_TIMEOUT
 from ipdc.submit.mapreduce import JOBS_DIR
 from ipdc.wire.ids import Cid
-from ipdc.wire.unixfs import cid_of_file
+from ipdc.wire.unixfs import cid_of, cid_of_file
 from tests.helpers import read_output, reference_counts, run_cli
 from tests.integration.test_cache import SLOW_MAP, bogus_result, forge, key_of, make_input, mr
 
@@ -149,3 +149,21 @@ def test_a_trusted_record_naming_a_dag_bomb_is_checked_in_bounds_and_the_job_com
     assert read_output(Path(result["output"]), 3)[0] == reference_counts(data)
     assert f"the cached result {child} of {member.config.node.name} was not written, so the job runs" in (
         node.home / "logs" / "control.log").read_text()
+
+
+def test_hostile_ipfs_paths_fail_with_what_to_check(swarm: LocalCluster, tmp_path: Path) -> None:
+    """``/ipfs/CID/../..`` climbs out of nothing (kubo refuses it), and a CID no live peer
+    holds is waited for at most RESOLVE_TIMEOUT: both fail the job saying what to check."""
+    node = swarm.nodes[0]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("a b\n")
+    with node.kubo() as kubo:
+        root = kubo.make_directory({"docs": kubo.add_bytes(b"a b\n", "a.txt")}, {"docs": 4})
+    nowhere = cid_of(b"an input that was never added anywhere\n")
+    for ref in (f"/ipfs/{root}/../..", f"/ipfs/{root}/docs/../../../etc/passwd", nowhere):
+        done = run_cli(["mr", "--k", "2", ref, "-o", str(tmp_path / "out")], node.home, check=False,
+                       timeout=RESOLVE_TIMEOUT + 60)
+        assert done.returncode != 0
+        assert f"cannot read input {ref} from the swarm" in done.stderr, done.stderr
+        assert "Is it added (`ipfs add -r`) on a live node, and the path inside it right?" in done.stderr
+        assert not (tmp_path / "out").exists()
