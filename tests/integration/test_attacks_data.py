@@ -9,16 +9,21 @@ not name.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from ipdc.kubo import KuboClient
 from ipdc.node.cluster import LocalCluster
 from ipdc.submit.inputs import MAX_DEPTH, MAX_ENTRIES, RESOLVE_TIMEOUT
 from ipdc.submit.mapreduce import JOBS_DIR
 from ipdc.wire.ids import Cid
 from ipdc.wire.unixfs import cid_of, cid_of_file
-from tests.helpers import read_output, reference_counts, run_cli
+from tests.helpers import cluster_as, read_output, reference_counts, run_cli
 from tests.integration.test_cache import SLOW_MAP, bogus_result, forge, key_of, make_input, mr
 
 
@@ -167,3 +172,52 @@ def test_hostile_ipfs_paths_fail_with_what_to_check(swarm: LocalCluster, tmp_pat
         assert f"cannot read input {ref} from the swarm" in done.stderr, done.stderr
         assert "Is it added (`ipfs add -r`) on a live node, and the path inside it right?" in done.stderr
         assert not (tmp_path / "out").exists()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def file_of_one_block(kubo: KuboClient, block: Cid, size: int, times: int) -> Cid:
+    """A UnixFS file of ``times`` x ``size`` bytes whose every leaf is the one ``block``: one
+    small node over a block the swarm already holds."""
+    data = b"\x08\x02" + b"\x18" + _varint(size * times) + (b"\x20" + _varint(size)) * times
+    node = {"Data": {"/": {"bytes": base64.b64encode(data).decode().rstrip("=")}},
+            "Links": [{"Hash": {"/": str(block)}, "Name": "", "Tsize": size}] * times}
+    answer = kubo._post("dag/put", {"store-codec": "dag-pb", "input-codec": "dag-json", "pin": "true"},
+                        files={"file": ("node", json.dumps(node).encode())}).json()
+    return Cid(answer["Cid"]["/"])
+
+
+@pytest.fixture(scope="module")
+def small_files() -> Iterator[LocalCluster]:
+    """Two nodes whose sandboxes hold files of at most 32 MB (sandbox.file_mb)."""
+    with cluster_as(None, "ipdc-attack-data-", {"file_mb": 32, "task_timeout": 120.0}) as cluster:
+        yield cluster
+
+
+def test_a_file_of_one_block_linked_a_thousand_times_is_not_read_past_file_mb(small_files: LocalCluster,
+                                                                            tmp_path: Path) -> None:
+    """A 1 GB input file made of one 1 MiB block (two blocks in kubo) given by CID: every map
+    task's chunk (512 MB) is refused by the agent before it reads it, naming the limit (the
+    agent held each chunk whole in its own memory, outside any sandbox); the agents live on
+    and the next job is exact."""
+    node, holder = small_files.nodes[0], small_files.nodes[1]
+    text = b"the cat sat\n" * ((1 << 20) // 12)
+    with holder.kubo() as kubo:
+        block = kubo.add_bytes(text, "block.txt")
+        big = file_of_one_block(kubo, block, len(text), 1024)
+        assert kubo.stat(big, 10) == ("file", len(text) * 1024)
+    done = run_cli(["mr", "--k", "2", "--chunks", "2", "--max-attempts", "1", str(big), "-o", str(tmp_path / "o")],
+                   node.home, check=False)
+    assert done.returncode != 0
+    assert "more than sandbox.file_mb = 32 MB: give the job more --chunks" in done.stderr, done.stderr
+    (tmp_path / "in.txt").write_bytes(text)
+    after = json.loads(run_cli(["mr", "--json", "--k", "2", str(tmp_path / "in.txt"), "-o", str(tmp_path / "ok")],
+                               node.home).stdout)
+    assert read_output(Path(after["output"]), 2)[0] == reference_counts(text)
