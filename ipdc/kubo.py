@@ -180,10 +180,12 @@ class KuboClient:
         if cid == EMPTY_CID:
             return b""
         return self._post("cat", {"arg": str(Cid(cid))}).content
-    def fetch(self, cid: str, *, stall: float) -> bytes:
+    def fetch(self, cid: str, *, stall: float, cap: int | None = None) -> bytes:
         """The bytes of ``cid`` from wherever the swarm holds them; KuboError when no byte
         arrives for ``stall`` seconds (kubo's ``cat`` of content no reachable peer holds
-        waits forever).
+        waits forever), or when there are more than ``cap`` of them: a few blocks can make a
+        file of any size (one block linked a million times), so what a peer names is read
+        only up to what the caller can hold.
 
         A file of several blocks is fetched with ``refs -r`` first: it asks for all the
         blocks at once, where ``cat`` asks a few blocks ahead; twice as fast for a 10 MB
@@ -193,16 +195,20 @@ class KuboClient:
             return b""
         arg = str(Cid(cid))
         if not single_block(arg):
-            self._read_stalling("refs", {"arg": arg, "recursive": "true"}, arg, stall)
-        return self._read_stalling("cat", {"arg": arg}, arg, stall)
+            self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
+        return self._read_stalling("cat", {"arg": arg}, arg, stall, cap)
 
-    def _read_stalling(self, cmd: str, params: dict[str, Any], cid: str, stall: float) -> bytes:
+    def _read_stalling(self, cmd: str, params: dict[str, Any], cid: str, stall: float,
+                       cap: int | None = None) -> bytes:
         # httpx's read timeout bounds each wait for bytes (the headers included), not the
         # whole transfer: exactly a stall timeout.
         timeout = httpx.Timeout(self._timeout, connect=5.0, read=stall)
         try:
             with self._http.stream("POST", cmd, params=params, timeout=timeout) as response:
-                data = response.read()
+                if cap is None or response.status_code != 200:
+                    data = response.read()
+                else:
+                    data = _read_capped(response, cap, cid)
         except httpx.ReadTimeout:
             raise KuboError(f"could not fetch {cid} from the swarm: no data for {stall:g} s "
                             "(the peer holding it may have left)") from None
@@ -234,10 +240,12 @@ class KuboClient:
 
     def prefetch(self, cid: str, *, stall: float) -> None:
         """Every block of ``cid``'s DAG into this node (``refs -r``); KuboError when no block
-        arrives for ``stall`` seconds: what is not retrievable from the swarm now."""
+        arrives for ``stall`` seconds: what is not retrievable from the swarm now. Each block
+        is listed once (``--unique``): without it kubo lists a block once per path to it, so a
+        DAG of 60 blocks each linking the next twice is 2**60 lines, read here whole."""
         arg = str(Cid(cid))
         if cid != EMPTY_CID:
-            self._read_stalling("refs", {"arg": arg, "recursive": "true"}, arg, stall)
+            self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
             self._read_stalling("block/stat", {"arg": arg}, arg, stall)
 
     def resolve(self, path: str, timeout: float) -> Cid:
@@ -258,10 +266,10 @@ class KuboClient:
         return [(str(link["Name"]), Cid(link["Hash"]), link.get("Type") == 1, int(link.get("Size") or 0))
                 for obj in objects for link in obj.get("Links") or []]
 
-    def fetch_checked(self, cid: str, *, stall: float) -> bytes:
+    def fetch_checked(self, cid: str, *, stall: float, cap: int | None = None) -> bytes:
         """:meth:`fetch`, and the bytes checked against the CID before anything uses them:
         what a peer served, or a compromised kubo returned, is exactly what ``cid`` names."""
-        data = self.fetch(cid, stall=stall)
+        data = self.fetch(cid, stall=stall, cap=cap)
         try:
             if verify(data, cid):
                 return data
@@ -359,6 +367,18 @@ class KuboClient:
     def cumulative_size(self, cid: str) -> int:
         """The bytes of ``cid``'s whole DAG, nodes included (a directory link's Tsize)."""
         return int(self._json("files/stat", {"arg": f"/ipfs/{Cid(cid)}"})["CumulativeSize"])
+
+
+def _read_capped(response: httpx.Response, cap: int, cid: str) -> bytes:
+    """A response's body, or KuboError as soon as it passes ``cap`` bytes (the rest unread)."""
+    pieces: list[bytes] = []
+    size = 0
+    for piece in response.iter_bytes():
+        size += len(piece)
+        if size > cap:
+            raise KuboError(f"{cid} is more than {cap >> 20} MB; it was not read further")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def single_block(cid: str) -> bool:

@@ -64,6 +64,9 @@ class Executor:
         its path goes to the runner for a ``map(line, path)``."""
         t0 = time.perf_counter()
         if source is not None and source.length is not None:
+            if source.length > self.cap:
+                raise TaskFailed(f"the map task's chunk is {source.length >> 20} MB, more than sandbox.file_mb = "
+                                 f"{self.settings.file_mb} MB: give the job more --chunks")
             data = self.kubo.fetch_range(chunk, source.offset, source.length, stall=self.settings.fetch_stall)
         else:
             data = self.fetch(job, chunk)
@@ -87,9 +90,15 @@ class Executor:
         data = self.received.get(job, cid)
         return self.fetch_swarm(cid) if data is None else data
 
+    @property
+    def cap(self) -> int:
+        """Bytes of one task input the agent reads at most (sandbox.file_mb): it holds each in
+        memory, and a few blocks can name a file of any size."""
+        return self.settings.file_mb << 20
+
     def fetch_swarm(self, cid: str) -> bytes:
-        """One input from wherever the swarm holds it, checked against its CID."""
-        return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall)
+        """One input from wherever the swarm holds it, checked against its CID, at most :attr:`cap` bytes."""
+        return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall, cap=self.cap)
 
     def _run(self, job: str, manifest: JobManifest, job_dir: Path, request: dict[str, Any],
              inputs: list[bytes], outputs: int, stats: dict[str, float]) -> Result:
@@ -119,7 +128,7 @@ class Executor:
         try:
             if len(fds) != 1:
                 raise SandboxError(f"{len(fds)} output fds, not 1")
-            data = fdmsg.read_sealed(fds.pop(), self.settings.file_mb << 20)
+            data = fdmsg.read_sealed(fds.pop(), self.cap)
         except SandboxError as exc:
             raise TaskFailed(f"the runner's output was refused: {exc} (sandbox.file_mb = "
                              f"{self.settings.file_mb} MB)") from None

@@ -58,8 +58,9 @@ def job_key(client: SwarmClient, controller: MapReduceController) -> Keyed:
     shipped = job_code(job)
     code = {name: cid_of_file(path) for name, path in shipped.files.items()}
     k = job.k if job.k is not None else len(client.peers.live())
-    key = cache_key(code=code, stages=shipped.stages.to_params(), input_cid=source.cid, k=k, chunks=job.chunks,
-                    verify=job.verify, majority=job.verify_majority)
+    name = source.files[0].path if len(source.files) == 1 else ""  # a directory's CID covers its names
+    key = cache_key(code=code, stages=shipped.stages.to_params(), input_cid=source.cid, input_name=name, k=k,
+                    chunks=job.chunks, verify=job.verify, majority=job.verify_majority)
     return Keyed(key, code, source.cid, source.size)
 
 

@@ -169,8 +169,8 @@ class JobRun:
             keyed = job_key(self.ctx.client, controller)
             result = self._cached(keyed) if self.job.cache and self.resume is None else None
             if result is None:
+                controller.cache_key = keyed.key
                 result = controller.run()
-                result.cache_key = keyed.key
         except JobCancelled as exc:
             self._end("cancelled", str(exc), exc.exit_code)
         except IPDCError as exc:
@@ -206,15 +206,20 @@ class JobRun:
             return None
         log.info("job %s: cached, the result of job %s of %s", self.job_id, record.job_id, record.owner)
         output = self.job.output or Path("ipdc-out") / self.job_id
-        parts = self.ctx.kubo.ls(record.result_cid)
-        result = JobResult(
-            job_id=self.job_id, output=output.absolute(), result_cid=record.result_cid, workers=[],
-            code=keyed.code, chunks=[], parts=[parts[name] for name in sorted(parts)], map_tasks={},
-            input=input_text(self.job.input), input_bytes=keyed.input_bytes, submitted_at=self.submitted_at,
-            input_cid=keyed.input_cid, cache_key=keyed.key, cached=True, cached_from=record.job_id,
-            verify=self.job.verify)
-        result.timings = {"total": time.monotonic() - started}
-        write_result(self.ctx.kubo, record.result_cid, output, json.dumps(result.to_dict(), indent=2) + "\n")
+        try:
+            parts = self.ctx.kubo.ls(record.result_cid)
+            result = JobResult(
+                job_id=self.job_id, output=output.absolute(), result_cid=record.result_cid, workers=[],
+                code=keyed.code, chunks=[], parts=[parts[name] for name in sorted(parts)], map_tasks={},
+                input=input_text(self.job.input), input_bytes=keyed.input_bytes, submitted_at=self.submitted_at,
+                input_cid=keyed.input_cid, cache_key=keyed.key, cached=True, cached_from=record.job_id,
+                verify=self.job.verify)
+            result.timings = {"total": time.monotonic() - started}
+            write_result(self.ctx.kubo, record.result_cid, output, json.dumps(result.to_dict(), indent=2) + "\n")
+        except IPDCError as exc:  # not a directory of parts (the record lied), or no room for it: the job runs
+            log.warning("job %s: the cached result %s of %s was not written, so the job runs: %s", self.job_id,
+                        record.result_cid, record.owner, exc)
+            return None
         return result
 
     def _end(self, state: str, error: str, exit_code: int) -> None:

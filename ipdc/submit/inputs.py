@@ -30,12 +30,13 @@ import itertools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipdc.errors import JobError, KuboError, MessageError
 from ipdc.kubo import KuboClient
 from ipdc.wire.ids import Cid
+from ipdc.wire.manifest import MAX_TASKS
 from ipdc.wire.unixfs import Link, UnixFSHasher, cid_to_str, directory_link
 
 #: Seconds to wait for an input's blocks while listing it: a CID that no live peer
@@ -45,6 +46,13 @@ RESOLVE_TIMEOUT = 30.0
 WINDOW = 64 << 10
 #: What marks a directory as a job's output, of which only the parts are read.
 RESULT_MARK = "part-00000"
+#: Files and directories an input may hold, at most: every file is at least one map task,
+#: and a job has at most MAX_TASKS. The listing stops there, so a DAG of a few blocks whose
+#: directories each link one subdirectory many times (2**60 paths from 60 blocks) fails at
+#: once instead of being listed forever.
+MAX_ENTRIES = MAX_TASKS
+#: Directory levels an input may nest, at most (each level is one recursion of the walk).
+MAX_DEPTH = 100
 
 #: ``find(offset)``: the offset just past the first newline at or after ``offset``, or
 #: the file's size when there is none.
@@ -71,6 +79,25 @@ class Input:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass
+class _Walk:
+    """What a walk over an input's tree has taken so far, held to MAX_ENTRIES and MAX_DEPTH."""
+
+    name: str
+    entries: int = 0
+    listed: dict[Cid, list[tuple[str, Cid, bool, int]]] = field(default_factory=dict)
+    """A directory of an input by CID listed once, however many times its DAG links it."""
+
+    def take(self, entries: int, depth: int) -> None:
+        self.entries += entries
+        if self.entries > MAX_ENTRIES:
+            raise JobError(f"input {self.name} holds more than {MAX_ENTRIES} files and directories; a job has "
+                           f"at most {MAX_TASKS} map tasks, each file at least one: give a part of it "
+                           "(/ipfs/CID/path) or fewer, larger files")
+        if depth > MAX_DEPTH:
+            raise JobError(f"input {self.name} nests directories more than {MAX_DEPTH} deep")
 
 
 @dataclass(frozen=True)
@@ -121,7 +148,7 @@ def local_input(path: Path) -> Input:
         root = cid_to_str(_hash_file(path).cid)
         return Input(root, [InputFile(path.name, path.stat().st_size, path)])
     files: list[InputFile] = []
-    link = _walk_local(path, "", files, top=True)
+    link = _walk_local(path, "", files, _Walk(str(path)), top=True)
     if not files:
         raise JobError(f"input directory {path} holds no file to read (hidden files are left out)")
     return Input(cid_to_str(link.cid), files)
@@ -135,7 +162,7 @@ def _hash_file(path: Path) -> Link:
     return hasher.root()
 
 
-def _walk_local(directory: Path, prefix: str, files: list[InputFile], top: bool = False) -> Link:
+def _walk_local(directory: Path, prefix: str, files: list[InputFile], walk: _Walk, top: bool = False) -> Link:
     """Collect ``directory``'s files (in the byte order of their names, as UnixFS sorts
     them) and return its directory link."""
     try:
@@ -143,14 +170,16 @@ def _walk_local(directory: Path, prefix: str, files: list[InputFile], top: bool 
                        key=lambda n: n.encode("utf-8", "surrogateescape"))
     except OSError as exc:
         raise JobError(f"cannot list input directory {directory}: {exc.strerror}") from None
+    _refuse_links(directory, names)
     if top:
         names = _result_only(names)
+    walk.take(len(names), prefix.count("/") + 1)
     links: dict[str, Link] = {}
     for name in names:
         child = directory / name
         rel = f"{prefix}{name}"
         if child.is_dir():
-            links[name] = _walk_local(child, f"{rel}/", files)
+            links[name] = _walk_local(child, f"{rel}/", files, walk)
         elif child.is_file():
             links[name] = _hash_file(child)
             files.append(InputFile(rel, child.stat().st_size, child))
@@ -159,6 +188,19 @@ def _walk_local(directory: Path, prefix: str, files: list[InputFile], top: bool 
     except ValueError as exc:  # a name that is not UTF-8, or a directory kubo would shard
         raise JobError(f"input directory {directory} cannot be given a CID here ({exc}); add it with "
                        "`ipfs add -r` and give its CID as INPUT") from None
+
+
+def _refuse_links(directory: Path, names: list[str]) -> None:
+    """A symbolic link inside a local input directory is refused, never followed: following
+    it would upload into the swarm (where every member can read it) whatever it points at,
+    such as the node's own keys, which the user did not name; and ``ipfs add -r`` stores a
+    link, not its target, so the input's CID would not be kubo's."""
+    for name in names:
+        child = directory / name
+        if child.is_symlink():
+            raise JobError(f"input directory {directory} holds a symbolic link {name} -> {os.readlink(child)}; "
+                           "links inside an input are not followed: copy the file in, or give the "
+                           "link's target itself as INPUT")
 
 
 # -- inputs given by CID ----------------------------------------------------------------------
@@ -171,7 +213,7 @@ def cid_input(kubo: KuboClient, ref: str) -> Input:
         if kind == "file":
             return Input(str(root), [InputFile(path.rsplit("/", 1)[-1], size, cid=root)])
         files: list[InputFile] = []
-        _walk_cid(kubo, root, "", files, top=True)
+        _walk_cid(kubo, root, "", files, _Walk(ref), top=True)
     except KuboError as exc:
         raise JobError(f"cannot read input {ref} from the swarm: {exc}. Is it added (`ipfs add -r`) on a "
                        "live node, and the path inside it right?") from None
@@ -180,15 +222,19 @@ def cid_input(kubo: KuboClient, ref: str) -> Input:
     return Input(str(root), files)
 
 
-def _walk_cid(kubo: KuboClient, cid: Cid, prefix: str, files: list[InputFile], top: bool = False) -> None:
-    entries = sorted(kubo.entries(cid, RESOLVE_TIMEOUT),
-                     key=lambda e: e[0].encode("utf-8", "surrogateescape"))
+def _walk_cid(kubo: KuboClient, cid: Cid, prefix: str, files: list[InputFile], walk: _Walk,
+              top: bool = False) -> None:
+    if cid not in walk.listed:
+        walk.listed[cid] = sorted(kubo.entries(cid, RESOLVE_TIMEOUT),
+                                  key=lambda e: e[0].encode("utf-8", "surrogateescape"))
+    entries = walk.listed[cid]
     keep = set(_result_only([name for name, *_ in entries])) if top else None
+    walk.take(len(entries) if keep is None else len(keep), prefix.count("/") + 1)
     for name, child, is_dir, size in entries:
         if keep is not None and name not in keep:
             continue
         if is_dir:
-            _walk_cid(kubo, child, f"{prefix}{name}/", files)
+            _walk_cid(kubo, child, f"{prefix}{name}/", files, walk)
         else:
             files.append(InputFile(f"{prefix}{name}", size, cid=child))
 

@@ -275,6 +275,8 @@ class MapReduceController:
         self.splits: list[Split] = []
         """The map tasks' chunks, when this controller planned them (not after a resume)."""
         self.code_files: dict[str, Path] = {}
+        self.cache_key = ""
+        """The job's key in the swarm's result cache, when its runner looked it up: job.json has it."""
         """The input chunks' (offset, length), to read a small chunk into its DoMap. A resumed
         job has none: its chunks and code go by CID."""
         self.peers: dict[str, Peer] = {}
@@ -586,7 +588,7 @@ class MapReduceController:
             parts=list(names.values()), map_tasks={m.index: m.by[0] for m in state.maps if m.by},
             input=input_text(self.job.input), input_cid=self.input_source().cid, input_bytes=self.input_bytes,
             submitted_at=self.manifest.submitted_at, reassigned=state.reassigned,
-            lost=sorted(state.lost), verify=self.job.verify,
+            lost=sorted(state.lost), verify=self.job.verify, cache_key=self.cache_key,
             tasks={"map": [task_record(t) for t in state.maps],
                    "reduce": [task_record(t) for t in state.reduces]},
         )

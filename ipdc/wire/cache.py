@@ -2,9 +2,12 @@
 
 A job's **cache key** names everything that decides its result's bytes: the CIDs of
 every file it ships (Map.py, Reduce.py, ``--file``s), what runs each stage (a Python
-file, or a streaming command line), the CID of its whole input, K (the number of
-parts), the partitioner, the requested number of chunks, and ``--verify``. The output directory, the time, the job
-id and the workers are left out: two jobs with the same key write the same parts.
+file, or a streaming command line), the CID of its whole input and, for an input of
+one file, that file's name (which ``map(line, path)`` and a streaming mapper's
+``mapreduce_map_input_file`` receive, and a file's CID does not cover; a directory's
+CID covers its names), K (the number of parts), the partitioner, the requested
+number of chunks, and ``--verify``. The output directory, the time, the job id and
+the workers are left out: two jobs with the same key write the same parts.
 The key is the SHA-256 of a canonical encoding (sorted JSON, ASCII, no spaces) of a
 versioned dict, so every node computes the same key for the same job.
 
@@ -38,17 +41,19 @@ from ipdc.wire.ids import Cid, JobId, NodeName
 #: part of the key, so a change to it can never serve results cut another way.
 PARTITIONER = "crc32-utf8-mod-k/1"
 #: What the key's encoding looks like; bump it when the key's contents change.
-KEY_VERSION = 1
+KEY_VERSION = 2
 #: A record is a few hundred bytes; anything larger on a cache topic is refused unread.
 MAX_RECORD = 4096
 _KEY = re.compile(r"[0-9a-f]{64}")
 
 
-def cache_key(*, code: Mapping[str, str], stages: Mapping[str, Any], input_cid: str, k: int,
+def cache_key(*, code: Mapping[str, str], stages: Mapping[str, Any], input_cid: str, input_name: str, k: int,
               chunks: int | None, verify: int, majority: bool) -> str:
     """The cache key of a job: SHA-256 (hex) of its canonical encoding. ``code``: shipped file
-    name -> CID; ``stages``: the manifest's ``params["stages"]`` (JSON data)."""
-    fields = {"v": KEY_VERSION, "code": dict(code), "stages": dict(stages), "input": input_cid, "k": k,
+    name -> CID; ``stages``: the manifest's ``params["stages"]`` (JSON data); ``input_name``:
+    the path map receives when the input is one file, else ""."""
+    fields = {"v": KEY_VERSION, "code": dict(code), "stages": dict(stages), "input": input_cid,
+              "input_name": input_name, "k": k,
               "partitioner": PARTITIONER, "chunks": chunks, "verify": verify, "majority": majority}
     encoded = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(encoded.encode()).hexdigest()

@@ -34,6 +34,7 @@ from ipdc.wire.manifest import ChunkSource, JobManifest
 from ipdc.wire.presence import Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
 from ipdc.wire.renew import Renew
+from ipdc.wire.stages import CommandStage, stages_of
 from ipdc.wire.task import TASK_REPLY, Task, TaskArg, TaskReply
 from ipdc.wire.tf import Tf
 from ipdc.wire.unixfs import cid_of
@@ -149,3 +150,36 @@ def test_a_presence_nested_in_its_free_form_fields_is_refused() -> None:
     document["extra"] = {"a": nested}
     with pytest.raises(MessageError, match=r"nested|expected str"):
         PRESENCE.decode(json.dumps(document).encode())
+
+
+#: A manifest's ``params["stages"]`` as a streaming job's submitter writes it: every field kind.
+STAGES = {"map": {"kind": "command", "argv": ["./m", "-x", "a b"], "shipped": True},
+          "combine": {"kind": "command", "argv": ["sort"], "shipped": False},
+          "reduce": {"kind": "python", "file": "Reduce.py"}}
+STAGE_FILES = frozenset({"m", "Reduce.py"})
+any_text = st.text(st.characters(blacklist_categories=()), max_size=20)  # lone surrogates and NUL included
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), value=st.one_of(json_value, any_text, st.lists(any_text, max_size=300)))
+def test_stages_with_one_field_changed_are_stages_or_message_errors(data: st.DataObject, value: Any) -> None:
+    """The stages come in a signed manifest, but the agent and the runner decode them apart
+    from its schema (ipdc.wire.stages): whatever a field holds, the result is Stages whose
+    commands are non-empty lists of strings with no NUL, or a MessageError."""
+    document = json.loads(json.dumps(STAGES))
+    target = document
+    while isinstance(target, dict) and target and data.draw(st.booleans()):
+        inner = data.draw(st.sampled_from(sorted(target)))
+        if not isinstance(target[inner], dict):
+            break
+        target = target[inner]
+    target[data.draw(st.sampled_from(sorted(target)) if target and data.draw(st.booleans()) else any_text)] = value
+    try:
+        stages = stages_of(document, STAGE_FILES)
+    except MessageError:
+        return
+    for stage in (stages.map, stages.reduce, stages.combine):
+        if isinstance(stage, CommandStage):
+            assert stage.argv and all(isinstance(a, str) and a and "\0" not in a for a in stage.argv[:1])
+            assert not any("\0" in a for a in stage.argv)
+            assert not stage.shipped or stage.argv[0][2:] in STAGE_FILES

@@ -58,8 +58,8 @@ def key_of(map_file: Path, data_file: Path) -> str:
     """The cache key of ``mr`` above: what a forger must target."""
     code = {"Map.py": cid_of_file(map_file), "Reduce.py": cid_of_file(JOBS_DIR / "Reduce.py")}
     stages = {"map": {"kind": "python", "file": "Map.py"}, "reduce": {"kind": "python", "file": "Reduce.py"}}
-    return cache_key(code=code, stages=stages, input_cid=cid_of_file(data_file), k=3, chunks=3, verify=1,
-                     majority=False)
+    return cache_key(code=code, stages=stages, input_cid=cid_of_file(data_file), input_name=data_file.name, k=3,
+                     chunks=3, verify=1, majority=False)
 
 
 def forge(member: Node, signer: Signer, key: str, result_cid: str) -> None:

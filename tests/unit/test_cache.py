@@ -21,14 +21,14 @@ from ipdc.wire.record import RECORD, SWARM
 CID_A = Cid("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
 CID_B = Cid("bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354")
 BASE = {"code": {"Map.py": "m", "Reduce.py": "r"}, "stages": {"map": {"kind": "python", "file": "Map.py"}},
-        "input_cid": "i", "k": 3, "chunks": None, "verify": 1, "majority": False}
+        "input_cid": "i", "input_name": "", "k": 3, "chunks": None, "verify": 1, "majority": False}
 
 
 def test_the_key_is_sha256_of_sorted_compact_json() -> None:
     """Pinned byte for byte: every node, of every version with this KEY_VERSION, must agree."""
-    encoded = (b'{"chunks":null,"code":{"Map.py":"m","Reduce.py":"r"},"input":"i","k":3,"majority":false,'
-               b'"partitioner":"crc32-utf8-mod-k/1","stages":{"map":{"file":"Map.py","kind":"python"}},'
-               b'"v":1,"verify":1}')
+    encoded = (b'{"chunks":null,"code":{"Map.py":"m","Reduce.py":"r"},"input":"i","input_name":"","k":3,'
+               b'"majority":false,"partitioner":"crc32-utf8-mod-k/1","stages":{"map":{"file":"Map.py",'
+               b'"kind":"python"}},"v":2,"verify":1}')
     assert cache_key(**BASE) == hashlib.sha256(encoded).hexdigest()  # type: ignore[arg-type]
     reordered = {**BASE, "code": {"Reduce.py": "r", "Map.py": "m"}}
     assert cache_key(**reordered) == cache_key(**BASE)  # type: ignore[arg-type]
@@ -36,6 +36,7 @@ def test_the_key_is_sha256_of_sorted_compact_json() -> None:
 
 @pytest.mark.parametrize("change", [{"code": {"Map.py": "m2", "Reduce.py": "r"}},
                                     {"code": {"Map.py": "m", "Reduce.py": "r2"}}, {"input_cid": "j"},
+                                    {"input_name": "b.txt"},
                                     {"stages": {"map": {"kind": "command", "argv": ["cut", "-f", "2"]}}},
                                     {"k": 4}, {"chunks": 8}, {"verify": 2}, {"majority": True}])
 def test_everything_that_decides_the_result_changes_the_key(change: dict[str, object]) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from ipdc.errors import JobError
 from ipdc.runner.mapreduce import BULK_PIECE, map_pairs, takes_path
-from ipdc.submit.inputs import Input, line_ranges, local_input, parse_input, plan_chunks, plan_splits
+from ipdc.submit.inputs import MAX_DEPTH, Input, line_ranges, local_input, parse_input, plan_chunks, plan_splits
 from ipdc.wire.unixfs import cid_of_file
 
 CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
@@ -139,3 +139,34 @@ def test_map_chunk_gets_the_path_too_even_in_pieces() -> None:
     pairs = list(map_pairs(module, text, "a/b.txt"))
     assert {key for key, _ in pairs} == {"a/b.txt"} and len(pairs) >= 2
     assert sum(n for _, n in pairs) == text.count("\n")
+
+
+def test_a_symbolic_link_inside_a_local_input_is_refused_never_followed(tmp_path: Path) -> None:
+    """Attack: a shared data directory holds links to the node's secrets (a file and a whole
+    directory); following them would upload the keys into the swarm, where every member
+    can read them. The walk refuses each link, naming it, before hashing anything."""
+    secrets = tmp_path / "home" / "keys"
+    tree(secrets, {"submitter.key": b"PRIVATE KEY\n"})
+    for link, target in (("key.txt", secrets / "submitter.key"), ("keys", secrets)):
+        data = tmp_path / f"data-{link}"
+        tree(data, {"a.txt": b"fine\n"})
+        (data / link).symlink_to(target)
+        with pytest.raises(JobError, match=f"symbolic link {link} -> {target}; links inside an input are "
+                                           "not followed"):
+            local_input(data)
+    assert local_input(secrets / "submitter.key").files[0].local == secrets / "submitter.key"  # named: read
+
+
+def test_a_local_input_nested_past_the_depth_bound_is_refused_with_the_bound(tmp_path: Path) -> None:
+    """Attack: a directory nested thousands deep (RecursionError in a walk that recursed
+    without a bound) fails with a JobError naming the bound."""
+    deep = tmp_path / "deep"
+    leaf = deep.joinpath(*["d"] * (MAX_DEPTH + 5))
+    leaf.mkdir(parents=True)
+    (leaf / "x.txt").write_bytes(b"x\n")
+    with pytest.raises(JobError, match=f"nests directories more than {MAX_DEPTH} deep"):
+        local_input(deep)
+    shallow = tmp_path / "ok"
+    (shallow.joinpath(*["d"] * (MAX_DEPTH - 1))).mkdir(parents=True)
+    (shallow.joinpath(*["d"] * (MAX_DEPTH - 1)) / "x.txt").write_bytes(b"x\n")
+    assert [f.path for f in local_input(shallow).files] == ["d/" * (MAX_DEPTH - 1) + "x.txt"]

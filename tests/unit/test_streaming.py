@@ -4,6 +4,8 @@ the stages as the manifest carries them, and the checks of a job's code on the s
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -125,6 +127,23 @@ def test_what_a_program_leaves_running_is_ended_with_it() -> None:
     documents = map_command(leaves, None, b"x\n", 1, CAP)
     assert read_groups(documents[0]).keys == ["a"]
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+
+
+@pytest.mark.timeout(60)
+def test_a_leftover_in_a_session_of_its_own_cannot_hold_the_task(tmp_path: Path) -> None:
+    """Attack: a mapper starts a daemon with ``setsid`` (out of the process group that is
+    killed with it) holding its stdout and stderr, and exits. The task ends with its
+    program, with its program's output only (not the daemon's later lines), instead of
+    waiting for the daemon (here 10 minutes)."""
+    pid_file = tmp_path / "daemon.pid"
+    daemon = f"echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; exec sleep 601.75"
+    mapper = CommandStage(("sh", "-c", f"setsid sh -c '{daemon}' & while [ ! -s {pid_file} ]; do :; done; "
+                                       "echo 'a\tb'; echo oops >&2"), shipped=False)
+    try:
+        documents = map_command(mapper, None, b"x\n", 1, CAP)
+        assert read_groups(documents[0]).keys == ["a"]
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _cmdline(proc: Path) -> str:
