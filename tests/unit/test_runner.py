@@ -11,7 +11,8 @@ import pytest
 
 from ipdc.config import config_from_dict
 from ipdc.errors import ConfigError
-from ipdc.runner.mapreduce import BULK_PIECE, line_pieces, map_pairs, reduce_partitions
+from ipdc.runner import mapreduce
+from ipdc.runner.mapreduce import line_pieces, map_pairs, reduce_partitions
 from ipdc.wire.partition import read_groups, read_partition, stable_partition, write_partitions
 
 
@@ -93,8 +94,10 @@ def test_map_chunk_items_are_used_as_they_are_and_other_pairs_are_combined() -> 
     assert sorted(map_pairs(uncombined, "a b\na")) == [("a", 1), ("a", 1), ("b", 1)]
 
 
-def test_a_big_chunk_reaches_map_chunk_in_pieces_of_whole_lines_with_the_same_result() -> None:
-    lines = [f"w{i % 977} w{i % 13} \xe9{i % 5}" for i in range(3 * BULK_PIECE // 12)]
+def test_a_big_chunk_reaches_map_chunk_in_pieces_of_whole_lines_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mapreduce, "BULK_PIECE", 4096)
+    lines = [f"w{i % 977} w{i % 13} \xe9{i % 5}" for i in range(3 * 4096 // 12)]
     text = "\n".join(lines) + "\n"
     pieces: list[str] = []
 
@@ -104,7 +107,7 @@ def test_a_big_chunk_reaches_map_chunk_in_pieces_of_whole_lines_with_the_same_re
 
     combined = map_pairs(module(map_chunk=bulk, combine=lambda k, vs: sum(vs)), text)
     assert len(pieces) > 2 and "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
-    assert all(len(p) <= BULK_PIECE + max(map(len, lines)) + 1 for p in pieces)
+    assert all(len(p) <= 4096 + max(map(len, lines)) + 1 for p in pieces)
     pairs = list(combined)
     assert len(pairs) == len({k for k, _ in pairs}) and dict(pairs) == Counter(text.split())
     totals: Counter[str] = Counter()
