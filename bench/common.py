@@ -244,8 +244,9 @@ def _children_cpu() -> float:
 
 
 def ipdc_mr_argv(corpus: Path, output: Path, *options: str) -> list[str]:
-    """``ipdc mr --k 2`` as the benchmarks run it: a fresh CLI process, quiet, into ``output``."""
-    return [sys.executable, "-m", "ipdc.cli", "mr", str(corpus), "--k", "2", "-q", "-o", str(output),
+    """``ipdc mr --k 2`` as the benchmarks run it: a fresh CLI process, quiet, into ``output``,
+    computed every time (``--no-cache``: run 2 would be answered from the swarm's cache)."""
+    return [sys.executable, "-m", "ipdc.cli", "mr", str(corpus), "--k", "2", "-q", "--no-cache", "-o", str(output),
             *options]
 
 

@@ -78,7 +78,8 @@ def submit(home: Path, data: Path, k: int, out: Path) -> tuple[float, dict[str, 
 
     client = ControlClient(home, timeout=120)
     spec = {"input": str(data), "k": k, "map_file": str(common.REPO / "ipdc/jobs/mapreduce/Map.py"),
-            "reduce_file": str(common.REPO / "ipdc/jobs/mapreduce/Reduce.py"), "output": str(out)}
+            "reduce_file": str(common.REPO / "ipdc/jobs/mapreduce/Reduce.py"), "output": str(out),
+            "cache": False}  # every job computed: the same input would be answered from the swarm's cache
     t = time.perf_counter()
     job_id = client.call("submit", job=spec, cwd=str(out.parent))["job_id"]
     last: dict[str, Any] = {}
@@ -116,7 +117,7 @@ def cli_rounds(cluster: Any, data: Path, k: int, runs: int, work: Path) -> dict[
     script = Path(sys.executable).with_name("ipdc")  # the console script a user runs
     ipdc = [str(script)] if script.exists() else [sys.executable, "-m", "ipdc.cli"]
     commands = {
-        "ipdc mr (tiny job, whole command)": lambda i: [*ipdc, "mr", str(data), "--k", str(k), "-q",
+        "ipdc mr (tiny job, whole command)": lambda i: [*ipdc, "mr", str(data), "--k", str(k), "-q", "--no-cache",
                                                         "-o", str(work / f"cli-{i}")],
         "ipdc --help": lambda i: [*ipdc, "--help"],
         "ipdc peers": lambda i: [*ipdc, "peers"],

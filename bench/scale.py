@@ -160,7 +160,7 @@ def footprint(idle: float) -> list[list[str]]:
         with LocalCluster(3, small=variant == "small") as cluster:
             env = {**os.environ, "IPDC_HOME": str(cluster.nodes[0].home)}
             for i in range(3):
-                subprocess.run([sys.executable, "-m", "ipdc.cli", "mr", str(data), "--k", "3", "-q",
+                subprocess.run([sys.executable, "-m", "ipdc.cli", "mr", str(data), "--k", "3", "-q", "--no-cache",
                                 "-o", str(data.parent / f"{variant}-{i}")], env=env, check=True)
             time.sleep(idle)
             for i, node in enumerate(cluster.nodes):
