@@ -208,3 +208,43 @@ def _merge_sites(base: Path, inner_site: Path) -> None:
                 shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
             else:
                 _link_or_copy(str(entry), str(target))
+
+
+def readable_package(package: Path) -> Path:
+    """A directory every uid can import ``package`` from: its own parent when others can
+    read it, else a copy under :data:`COPY_ROOT` (root only).
+
+    An agent that runs as a dedicated user imports IPDC like any other program; an editable
+    install's source tree under a private directory (a home, a ``mktemp -d``) is out of that
+    user's reach, and its agent died at its first import. The copy is named by a hash of the
+    package's files, so a changed tree gets a new copy and a running agent keeps its own.
+    """
+    if all(world_readable(f) for f in _package_files(package)):
+        return package.parent
+    digest = hashlib.sha256()
+    files = _package_files(package)
+    for path in files:
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    root = COPY_ROOT / f"ipdc-package-{digest.hexdigest()[:12]}"
+    if (root / package.name / "__init__.py").exists():
+        return root
+    building = root.with_name(f".{root.name}.new-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    for path in files:
+        target = building / package.name / path.relative_to(package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        target.chmod(0o644)
+    for directory in [building, *building.rglob("*")]:
+        if directory.is_dir():
+            directory.chmod(0o755)
+    try:
+        building.rename(root)
+    except OSError:  # another agent of this machine made the same copy a moment ago
+        shutil.rmtree(building, ignore_errors=True)
+    return root
+
+
+def _package_files(package: Path) -> list[Path]:
+    """The package's files, without compiled caches (each importer writes its own)."""
+    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)

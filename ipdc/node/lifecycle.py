@@ -246,7 +246,7 @@ class Node(NodeHome):
         if self.user is not None:  # a Python, and this ipdc, that the user can read
             python = interpreter.for_sandbox(separate_uid=True)
             argv[0] = python.executable
-            env.update(python.environ(), PYTHONPATH=str(PACKAGE.parent))
+            env.update(python.environ(), PYTHONPATH=str(interpreter.readable_package(PACKAGE)))
         with Bus(cfg.broker, client_id(cfg.node.name, "start"), session_expiry=0) as bus:
             bus.connect(timeout)
             topic = PRESENCE.topic(node=cfg.node.name)

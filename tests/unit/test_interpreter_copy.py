@@ -4,6 +4,7 @@ interpreter's package of the same name whole, and the base install is never writ
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,35 @@ def test_a_venv_package_replaces_the_base_one_whole(tmp_path: Path, monkeypatch:
     assert (inner / "link.py").is_symlink() and (inner / "link.py").read_text() == "VERSION = 3\n"
     assert (base_site / "pkg" / "core.py").read_text() == "VERSION = 2\n"  # the base is untouched
     assert (base_site / "pkg" / "only_in_2.py").exists()
+
+
+def test_a_package_others_cannot_read_is_copied_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent run as a dedicated user imports IPDC from a copy when the source tree is private."""
+    base = Path(tempfile.mkdtemp(prefix="ipdc-package-test-"))  # not under pytest's private tmp
+    try:
+        base.chmod(0o755)
+        private = base / "home"
+        package = private / "src" / "ipdc"
+        (package / "sub" / "__pycache__").mkdir(parents=True)
+        (package / "__init__.py").write_text("A = 1\n")
+        (package / "sub" / "data.c").write_text("int x;\n")
+        (package / "sub" / "__pycache__" / "x.pyc").write_bytes(b"cache")
+        opt = base / "opt"
+        opt.mkdir(mode=0o755)
+        monkeypatch.setattr(interpreter, "COPY_ROOT", opt)
+        private.chmod(0o700)
+        copy = interpreter.readable_package(package)
+        assert copy.parent == opt
+        assert (copy / "ipdc" / "__init__.py").read_text() == "A = 1\n"
+        assert (copy / "ipdc" / "sub" / "data.c").read_text() == "int x;\n"
+        assert not (copy / "ipdc" / "sub" / "__pycache__").exists()
+        assert interpreter.world_readable(copy / "ipdc" / "sub" / "data.c")
+        assert interpreter.readable_package(package) == copy  # made once
+        (package / "__init__.py").write_text("A = 2\n")
+        assert interpreter.readable_package(package) != copy  # a changed tree gets its own copy
+        private.chmod(0o755)
+        for path in [package.parent, package, *package.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        assert interpreter.readable_package(package) == package.parent
+    finally:
+        shutil.rmtree(base)
