@@ -98,6 +98,8 @@ class Swarm:
         self._runs: dict[str, Measured] = {}
         self._result_sizes: dict[str, Measured] = {}
         self._rtts: dict[str, Measured] = {}
+        self._bound: set[str] = set()
+        """Peers that have answered this session once (their first answer includes a runner's start)."""
         self._bandwidths: dict[str, Measured] = {}
         self._here_running = 0
         self._here = ThreadPoolExecutor(self.config.slots, thread_name_prefix="ipdc-here")
@@ -464,7 +466,10 @@ class Swarm:
             self._runs.setdefault(task.fn, Measured()).add(reply.seconds)
             self._result_sizes.setdefault(task.fn, Measured()).add(reply.size)
             overhead = time.monotonic() - task.sent_at - reply.seconds
-            self._rtts.setdefault(peer, Measured()).add(max(0.0, overhead))
+            if peer in self._rtts or peer in self._bound:
+                self._rtts.setdefault(peer, Measured()).add(max(0.0, overhead))
+            else:  # the session's first task there also bound it a runner: a one-off, not a round trip
+                self._bound.add(peer)
 
     def _materialize(self, stored: Stored) -> Any:
         """The value of a task's result: fetched by CID when it is not inline, then decoded
