@@ -245,8 +245,11 @@ class JobRun:
     # -- the controller's observer --------------------------------------------------------------
     def planned(self, controller: MapReduceController) -> None:
         assert controller.manifest is not None
+        # the workers too: a service killed before the first progress write would otherwise
+        # take the job up with none, and wait for ever
         self.ctx.history.update(self.job_id, plan={"manifest": dataclasses.asdict(controller.manifest),
-                                                   "input_bytes": controller.input_bytes})
+                                                   "input_bytes": controller.input_bytes},
+                                workers=[[name, slots] for name, slots in controller.workers])
 
     def progressed(self, controller: MapReduceController) -> None:
         state = controller.state

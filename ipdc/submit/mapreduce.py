@@ -275,6 +275,8 @@ class MapReduceController:
         self.splits: list[Split] = []
         """The map tasks' chunks, when this controller planned them (not after a resume)."""
         self.code_files: dict[str, Path] = {}
+        self.workers: list[tuple[str, int]] = []
+        """(name, slots) of the workers the job starts with, nearest the job first."""
         self.cache_key = ""
         """The job's key in the swarm's result cache, when its runner looked it up: job.json has it."""
         """The input chunks' (offset, length), to read a small chunk into its DoMap. A resumed
@@ -303,6 +305,9 @@ class MapReduceController:
         else:
             self.peers = {p.name: p for p in self.client.peers.live()}
             workers = self.resume.workers
+        if not workers:  # a resume of a job that recorded none: nobody would ever answer it
+            raise JobError(f"job {self.job_id} has no workers to take it up; submit it again")
+        self.workers = workers
         output = self.job.output or Path("ipdc-out") / self.job_id
         self.staging = output.with_name(f".{output.name}.partial")
         fetcher = ThreadPoolExecutor(2, thread_name_prefix="fetch")
