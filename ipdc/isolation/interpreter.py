@@ -219,10 +219,10 @@ def readable_package(package: Path) -> Path:
     user's reach, and its agent died at its first import. The copy is named by a hash of the
     package's files, so a changed tree gets a new copy and a running agent keeps its own.
     """
-    if all(world_readable(f) for f in _package_files(package)):
+    files = _package_files(package)
+    if all(world_readable(f) for f in files):
         return package.parent
     digest = hashlib.sha256()
-    files = _package_files(package)
     for path in files:
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
     root = COPY_ROOT / f"ipdc-package-{digest.hexdigest()[:12]}"

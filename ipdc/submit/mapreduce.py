@@ -406,8 +406,7 @@ class MapReduceController:
                 code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
                                                    for name, path in code.files.items()])
             self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
-            added = self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local
-                                         if s.file.local is not None)
+            added = self.add_chunks(local)
             self.uploads.record(self.job_id, [*code_cids, *added])
         self.progress("upload", size, size)
         fresh = iter(added)
@@ -426,14 +425,17 @@ class MapReduceController:
         manifest already names."""
         try:
             added = [*self.kubo.add_streams([(name, io.BytesIO(data)) for name, data in code.items()]),
-                     *self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local
-                                           if s.file.local is not None)]
+                     *self.add_chunks(local)]
         except IPDCError as exc:
             log.warning("job %s: could not add its code and input to kubo: %s", self.job_id, exc)
             return
         if added != expected:
             log.error("job %s: kubo names the job's uploads %s, not %s: its import settings differ from "
                       "IPDC's (Import.CidVersion, chunker, raw leaves)", self.job_id, added, expected)
+
+    def add_chunks(self, local: list[Split]) -> list[Cid]:
+        """Add a local input's chunks to kubo, each from its file, in one request."""
+        return self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local if s.file.local is not None)
 
     def reclaim(self, resume: Resume) -> None:
         """Hold on to a resumed job's uploads again: while no submitter lived, the node's
