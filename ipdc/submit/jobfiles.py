@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import os
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ SIGNATURES = {"map": ("line",), "map_chunk": ("text",), "combine": ("key", "valu
 #: Arguments a stage may also take: the input file's path, when map (or map_chunk) has a
 #: second parameter (see :func:`ipdc.runner.mapreduce.takes_path`).
 OPTIONAL = {"map": ("path",), "map_chunk": ("path",)}
+#: CPython 3.11 keeps the AST builder's recursion depth per interpreter, not per thread: two
+#: threads parsing at once (two jobs submitted from one process) can fail with "AST
+#: constructor recursion depth mismatch" (seen in CI; cf. python/cpython#106905), so parses
+#: take turns.
+_PARSE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def check_python(path: Path, role: str) -> None:
     except OSError as exc:
         raise JobError(f"cannot read job file {path}: {exc.strerror}") from None
     try:
-        tree = ast.parse(source, str(path))
+        with _PARSE:
+            tree = ast.parse(source, str(path))
     except SyntaxError as exc:
         raise JobError(f"job file {path}, line {exc.lineno}: syntax error: {exc.msg}") from None
     except ValueError as exc:  # null bytes, or not UTF-8 without a coding line

@@ -445,7 +445,28 @@ class MapReduceController:
         self.payloads.limit = min(self.payloads.limit, resume.manifest.params.get("inline_max", 0))
         cids = [str(c) for c in resume.manifest.uploaded()]
         self.uploads.record(self.job_id, cids)
+        if any(not self.kubo.has(c) for c in cids):
+            self.add_again(resume.manifest)
         self.kubo.pin_add(*cids)
+
+    def add_again(self, manifest: JobManifest) -> None:
+        """Add a resumed job's code and local chunks again, from its files: a service killed
+        while an inline job's adds ran in the background left blocks that no node holds, and
+        a pin of them would wait on the swarm for ever. The files must still be what the
+        signed manifest names, or the job cannot go on."""
+        code = job_code(self.job).files
+        with ExitStack() as files:
+            added = dict(zip(code, self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
+                                                          for name, path in code.items()]), strict=True))
+        chunks: list[Cid] = []
+        if isinstance(self.job.input, Path):  # an input given by CID was never added here
+            splits = plan_splits(self.input_source(), self.job.chunks or default_chunks(self.input_bytes,
+                                                                                       manifest.partitions))
+            chunks = self.add_chunks(splits) if len(splits) == len(manifest.chunks) else []
+        if added != manifest.code or (isinstance(self.job.input, Path) and chunks != manifest.chunks):
+            raise JobError(f"job {self.job_id} cannot be resumed: its code or input changed since it was "
+                           "submitted, and this node's kubo no longer holds what it sent; submit it again")
+        log.info("job %s: added its code and input again (its first adds never finished)", self.job_id)
 
     # -- the event loop --------------------------------------------------------------
     def execute(self, workers: list[tuple[str, int]], fetcher: ThreadPoolExecutor) -> None:

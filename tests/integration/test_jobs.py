@@ -131,6 +131,34 @@ def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: Local
     assert all(runs.count(index) == 1 for index in before), sorted(runs)
 
 
+def test_a_resumed_job_adds_again_what_its_killed_service_never_added(cluster: LocalCluster,
+                                                                      tmp_path: Path) -> None:
+    """A service killed while an inline job's adds ran in the background leaves blocks no
+    node holds: here every node's copies are collected before the restart. The resumed job
+    must add them again from its files (a pin alone would wait on the swarm for ever)."""
+    node = cluster.nodes[0]
+    data = make_input(tmp_path / "in.txt", seed=5, lines=2000)
+    job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 0.5)),
+                           "--chunks", "9", "-o", str(tmp_path / "out")])
+    assert wait_for(lambda: maps_done(node, job_id) >= 1, 120, 0.05)
+    os.kill(node.services["control"].pid() or 0, signal.SIGKILL)
+    assert wait_for(lambda: node.services["control"].pid() is None, 10)
+    manifest = job_row(node, job_id)["plan"]["manifest"]
+    uploads = {*manifest["code"].values(), *manifest["chunks"]} - {EMPTY_CID}
+    for n in cluster.nodes:
+        with n.kubo() as kubo:
+            kubo.pin_rm(*uploads)
+            kubo._post("repo/gc")
+            assert not any(kubo.has(c) for c in uploads), "a node still holds the job's uploads"
+
+    run_cli(["node", "start"], node.home)
+    assert wait_for(lambda: job_row(node, job_id)["state"] in ("succeeded", "failed"), 180, 0.2)
+    final = job_row(node, job_id)
+    assert final["state"] == "succeeded", final["error"]
+    assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
+    assert "added its code and input again" in (node.home / "logs" / "control.log").read_text()
+
+
 def job_cids(row: dict[str, Any]) -> set[str]:
     manifest = row["plan"]["manifest"]
     cids = {*manifest["code"].values(), *manifest["chunks"]}
