@@ -16,11 +16,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 # httpx imports its command-line client (rich, pygments, click) unless that import fails:
 # about 6 MB in every agent, for a CLI IPDC never runs.
@@ -28,8 +29,11 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
 from ipdc.errors import KuboError  # noqa: E402
+from ipdc.wire.fdmsg import write_all  # noqa: E402
 from ipdc.wire.ids import Cid  # noqa: E402
-from ipdc.wire.unixfs import UnsupportedCid, verify  # noqa: E402
+from ipdc.wire.unixfs import UnsupportedCid, verify, verify_file  # noqa: E402
+
+_T = TypeVar("_T")
 
 #: Import settings every node uses, so the same bytes give the same CID everywhere.
 ADD_PARAMS = {"pin": "true", "cid-version": "1", "raw-leaves": "true", "quieter": "true"}
@@ -198,17 +202,33 @@ class KuboClient:
             self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
         return self._read_stalling("cat", {"arg": arg}, arg, stall, cap)
 
+    def fetch_into(self, cid: str, fd: int, *, stall: float, cap: int) -> int:
+        """:meth:`fetch`, written to the file ``fd`` as it arrives instead of held: a worker
+        fills its runner's input memfd without the chunk ever being whole in its memory.
+        Returns the byte count; the caller checks the bytes against ``cid``."""
+        if cid == EMPTY_CID:
+            return 0
+        arg = str(Cid(cid))
+        if not single_block(arg):
+            self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
+        return self._stream("cat", {"arg": arg}, arg, stall, lambda response: _write_capped(response, fd, cap, arg))
+
     def _read_stalling(self, cmd: str, params: dict[str, Any], cid: str, stall: float,
                        cap: int | None = None) -> bytes:
+        return self._stream(cmd, params, cid, stall,
+                            lambda response: response.read() if cap is None else _read_capped(response, cap, cid))
+
+    def _stream(self, cmd: str, params: dict[str, Any], cid: str, stall: float,
+                consume: Callable[[httpx.Response], _T]) -> _T:
         # httpx's read timeout bounds each wait for bytes (the headers included), not the
         # whole transfer: exactly a stall timeout.
         timeout = httpx.Timeout(self._timeout, connect=5.0, read=stall)
         try:
             with self._http.stream("POST", cmd, params=params, timeout=timeout) as response:
-                if cap is None or response.status_code != 200:
-                    data = response.read()
-                else:
-                    data = _read_capped(response, cap, cid)
+                if response.status_code != 200:
+                    response.read()
+                    raise KuboError(f"kubo {cmd} {cid} failed: {_daemon_message(response)}")
+                return consume(response)
         except httpx.ReadTimeout:
             raise KuboError(f"could not fetch {cid} from the swarm: no data for {stall:g} s "
                             "(the peer holding it may have left)") from None
@@ -216,9 +236,6 @@ class KuboClient:
             raise KuboError(f"kubo {cmd} {cid} timed out at {self.api_url} ({exc})") from None
         except httpx.TransportError as exc:
             raise KuboError(f"kubo {cmd} {cid} at {self.api_url} failed: {exc}") from None
-        if response.status_code != 200:
-            raise KuboError(f"kubo {cmd} {cid} failed: {_daemon_message(response)}")
-        return data
 
     def fetch_range(self, cid: str, offset: int, length: int, *, stall: float) -> bytes:
         """``length`` bytes from ``offset`` of the UnixFS file ``cid``, fetching only the
@@ -233,10 +250,17 @@ class KuboClient:
         arg = str(Cid(cid))
         data = self._read_stalling("cat", {"arg": arg, "offset": str(offset), "length": str(length)},
                                    arg, stall)
-        if len(data) != length:
-            raise KuboError(f"kubo returned {len(data)} bytes of {cid} from offset {offset}, not {length}: "
-                            "the input file is shorter than planned")
+        _check_range(len(data), cid, offset, length)
         return data
+
+    def fetch_range_into(self, cid: str, offset: int, length: int, fd: int, *, stall: float) -> None:
+        """:meth:`fetch_range`, written to the file ``fd`` as it arrives (see :meth:`fetch_into`)."""
+        if length == 0 or cid == EMPTY_CID:
+            return
+        arg = str(Cid(cid))
+        written = self._stream("cat", {"arg": arg, "offset": str(offset), "length": str(length)}, arg, stall,
+                               lambda response: _write_capped(response, fd, length, arg))
+        _check_range(written, cid, offset, length)
 
     def prefetch(self, cid: str, *, stall: float) -> None:
         """Every block of ``cid``'s DAG into this node (``refs -r``); KuboError when no block
@@ -270,14 +294,17 @@ class KuboClient:
         """:meth:`fetch`, and the bytes checked against the CID before anything uses them:
         what a peer served, or a compromised kubo returned, is exactly what ``cid`` names."""
         data = self.fetch(cid, stall=stall, cap=cap)
-        try:
-            if verify(data, cid):
-                return data
-        except UnsupportedCid as exc:
-            raise KuboError(f"cannot check {cid}: {exc} (IPDC adds everything as CIDv1, raw leaves, "
-                            "sha2-256)") from None
-        raise KuboError(f"kubo returned {len(data)} bytes for {cid} that are not what that CID names; "
-                        "they were not used")
+        _check(lambda: verify(data, cid), cid, len(data))
+        return data
+
+    def fetch_checked_into(self, cid: str, fd: int, *, stall: float, cap: int) -> int:
+        """:meth:`fetch_checked` into the empty file ``fd`` (see :meth:`fetch_into`), read back
+        in pieces for the check. Returns the byte count."""
+        size = self.fetch_into(cid, fd, stall=stall, cap=cap)
+        with open(os.dup(fd), "rb", buffering=0) as back:  # shares fd's offset: the caller rewinds
+            back.seek(0)
+            _check(lambda: verify_file(back, cid), cid, size)
+        return size
 
     def cat_to(self, cid: str, path: Path) -> int:
         """Stream one file's bytes to ``path``; returns the byte count."""
@@ -379,6 +406,34 @@ def _read_capped(response: httpx.Response, cap: int, cid: str) -> bytes:
             raise KuboError(f"{cid} is more than {cap >> 20} MB; it was not read further")
         pieces.append(piece)
     return b"".join(pieces)
+
+
+def _write_capped(response: httpx.Response, fd: int, cap: int, cid: str) -> int:
+    """:func:`_read_capped`, each piece written to ``fd`` as it comes; returns the byte count."""
+    size = 0
+    for piece in response.iter_bytes():
+        size += len(piece)
+        if size > cap:
+            raise KuboError(f"{cid} is more than {cap >> 20} MB; it was not read further")
+        write_all(fd, piece)
+    return size
+
+
+def _check(verified: Callable[[], bool], cid: str, size: int) -> None:
+    try:
+        if verified():
+            return
+    except UnsupportedCid as exc:
+        raise KuboError(f"cannot check {cid}: {exc} (IPDC adds everything as CIDv1, raw leaves, "
+                        "sha2-256)") from None
+    raise KuboError(f"kubo returned {size} bytes for {cid} that are not what that CID names; "
+                    "they were not used")
+
+
+def _check_range(got: int, cid: str, offset: int, length: int) -> None:
+    if got != length:
+        raise KuboError(f"kubo returned {got} bytes of {cid} from offset {offset}, not {length}: "
+                        "the input file is shorter than planned")
 
 
 def single_block(cid: str) -> bool:

@@ -71,7 +71,6 @@ from ipdc.errors import IPDCError, MessageError, TaskFailed  # noqa: E402
 from ipdc.home import NodeHome, RenewedJobs, SubmittedJobs  # noqa: E402
 from ipdc.spawn import Sandbox, make_undumpable  # noqa: E402
 from ipdc.trust import digest, signer_of, verify  # noqa: E402
-from ipdc.wire import INBOX_CHANNELS  # noqa: E402
 from ipdc.wire.buffer import Buffer  # noqa: E402
 from ipdc.wire.cleanup import CleanUp  # noqa: E402
 from ipdc.wire.domap import DoMap  # noqa: E402
@@ -79,6 +78,7 @@ from ipdc.wire.download import Download  # noqa: E402
 from ipdc.wire.getresult import GETRESULT, GetResult  # noqa: E402
 from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat  # noqa: E402
 from ipdc.wire.ids import JobId, NodeName  # noqa: E402
+from ipdc.wire.inbox import INBOX_CHANNELS  # noqa: E402
 from ipdc.wire.inline import InlineMismatch, threshold, unpack  # noqa: E402
 from ipdc.wire.logs import LOGS_REPLY, Logs  # noqa: E402
 from ipdc.wire.manifest import SAFE_NAME, JobManifest  # noqa: E402

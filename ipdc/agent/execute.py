@@ -3,8 +3,9 @@
 The agent's shell decides *that* a task runs (see :mod:`ipdc.agent.jobs`); this
 module does it. A runner has no network, so the agent does all of a task's I/O:
 
-1. it fetches each input from its kubo and checks the bytes against their CID
-   (:meth:`ipdc.kubo.KuboClient.fetch_checked`);
+1. it fetches each input from its kubo and checks the bytes against their CID; a map
+   task's chunk goes straight into the runner's memfd as it arrives
+   (:meth:`ipdc.kubo.KuboClient.fetch_checked_into`), so it is never whole in the agent;
 2. hands them to the job's runner as one sealed memfd;
 3. takes the outputs back as one sealed memfd (an unsealed one, or one over
    ``sandbox.file_mb``, is refused), with their sizes in the reply;
@@ -18,6 +19,7 @@ reported inline and added to kubo afterwards (:class:`~ipdc.agent.inline.Produce
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,22 +65,34 @@ class Executor:
         """``source``: where the chunk comes from (see :class:`~ipdc.wire.manifest.ChunkSource`);
         its path goes to the runner for a ``map(line, path)``."""
         t0 = time.perf_counter()
-        if source is not None and source.length is not None:
-            if source.length > self.cap:
-                raise TaskFailed(f"the map task's chunk is {source.length >> 20} MB, more than sandbox.file_mb = "
-                                 f"{self.settings.file_mb} MB: give the job more --chunks")
-            data = self.kubo.fetch_range(chunk, source.offset, source.length, stall=self.settings.fetch_stall)
-        else:
-            data = self.fetch(job, chunk)
+        memfd = fdmsg.memfd("ipdc-input")
+        try:
+            # the chunk goes from kubo straight into the runner's memfd: a 25 MB chunk is never
+            # whole in the agent's memory (it was twice, for a moment, as one bytes object)
+            if source is not None and source.length is not None:
+                if source.length > self.cap:
+                    raise TaskFailed(f"the map task's chunk is {source.length >> 20} MB, more than "
+                                     f"sandbox.file_mb = {self.settings.file_mb} MB: give the job more --chunks")
+                self.kubo.fetch_range_into(chunk, source.offset, source.length, memfd,
+                                           stall=self.settings.fetch_stall)
+            elif (data := self.received.get(job, chunk)) is not None:
+                fdmsg.write_all(memfd, data)
+            else:
+                self.kubo.fetch_checked_into(chunk, memfd, stall=self.settings.fetch_stall, cap=self.cap)
+            fdmsg.seal(memfd)
+            size = os.fstat(memfd).st_size
+        except BaseException:
+            os.close(memfd)
+            raise
         request = {"op": "map", "path": source.path if source is not None else ""}
-        return self._run(job, manifest, job_dir, request, [data], manifest.partitions,
-                         {"fetch": time.perf_counter() - t0, "bytes": float(len(data))})
+        return self._run(job, manifest, job_dir, request, memfd, manifest.partitions,
+                         {"fetch": time.perf_counter() - t0, "bytes": float(size)})
 
     def run_reduce(self, job: str, manifest: JobManifest, job_dir: Path, inputs: tuple[Cid, ...]) -> Result:
         t0 = time.perf_counter()
         documents = list(self.fetchers.map(lambda cid: self.fetch(job, cid), inputs))
         return self._run(job, manifest, job_dir, {"op": "reduce", "sizes": [len(d) for d in documents]},
-                         documents, 1, {"fetch": time.perf_counter() - t0})
+                         fdmsg.sealed_memfd(documents, "ipdc-input"), 1, {"fetch": time.perf_counter() - t0})
 
     def _acquire(self, job: str, manifest: JobManifest, job_dir: Path) -> Runner:
         """The job's runner, bound with its code and what runs each of its stages."""
@@ -101,9 +115,13 @@ class Executor:
         return self.kubo.fetch_checked(cid, stall=self.settings.fetch_stall, cap=self.cap)
 
     def _run(self, job: str, manifest: JobManifest, job_dir: Path, request: dict[str, Any],
-             inputs: list[bytes], outputs: int, stats: dict[str, float]) -> Result:
-        memfd = fdmsg.sealed_memfd(inputs, "ipdc-input")
-        runner = self._acquire(job, manifest, job_dir)
+             memfd: int, outputs: int, stats: dict[str, float]) -> Result:
+        """Run one task on the sealed input ``memfd``, which this closes."""
+        try:
+            runner = self._acquire(job, manifest, job_dir)
+        except BaseException:
+            os.close(memfd)
+            raise
         try:
             reply, fds = runner.call(request, [memfd], timeout=self.settings.task_timeout)
             try:

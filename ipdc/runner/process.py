@@ -51,9 +51,12 @@ from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 from ipdc.errors import IPDCError, JobError
-from ipdc.runner import pytask
+
+# ipdc.runner.streaming (Hadoop Streaming) and ipdc.runner.pytask (the Python API) are
+# imported by the tasks that need them: every job takes a warm spare, every spare is a
+# cold start, and imports were most of its ~100 ms of CPU (python -X importtime); a
+# WordCount needs neither.
 from ipdc.runner.mapreduce import load_module, map_pairs, reduce_partitions
-from ipdc.runner.streaming import map_command, reduce_command
 from ipdc.wire import fdmsg
 from ipdc.wire.partition import PartitionError, write_partitions
 from ipdc.wire.stages import PYTHON_JOB, CommandStage, PythonStage, stages_of
@@ -170,6 +173,8 @@ class Runner:
         data = _read(fds[0])
         mapper = self.stages.map
         if isinstance(mapper, CommandStage):
+            from ipdc.runner.streaming import map_command  # imported here: see the note at the top
+
             documents = map_command(mapper, self.stages.combine, data, self.partitions, self.output_cap,
                                     str(request.get("path", "")))
         elif self.mapper is None:
@@ -192,6 +197,8 @@ class Runner:
         reducer = self.stages.reduce
         try:
             if isinstance(reducer, CommandStage):  # the part: the blocks the reducer wrote
+                from ipdc.runner.streaming import reduce_command  # imported here: see the note at the top
+
                 blocks = reduce_command(reducer, documents, self.output_cap)
             elif self.reducer is None:
                 raise JobError("this job has no Reduce.py")
@@ -220,6 +227,8 @@ class Runner:
             start += int(size)
         t0 = time.perf_counter()
         args = list(zip(request["codecs"], parts[1:], strict=True))
+        from ipdc.runner import pytask  # imported here: see the note at the top
+
         ok, codec, value, trace = pytask.run(bytes(parts[0]), args, [str(k) for k in request["kwargs"]],
                                              bool(request["chunk"]))
         self._only_the_runner()

@@ -76,18 +76,33 @@ def close_all(fds: Iterable[int]) -> None:
 
 def sealed_memfd(parts: Iterable[bytes | bytearray | memoryview], name: str = "ipdc-data") -> int:
     """A new memfd holding ``parts`` one after the other, sealed, offset 0."""
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    fd = memfd(name)
     try:
         for part in parts:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        os.lseek(fd, 0, os.SEEK_SET)
+            write_all(fd, part)
+        seal(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def memfd(name: str) -> int:
+    """A new, empty memfd that :func:`seal` can seal: a writer fills it piece by piece, so
+    bulk data need never be whole in the writer's memory."""
+    return os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def seal(fd: int) -> None:
+    """Make a filled memfd immutable and rewind it, ready to hand over."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    os.lseek(fd, 0, os.SEEK_SET)
 
 
 def read_sealed(fd: int, limit: int) -> bytes:

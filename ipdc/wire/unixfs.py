@@ -336,12 +336,24 @@ def verify(data: bytes | bytearray | memoryview, cid: str, *, chunk_size: int = 
     returning False, so that a CID from a differently configured import is not
     mistaken for corrupt data.
     """
-    want = cid_to_bytes(cid)
-    if len(want) != 36 or want[:4] not in (_RAW_PREFIX, _DAG_PB_PREFIX):
-        raise UnsupportedCid(f"not a CIDv1 raw/dag-pb sha2-256 CID: {cid[:80]!r}")
+    want = _wanted(cid)
     if want[:4] == _RAW_PREFIX and memoryview(data).nbytes > chunk_size:
         return False  # more than one chunk always has a dag-pb root
     return cid_to_bytes(cid_of(data, chunk_size=chunk_size, max_links=max_links)) == want
+
+
+def verify_file(file: BinaryIO, cid: str) -> bool:
+    """:func:`verify` for the bytes of ``file`` from where it stands, read in pieces (constant
+    memory): what a worker checks in the memfd it filled from kubo."""
+    want = _wanted(cid)
+    return cid_to_bytes(cid_of_file(file)) == want
+
+
+def _wanted(cid: str) -> bytes:
+    want = cid_to_bytes(cid)
+    if len(want) != 36 or want[:4] not in (_RAW_PREFIX, _DAG_PB_PREFIX):
+        raise UnsupportedCid(f"not a CIDv1 raw/dag-pb sha2-256 CID: {cid[:80]!r}")
+    return want
 
 
 def directory_cid(entries: Mapping[str, Link] | Iterable[tuple[str, Link]]) -> str:

@@ -19,19 +19,19 @@ from hypothesis import strategies as st
 
 from ipdc.errors import MessageError
 from ipdc.trust import Signer
-from ipdc.wire import GETRESULT, HEARTBEAT, INBOX_CHANNELS, PRESENCE
 from ipdc.wire.buffer import Buffer
 from ipdc.wire.cache import CACHE, CacheRecord
 from ipdc.wire.channel import MAX_DEPTH, Channel
 from ipdc.wire.cleanup import CleanUp
 from ipdc.wire.domap import DoMap
 from ipdc.wire.download import Download
-from ipdc.wire.getresult import GetResult
-from ipdc.wire.heartbeat import Heartbeat
+from ipdc.wire.getresult import GETRESULT, GetResult
+from ipdc.wire.heartbeat import HEARTBEAT, Heartbeat
 from ipdc.wire.ids import JobId, NodeName
+from ipdc.wire.inbox import INBOX_CHANNELS
 from ipdc.wire.logs import Logs
 from ipdc.wire.manifest import ChunkSource, JobManifest
-from ipdc.wire.presence import Capabilities, Presence
+from ipdc.wire.presence import PRESENCE, Capabilities, Presence
 from ipdc.wire.record import RECORD, SWARM, JobRecord
 from ipdc.wire.renew import Renew
 from ipdc.wire.stages import CommandStage, stages_of

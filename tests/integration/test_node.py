@@ -23,8 +23,8 @@ from ipdc.errors import KuboError
 from ipdc.kubo import KuboClient
 from ipdc.node.lifecycle import Node
 from ipdc.spawn import pid_alive, wait_for
-from ipdc.wire import INBOX_CHANNELS
 from ipdc.wire.channel import MAX_PAYLOAD
+from ipdc.wire.inbox import INBOX_CHANNELS
 from tests.helpers import run_cli
 
 

@@ -404,10 +404,21 @@ def test_bytes_that_do_not_match_their_cid_are_refused(kubo: KuboClient) -> None
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         cid = kubo.add_bytes(TEXT)
-        with KuboClient(f"http://127.0.0.1:{server.server_address[1]}") as liar, \
-                pytest.raises(KuboError, match=f"kubo returned 23 bytes for {cid} that are not what"):
-            liar.fetch_checked(cid, stall=5)
+        with KuboClient(f"http://127.0.0.1:{server.server_address[1]}") as liar:
+            with pytest.raises(KuboError, match=f"kubo returned 23 bytes for {cid} that are not what"):
+                liar.fetch_checked(cid, stall=5)
+            # the same check when the bytes go straight into a runner's memfd
+            with pytest.raises(KuboError, match=f"kubo returned 23 bytes for {cid} that are not what"):
+                liar.fetch_checked_into(cid, fdmsg.memfd("t"), stall=5, cap=1 << 20)
         assert kubo.fetch_checked(cid, stall=5) == TEXT
+        big = TEXT * 400  # several blocks: a dag-pb root over raw leaves
+        big_cid = kubo.add_bytes(big)
+        fd = fdmsg.memfd("t")
+        assert kubo.fetch_checked_into(big_cid, fd, stall=5, cap=1 << 20) == len(big)
+        fdmsg.seal(fd)
+        assert fdmsg.read_sealed(fd, 1 << 20) == big
+        with pytest.raises(KuboError, match="is more than 0 MB"):
+            kubo.fetch_checked_into(big_cid, fdmsg.memfd("t"), stall=5, cap=1000)
     finally:
         server.shutdown()
 

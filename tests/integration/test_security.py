@@ -32,7 +32,6 @@ from ipdc.spawn import wait_for
 from ipdc.submit.client import SwarmClient
 from ipdc.submit.mapreduce import MapReduceController, MapReduceJob
 from ipdc.trust import Signer, digest
-from ipdc.wire import INBOX_CHANNELS
 from ipdc.wire.buffer import Buffer
 from ipdc.wire.channel import MAX_PAYLOAD
 from ipdc.wire.cleanup import CleanUp
@@ -40,6 +39,7 @@ from ipdc.wire.domap import DoMap
 from ipdc.wire.download import Download
 from ipdc.wire.getresult import GETRESULT, GetResult
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.inbox import INBOX_CHANNELS
 from ipdc.wire.manifest import JobManifest
 from ipdc.wire.renew import Renew
 from ipdc.wire.tf import Tf

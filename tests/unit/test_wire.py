@@ -8,10 +8,10 @@ import pytest
 
 from ipdc.config import config_from_dict
 from ipdc.errors import ConfigError, MessageError
-from ipdc.wire import INBOX_CHANNELS
 from ipdc.wire.channel import MAX_PAYLOAD
 from ipdc.wire.getresult import GETRESULT
 from ipdc.wire.ids import Cid, JobId, NodeName
+from ipdc.wire.inbox import INBOX_CHANNELS
 
 JOB = "0123456789abcdef0123456789abcdef"
 CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
