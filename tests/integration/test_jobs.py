@@ -101,23 +101,34 @@ def test_a_detached_job_outlives_its_command_and_ipdc_jobs_follows_it(cluster: L
     assert row["finished_at"] >= row["started_at"] >= row["submitted_at"]
 
 
+def kill_service_mid_job(node: Node, job_id: str, maps: int) -> None:
+    """SIGKILL the node's controller service once ``maps`` map tasks of the job are accepted."""
+    assert wait_for(lambda: maps_done(node, job_id) >= maps, 120, 0.05)
+    os.kill(node.services["control"].pid() or 0, signal.SIGKILL)
+    assert wait_for(lambda: node.services["control"].pid() is None, 10)
+
+
+def resume_to_success(node: Node, job_id: str) -> dict[str, Any]:
+    """Start what is missing (the controller service, which resumes the job); its final row."""
+    run_cli(["node", "start"], node.home)
+    assert wait_for(lambda: job_row(node, job_id)["state"] in ("succeeded", "failed"), 180, 0.2)
+    final = job_row(node, job_id)
+    assert final["state"] == "succeeded", final["error"]
+    return final
+
+
 def test_a_kill_9_of_the_controller_service_mid_job_loses_nothing(cluster: LocalCluster,
                                                                   tmp_path: Path) -> None:
     node = cluster.nodes[0]
     data = make_input(tmp_path / "in.txt", seed=2)
     job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 0.5)),
                            "--chunks", "18", "-o", str(tmp_path / "out")])
-    assert wait_for(lambda: maps_done(node, job_id) >= 3, 120, 0.05)
-    os.kill(node.services["control"].pid() or 0, signal.SIGKILL)
-    assert wait_for(lambda: node.services["control"].pid() is None, 10)
+    kill_service_mid_job(node, job_id, maps=3)
     recorded = job_row(node, job_id)["tasks"]["map"]
     before = {t["index"]: t["attempts"] for t in recorded if t["state"] == "done"}
     assert 3 <= len(before) < 18 and job_row(node, job_id)["state"] == "running"
 
-    run_cli(["node", "start"], node.home)  # starts what is missing: the controller service, which resumes
-    assert wait_for(lambda: job_row(node, job_id)["state"] in ("succeeded", "failed"), 180, 0.2)
-    final = job_row(node, job_id)
-    assert final["state"] == "succeeded", final["error"]
+    final = resume_to_success(node, job_id)
     assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
     after = {t["index"]: t["attempts"] for t in final["tasks"]["map"]}
     for index, attempts in before.items():
@@ -140,9 +151,7 @@ def test_a_resumed_job_adds_again_what_its_killed_service_never_added(cluster: L
     data = make_input(tmp_path / "in.txt", seed=5, lines=2000)
     job_id = detach(node, ["--k", "3", str(tmp_path / "in.txt"), "--map", str(slow_map(tmp_path, 0.5)),
                            "--chunks", "9", "-o", str(tmp_path / "out")])
-    assert wait_for(lambda: maps_done(node, job_id) >= 1, 120, 0.05)
-    os.kill(node.services["control"].pid() or 0, signal.SIGKILL)
-    assert wait_for(lambda: node.services["control"].pid() is None, 10)
+    kill_service_mid_job(node, job_id, maps=1)
     manifest = job_row(node, job_id)["plan"]["manifest"]
     uploads = {*manifest["code"].values(), *manifest["chunks"]} - {EMPTY_CID}
     for n in cluster.nodes:
@@ -151,10 +160,7 @@ def test_a_resumed_job_adds_again_what_its_killed_service_never_added(cluster: L
             kubo._post("repo/gc")
             assert not any(kubo.has(c) for c in uploads), "a node still holds the job's uploads"
 
-    run_cli(["node", "start"], node.home)
-    assert wait_for(lambda: job_row(node, job_id)["state"] in ("succeeded", "failed"), 180, 0.2)
-    final = job_row(node, job_id)
-    assert final["state"] == "succeeded", final["error"]
+    resume_to_success(node, job_id)
     assert read_output(tmp_path / "out", 3)[0] == reference_counts(data)
     assert "added its code and input again" in (node.home / "logs" / "control.log").read_text()
 
