@@ -13,7 +13,10 @@ rules are tested message by message, and every message twice:
   answered from what was computed (or from the error it met), under the new
   request's digest, and never runs anything twice.
 * A request for a job this node does not hold is refused (logged, not answered);
-  one for a job it has finished is ignored.
+  one for a job it has finished is ignored, except a Download, which its submitter
+  sends only to take the job up (a controller resumed after the lease): it is answered
+  with why the job ended here, so that the controller fails at once rather than after
+  ``agent.ready_timeout``.
 * A job whose submitter has said nothing for the lease is dropped, as if cleaned up.
 """
 
@@ -129,7 +132,8 @@ class JobTable:
     def __init__(self, node: str) -> None:
         self.node = NodeName(node)
         self.jobs: dict[JobKey, HeldJob] = {}
-        self.finished: OrderedDict[JobKey, None] = OrderedDict()
+        self.finished: OrderedDict[JobKey, str] = OrderedDict()
+        """Jobs that ended here -> why."""
 
     def _result(self, key: JobKey, kind: str, re: str, **fields: object) -> Report:
         return Report(GetResult(JobId(key[1]), self.node, kind, re=re, **fields))  # type: ignore[arg-type]
@@ -146,7 +150,9 @@ class JobTable:
     def download(self, manifest: JobManifest, re: str, now: float) -> list[Action]:
         key = key_of(manifest)
         if key in self.finished:
-            return [Note(f"ignored download of job {manifest.job_id}: the job is finished here")]
+            why = f"job {manifest.job_id} ended on {self.node}: {self.finished[key]}"
+            return [Note(f"refused download of job {manifest.job_id}: the job is finished here"),
+                    self._result(key, "error", re, phase="download", error=clip(why))]
         job = self.jobs.get(key)
         if job is not None:  # a duplicate, or the owner asking again after an outage
             job.last_heard, job.ready_re = now, re
@@ -226,8 +232,9 @@ class JobTable:
         if job is None:
             state = "finished" if key in self.finished else "unknown"
             return [Note(f"refused cleanup of job {key[1]}: the job is {state} here")]
-        self._remember(key)
-        return [Drop(key, tuple(job.created), "its submitter cleaned it up")]
+        why = "its submitter cleaned it up"
+        self._remember(key, why)
+        return [Drop(key, tuple(job.created), why)]
 
     def expire(self, now: float, lease: float) -> list[Action]:
         """Drop every job whose submitter has been silent longer than ``lease``."""
@@ -235,13 +242,13 @@ class JobTable:
         for key, job in list(self.jobs.items()):
             if now - job.last_heard > lease:
                 del self.jobs[key]
-                self._remember(key)
                 silence = f"its submitter has said nothing for {now - job.last_heard:.0f} s (agent.job_lease)"
+                self._remember(key, f"it was dropped: {silence}")
                 actions.append(Drop(key, tuple(job.created), silence))
         return actions
 
-    def _remember(self, key: JobKey) -> None:
-        self.finished[key] = None
+    def _remember(self, key: JobKey, why: str) -> None:
+        self.finished[key] = why
         while len(self.finished) > REMEMBERED_JOBS:
             self.finished.popitem(last=False)
 

@@ -125,7 +125,10 @@ def test_a_killed_submitters_job_is_dropped_everywhere_after_the_lease(trio: Loc
         run_cli(["node", "start"], submitter.home)
         history = History(submitter.home / DB_NAME)
         assert wait_for(lambda: (history.job(job_id) or {}).get("state") in ("succeeded", "failed"), 120, 0.2)
-        assert (history.job(job_id) or {})["state"] == "failed" and not (tmp_path / "later").exists()
+        row = history.job(job_id) or {}
+        assert row["state"] == "failed" and not (tmp_path / "later").exists()
+        # the workers said why at once (not after agent.ready_timeout of silence)
+        assert "it was dropped: its submitter has said nothing for" in row["error"], row["error"]
         assert wait_for(clean, 30, 0.2)
         # the swarm serves the next job
         run_cli(["mr", str(tmp_path / "in.txt"), "--k", "3", "-o", str(tmp_path / "out"), "-q"],

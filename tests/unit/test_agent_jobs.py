@@ -142,7 +142,10 @@ def test_cleanup_twice_drops_once_and_later_messages_are_ignored() -> None:
     assert drop == Drop(key, (cid(80), cid(81)), "its submitter cleaned it up")
     (note,) = table.cleanup(key)
     assert isinstance(note, Note) and "finished" in note.text
-    assert isinstance(table.download(m, "d", 2.0)[0], Note)
+    note, report = table.download(m, "d", 2.0)
+    assert isinstance(note, Note) and isinstance(report, Report)
+    assert report.result.kind == "error" and report.result.phase == "download" and report.result.re == "d"
+    assert "its submitter cleaned it up" in report.result.error
     assert "finished" in table.domap(key, 1, 0, "m", 2.0)[0].text
     # a task that was still running when the job went: its output is unpinned at once
     assert table.task_done(key, "map", 1, 0, [cid(82)], {}, "m") == [Unpin((cid(82),))]
@@ -158,11 +161,17 @@ def test_a_cleanup_for_a_job_never_held_is_refused_and_remembered_nowhere() -> N
 
 def test_the_lease_drops_jobs_whose_submitter_went_silent() -> None:
     table = JobTable(ME)
-    quiet, chatty = held(table, manifest()), held(table, manifest())
+    m = manifest()
+    quiet, chatty = held(table, m), held(table, manifest())
     table.renew(chatty, 100.0)
     assert table.expire(50.0, lease=60.0) == []
     (drop,) = table.expire(100.0, lease=60.0)
     assert drop.key == quiet and "job_lease" in drop.why
+    # its submitter, back after the lease, asks again: it learns at once why the job is gone
+    _, report = table.download(m, "again", 120.0)
+    assert isinstance(report, Report) and report.result.kind == "error" and report.result.re == "again"
+    assert "it was dropped: its submitter has said nothing for 100 s (agent.job_lease)" in report.result.error
+    assert quiet not in table.jobs
     assert quiet not in table.jobs and chatty in table.jobs
     assert table.expire(100.0, lease=60.0) == []  # twice: nothing more
 
