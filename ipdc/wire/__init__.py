@@ -22,7 +22,7 @@ Topics:
 Membership (:mod:`ipdc.wire.membership`): ``ipdc/enroll/<id>/request|reply``,
 ``ipdc/removed/<node>`` and ``ipdc/swarmkey/<node>``.
 
-The package imports nothing itself: a sandboxed runner imports a few of its modules
-(``partition``, ``fdmsg``, ``stages``) at every cold start, and importing all the
-channels with them cost 40 of its ~100 ms. The agent's inbox is :mod:`ipdc.wire.inbox`.
+The package imports nothing itself, so that importing one of its modules costs that
+module: importing every channel with it took ~40 ms (``python -X importtime``). The
+agent's inbox is :mod:`ipdc.wire.inbox`.
 """
