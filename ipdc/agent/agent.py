@@ -348,7 +348,7 @@ class Agent:
             return [Note(f"rejected {what}: this node is not among the job's workers (a manifest "
                          "replayed from another node?)")]
         key = key_of(manifest)
-        if key not in self.table.jobs and key not in self.table.finished:  # a repeat needs no fresh nonce
+        if key not in self.table.jobs:  # a repeat needs no fresh nonce; a job that ended here answers fresh ones only
             refused = self.nonces.check(manifest.nonce, manifest.submitted_at)
             if refused:
                 return [Note(f"rejected {what}: {refused}")]

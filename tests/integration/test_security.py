@@ -225,8 +225,18 @@ def test_replayed_manifest_is_rejected_even_after_an_agent_restart(pair: LocalCl
     assert wait_for(lambda: (job_dir / "Map.py").exists(), 20), "the honest job was not downloaded"
     agent.publish("cleanup", encode(trusted.sign(CleanUp(manifest.job_id), "cleanup", agent.name)))
     assert wait_for(lambda: not job_dir.exists(), 20)
-    agent.publish("download", honest)  # the same bytes again: the agent remembers the job
-    agent.expect_log("ignored download of job", manifest.job_id, "finished")
+    answers = Answers(pair, str(manifest.job_id))
+    try:
+        agent.publish("download", honest)  # the same bytes again: a replay, refused unanswered
+        assert "replayed" in agent.expect_log("rejected download of job", manifest.job_id)
+        # the submitter asking afresh (a controller resumed after the job ended here) is told why
+        again = trusted.sign(Download(manifest.reissued([NodeName(agent.name)])), "download", agent.name)
+        agent.publish("download", encode(again))
+        got = answers.until(lambda r: r.kind == "error")
+        assert [(r.kind, r.phase, r.re) for r in got] == [("error", "download", digest(again))]
+        assert "its submitter cleaned it up" in got[0].error
+    finally:
+        answers.close()
 
     node = Node(agent.node.home)
     node.stop()
