@@ -409,9 +409,13 @@ def trust_list() -> None:
 
 # -- mapreduce -------------------------------------------------------------------------
 @contextmanager
-def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
+def swarm_for(k: int | None, quiet: bool, spec: dict[str, Any]) -> Iterator[Path]:
     """The home of the node whose controller service runs the job: this node's when it
-    runs, else the first node of a temporary local cluster of K nodes."""
+    runs, else the first node of a temporary local cluster of K nodes.
+
+    Before a temporary cluster is started, the job ``spec`` gets the check a node's service
+    gives it, here: a mistake the user can fix at once (a missing input, ``--k 0``) fails in
+    a second, not after the cluster's start, and ``--k -1`` never reaches the cluster."""
     home = ipdc_home()
     try:
         ControlClient(home, timeout=5).call("ping")
@@ -420,6 +424,10 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
     else:
         yield home
         return
+    from ipdc.control.jobrun import job_of
+    from ipdc.submit.mapreduce import check_job_files
+
+    check_job_files(job_of(spec, spec["output"]))
     n = k or 2
     if not quiet:
         err.print(f"[yellow]no IPDC node is running for {home}: starting a temporary local "
@@ -540,7 +548,7 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
         click.echo(json.dumps(queued, indent=2) if as_json else reply["job_id"])
         return
     show = not quiet and not as_json and not print_cid and err.is_terminal
-    with swarm_for(k, quiet or as_json or print_cid) as home:
+    with swarm_for(k, quiet or as_json or print_cid, spec) as home:
         client = ControlClient(home, timeout=None)
         job_id = client.call("submit", job=spec, cwd=os.getcwd())["job_id"]
         try:

@@ -1,0 +1,41 @@
+"""``ipdc mr`` with no node running starts a temporary cluster; a mistake the user can fix
+at once must fail before it, as it does on a running node, with one line and no traceback.
+``--k -1`` once reached the cluster and ended in a ValueError traceback; a missing input,
+``--k 0`` and ``--chunks 0`` were found only after four kubo nodes had started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from ipdc.cli import main
+from ipdc.jobs import shipped
+
+
+def ipdc_mr(home: Path, *args: str) -> Result:
+    return CliRunner(env={"IPDC_HOME": str(home)}).invoke(main, ["mr", *args])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--k", "-1"], "--k must be at least 1, not -1"),
+    (["--k", "0"], "--k must be at least 1, not 0"),
+    (["--chunks", "0"], "--chunks must be 1 to 65536"),
+    (["--chunks", "1000000000"], "--chunks must be 1 to 65536"),
+])
+def test_a_bad_number_fails_before_a_temporary_cluster_starts(tmp_path: Path, args: list[str],
+                                                               message: str) -> None:
+    done = ipdc_mr(tmp_path / "home", *args, str(shipped("mapreduce", "input.txt")))
+    assert done.exit_code == 1, done.stderr
+    assert done.exception is None or isinstance(done.exception, SystemExit)  # not a traceback
+    assert message in done.stderr
+    assert "temporary" not in done.stderr
+
+
+def test_a_missing_input_fails_before_a_temporary_cluster_starts(tmp_path: Path) -> None:
+    done = ipdc_mr(tmp_path / "home", "--k", "2", str(tmp_path / "nothing.txt"))
+    assert done.exit_code == 1, done.stderr
+    assert f"input {tmp_path / 'nothing.txt'} does not exist" in done.stderr
+    assert "temporary" not in done.stderr
+    assert not (tmp_path / "home").exists()
