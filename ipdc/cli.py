@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ipdc import __version__, ipdc_home
-from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError
+from ipdc.errors import ControlError, IPDCError, JobCancelled, JobError, NodeError, TokenError
 
 if TYPE_CHECKING:
     import json
@@ -781,10 +781,14 @@ def job_get(job_id: str, output: Path | None, as_json: bool) -> None:
     """Write the output directory of finished job ID from its result CID. Works on any node
     of the swarm: the job's signed result record is found on the broker, and accepted when
     a key this node trusts signed it. ID is the whole job id for another node's job."""
+    from ipdc.wire.ids import JobId
+
     try:
         full_id = _job_id(_history(), job_id)
-    except IPDCError:
+    except IPDCError as exc:
         full_id = job_id.strip().lower()
+        if not JobId.pattern.fullmatch(full_id):  # the broker finds another node's job by its whole id only
+            raise JobError(f"{exc}; a job of another node is named by its whole id (32 hex digits)") from None
     reply = ControlClient(ipdc_home(), timeout=None).call(
         "get", job_id=full_id, output=str(output.absolute()) if output else None, cwd=os.getcwd())
     if as_json:

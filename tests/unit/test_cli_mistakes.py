@@ -1,4 +1,7 @@
-"""``ipdc mr`` with no node running starts a temporary cluster; a mistake the user can fix
+"""User mistakes on the command line fail with one line saying what to do, before anything
+starts.
+
+``ipdc mr`` with no node running starts a temporary cluster; a mistake the user can fix
 at once must fail before it, as it does on a running node, with one line and no traceback.
 ``--k -1`` once reached the cluster and ended in a ValueError traceback; a missing input,
 ``--k 0`` and ``--chunks 0`` were found only after four kubo nodes had started."""
@@ -14,8 +17,12 @@ from ipdc.cli import main
 from ipdc.jobs import shipped
 
 
+def ipdc(home: Path, *args: str) -> Result:
+    return CliRunner(env={"IPDC_HOME": str(home)}).invoke(main, list(args))
+
+
 def ipdc_mr(home: Path, *args: str) -> Result:
-    return CliRunner(env={"IPDC_HOME": str(home)}).invoke(main, ["mr", *args])
+    return ipdc(home, "mr", *args)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -39,3 +46,12 @@ def test_a_missing_input_fails_before_a_temporary_cluster_starts(tmp_path: Path)
     assert f"input {tmp_path / 'nothing.txt'} does not exist" in done.stderr
     assert "temporary" not in done.stderr
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("prefix", ["3f2a", "zzzz"])
+def test_job_get_of_an_id_prefix_no_job_here_has_says_to_give_the_whole_id(tmp_path: Path, prefix: str) -> None:
+    """It used to go to the service, which said only ``not a job id: '3f2a'``."""
+    done = ipdc(tmp_path / "home", "job", "get", prefix)
+    assert done.exit_code == 1, done.stderr
+    assert "`ipdc jobs --all`" in done.stderr
+    assert "a job of another node is named by its whole id (32 hex digits)" in done.stderr
