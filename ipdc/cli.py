@@ -622,7 +622,7 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
                + (f" (cached: the result of job {result['cached_from']})" if result.get("cached") else ""))
     click.echo(f"output:  {result['output']}")
     click.echo(f"result:  {result['result_cid']}")
-    click.echo(f"workers: {', '.join(w['name'] for w in result['workers'])}")
+    click.echo(f"workers: {', '.join(w['name'] for w in result['workers']) or 'none (the result was cached)'}")
 
 
 # -- jobs ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from ipdc.cli import main
+from ipdc.cli import _print_result, main
 from ipdc.jobs import shipped
 
 
@@ -55,3 +55,10 @@ def test_job_get_of_an_id_prefix_no_job_here_has_says_to_give_the_whole_id(tmp_p
     assert done.exit_code == 1, done.stderr
     assert "`ipdc jobs --all`" in done.stderr
     assert "a job of another node is named by its whole id (32 hex digits)" in done.stderr
+
+
+def test_a_cached_result_says_why_it_has_no_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    """A cache hit printed an empty ``workers:`` line."""
+    _print_result({"job_id": "b" * 32, "timings": {"total": 0.01}, "cached": True, "cached_from": "a" * 32,
+                   "output": "/o", "result_cid": "bafy", "workers": []}, as_json=False)
+    assert "workers: none (the result was cached)" in capsys.readouterr().out
