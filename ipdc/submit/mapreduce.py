@@ -227,6 +227,9 @@ def check_job_files(job: MapReduceJob) -> None:
     if job.k is not None and job.verify > job.k:
         raise JobError(f"--verify {job.verify} runs every task on {job.verify} distinct peers, so it "
                        f"needs --k of at least {job.verify}")
+    if job.output is not None and job.output.exists() and not job.output.is_dir():
+        raise JobError(f"output {job.output} is a file, and --output names the directory to write the "
+                       "parts into: choose another --output")
     if job.output is not None and job.output.exists() and any(job.output.iterdir()):
         raise JobError(f"output directory {job.output} exists and is not empty; "
                        "choose another --output or remove it")

@@ -62,3 +62,11 @@ def test_a_cached_result_says_why_it_has_no_workers(capsys: pytest.CaptureFixtur
     _print_result({"job_id": "b" * 32, "timings": {"total": 0.01}, "cached": True, "cached_from": "a" * 32,
                    "output": "/o", "result_cid": "bafy", "workers": []}, as_json=False)
     assert "workers: none (the result was cached)" in capsys.readouterr().out
+
+
+def test_an_output_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    """``-o FILE`` ended in a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("")
+    done = ipdc_mr(tmp_path / "home", "--k", "1", str(shipped("mapreduce", "input.txt")), "-o", str(tmp_path / "afile"))
+    assert done.exit_code == 1, done.stderr
+    assert f"output {tmp_path / 'afile'} is a file" in done.stderr
