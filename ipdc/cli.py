@@ -160,7 +160,8 @@ def node() -> None:
               help="Join an existing swarm, reading the invite token from stdin (`--join -`).")
 @click.option("--join-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Join an existing swarm with the invite token in this file (from `ipdc invite -o FILE`).")
-@click.option("--slots", type=int, default=0, help="Tasks run at once (default: one per core).")
+@click.option("--slots", type=click.IntRange(min=0), default=0,
+              help="Tasks run at once (default, 0: one per core).")
 @click.option("--small", is_flag=True,
               help="A node for a board with little memory (a 128 MB Raspberry Pi): kubo's lowpower profile "
                    "and a 64 MB soft limit, one slot, no warm spare runner. Automatic below 1 GB of memory.")

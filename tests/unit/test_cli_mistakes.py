@@ -70,3 +70,11 @@ def test_an_output_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
     done = ipdc_mr(tmp_path / "home", "--k", "1", str(shipped("mapreduce", "input.txt")), "-o", str(tmp_path / "afile"))
     assert done.exit_code == 1, done.stderr
     assert f"output {tmp_path / 'afile'} is a file" in done.stderr
+
+
+def test_node_init_refuses_negative_slots_before_it_makes_the_node(tmp_path: Path) -> None:
+    """``--slots -1`` made a node whose ipdc.conf every later command refused (node.slots)."""
+    done = ipdc(tmp_path / "home", "node", "init", "--slots", "-1")
+    assert done.exit_code == 2
+    assert "--slots" in done.stderr
+    assert not (tmp_path / "home").exists()
