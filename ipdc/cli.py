@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ipdc import __version__, ipdc_home
-from ipdc.errors import ControlError, IPDCError, JobCancelled, NodeError, TokenError
+from ipdc.errors import ControlError, IPDCError, JobCancelled, JobError, NodeError, TokenError
 
 if TYPE_CHECKING:
     import json
@@ -160,7 +160,8 @@ def node() -> None:
               help="Join an existing swarm, reading the invite token from stdin (`--join -`).")
 @click.option("--join-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Join an existing swarm with the invite token in this file (from `ipdc invite -o FILE`).")
-@click.option("--slots", type=int, default=0, help="Tasks run at once (default: one per core).")
+@click.option("--slots", type=click.IntRange(min=0), default=0,
+              help="Tasks run at once (default, 0: one per core).")
 @click.option("--small", is_flag=True,
               help="A node for a board with little memory (a 128 MB Raspberry Pi): kubo's lowpower profile "
                    "and a 64 MB soft limit, one slot, no warm spare runner. Automatic below 1 GB of memory.")
@@ -409,9 +410,13 @@ def trust_list() -> None:
 
 # -- mapreduce -------------------------------------------------------------------------
 @contextmanager
-def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
+def swarm_for(k: int | None, quiet: bool, spec: dict[str, Any]) -> Iterator[Path]:
     """The home of the node whose controller service runs the job: this node's when it
-    runs, else the first node of a temporary local cluster of K nodes."""
+    runs, else the first node of a temporary local cluster of K nodes.
+
+    Before a temporary cluster is started, the job ``spec`` gets the check a node's service
+    gives it, here: a mistake the user can fix at once (a missing input, ``--k 0``) fails in
+    a second, not after the cluster's start, and ``--k -1`` never reaches the cluster."""
     home = ipdc_home()
     try:
         ControlClient(home, timeout=5).call("ping")
@@ -420,6 +425,10 @@ def swarm_for(k: int | None, quiet: bool) -> Iterator[Path]:
     else:
         yield home
         return
+    from ipdc.control.jobrun import job_of
+    from ipdc.submit.mapreduce import check_job_files
+
+    check_job_files(job_of(spec, spec["output"]))
     n = k or 2
     if not quiet:
         err.print(f"[yellow]no IPDC node is running for {home}: starting a temporary local "
@@ -540,7 +549,7 @@ def mr(input_ref: str, k: int | None, map_file: Path | None, reduce_file: Path |
         click.echo(json.dumps(queued, indent=2) if as_json else reply["job_id"])
         return
     show = not quiet and not as_json and not print_cid and err.is_terminal
-    with swarm_for(k, quiet or as_json or print_cid) as home:
+    with swarm_for(k, quiet or as_json or print_cid, spec) as home:
         client = ControlClient(home, timeout=None)
         job_id = client.call("submit", job=spec, cwd=os.getcwd())["job_id"]
         try:
@@ -614,7 +623,7 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
                + (f" (cached: the result of job {result['cached_from']})" if result.get("cached") else ""))
     click.echo(f"output:  {result['output']}")
     click.echo(f"result:  {result['result_cid']}")
-    click.echo(f"workers: {', '.join(w['name'] for w in result['workers'])}")
+    click.echo(f"workers: {', '.join(w['name'] for w in result['workers']) or 'none (the result was cached)'}")
 
 
 # -- jobs ------------------------------------------------------------------------------
@@ -773,10 +782,14 @@ def job_get(job_id: str, output: Path | None, as_json: bool) -> None:
     """Write the output directory of finished job ID from its result CID. Works on any node
     of the swarm: the job's signed result record is found on the broker, and accepted when
     a key this node trusts signed it. ID is the whole job id for another node's job."""
+    from ipdc.wire.ids import JobId
+
     try:
         full_id = _job_id(_history(), job_id)
-    except IPDCError:
+    except IPDCError as exc:
         full_id = job_id.strip().lower()
+        if not JobId.pattern.fullmatch(full_id):  # the broker finds another node's job by its whole id only
+            raise JobError(f"{exc}; a job of another node is named by its whole id (32 hex digits)") from None
     reply = ControlClient(ipdc_home(), timeout=None).call(
         "get", job_id=full_id, output=str(output.absolute()) if output else None, cwd=os.getcwd())
     if as_json:

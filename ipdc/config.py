@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,11 @@ class Config:
 
 def config_from_dict(data: Any) -> Config:
     cfg = build(Config, data, "", ConfigError)
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            # YAML's .nan passes every range check below, and .inf overflows a thread's wait
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{key}: must be a finite number of seconds, got {value}")
     for where, port in (
         ("broker.port", cfg.broker.port),
         ("kubo.api_port", cfg.kubo.api_port),
@@ -181,6 +187,8 @@ def config_from_dict(data: Any) -> Config:
             raise ConfigError(f"{where}: {port} is not a TCP port (1-65535)")
     if cfg.agent.heartbeat_interval <= 0 or cfg.agent.peer_timeout <= cfg.agent.heartbeat_interval:
         raise ConfigError("agent.peer_timeout must be larger than agent.heartbeat_interval (> 0)")
+    if cfg.agent.warm_runners < 0:
+        raise ConfigError(f"agent.warm_runners: must be 0 (no spare runner) or more, got {cfg.agent.warm_runners}")
     if cfg.kubo.memory_limit_mb < 0:
         raise ConfigError("kubo.memory_limit_mb: must be 0 (no limit) or a number of MB, "
                           f"got {cfg.kubo.memory_limit_mb}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ipdc.errors import HistoryError
+from ipdc.private import private_dir
 
 DB_NAME = "ipdc.db"
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -121,7 +122,8 @@ class History:
         self.path = path
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # ``ipdc jobs`` before ``init`` makes the home: 0700 as init makes it, not the umask's
+            private_dir(path.parent)
             self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode = WAL")

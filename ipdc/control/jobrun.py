@@ -68,9 +68,11 @@ def job_params(job: MapReduceJob) -> dict[str, Any]:
             "cache": job.cache}
 
 
-def job_of(params: dict[str, Any], output: str) -> MapReduceJob:
+def job_of(params: dict[str, Any], output: str | None) -> MapReduceJob:
+    """The job of a record or a submitted spec; ``output`` None: the default, not made yet."""
     return MapReduceJob(input=parse_input(params["input"]), k=params["k"], map_file=Path(params["map_file"]),
-                        reduce_file=Path(params["reduce_file"]), output=Path(output), chunks=params["chunks"],
+                        reduce_file=Path(params["reduce_file"]), output=Path(output) if output else None,
+                        chunks=params["chunks"],
                         max_attempts=params["max_attempts"], verify=params["verify"],
                         verify_majority=params["verify_majority"], cache=params.get("cache", True),
                         **streaming_of(params))

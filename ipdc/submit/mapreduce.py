@@ -77,7 +77,7 @@ from ipdc.wire.download import DOWNLOAD, Download
 from ipdc.wire.getresult import GetResult
 from ipdc.wire.ids import Cid, JobId, NodeName
 from ipdc.wire.inline import InlineMismatch
-from ipdc.wire.manifest import ChunkSource, JobManifest
+from ipdc.wire.manifest import MAX_TASKS, ChunkSource, JobManifest
 from ipdc.wire.renew import RENEW, Renew
 from ipdc.wire.unixfs import cid_of
 
@@ -217,6 +217,9 @@ def check_job_files(job: MapReduceJob) -> None:
     job_code(job)
     if job.k is not None and job.k < 1:
         raise JobError(f"--k must be at least 1, not {job.k}")
+    if job.chunks is not None and not 1 <= job.chunks <= MAX_TASKS:
+        raise JobError(f"--chunks must be 1 to {MAX_TASKS} (a job's most map tasks), not {job.chunks}; "
+                       "leave it out to choose from the input's size")
     if job.max_attempts < 1:
         raise JobError(f"--max-attempts must be at least 1, not {job.max_attempts}")
     if job.verify < 1:
@@ -224,6 +227,9 @@ def check_job_files(job: MapReduceJob) -> None:
     if job.k is not None and job.verify > job.k:
         raise JobError(f"--verify {job.verify} runs every task on {job.verify} distinct peers, so it "
                        f"needs --k of at least {job.verify}")
+    if job.output is not None and job.output.exists() and not job.output.is_dir():
+        raise JobError(f"output {job.output} is a file, and --output names the directory to write the "
+                       "parts into: choose another --output")
     if job.output is not None and job.output.exists() and any(job.output.iterdir()):
         raise JobError(f"output directory {job.output} exists and is not empty; "
                        "choose another --output or remove it")

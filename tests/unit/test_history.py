@@ -31,6 +31,12 @@ def test_a_new_history_has_the_newest_schema_and_is_private(tmp_path: Path) -> N
     assert (tmp_path / "ipdc.db").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_history_made_before_the_node_makes_its_home_private(tmp_path: Path) -> None:
+    """``ipdc jobs`` on a machine with no node made ``~/.ipdc`` with the umask's 0755."""
+    History(tmp_path / "home" / "ipdc.db").close()
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
+
+
 def test_an_old_history_is_migrated_step_by_step_and_keeps_its_jobs(tmp_path: Path) -> None:
     path = tmp_path / "ipdc.db"
     db = sqlite3.connect(path, isolation_level=None)

@@ -25,6 +25,9 @@ CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
     ({"node": {"tf": "maybe"}}, "node.tf"),
     ({"sandbox": {"nice": True}}, "sandbox.nice"),
     ({"nodes": {}}, "nodes"),
+    ({"agent": {"warm_runners": -1}}, "agent.warm_runners"),
+    ({"agent": {"heartbeat_interval": float("nan")}}, "agent.heartbeat_interval"),
+    ({"sandbox": {"task_timeout": float("inf")}}, "sandbox.task_timeout"),
 ])
 def test_config_errors_name_the_bad_key(data: dict, where: str) -> None:
     with pytest.raises(ConfigError, match=where.replace("[", r"\[")):
