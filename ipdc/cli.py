@@ -591,7 +591,11 @@ def _interrupted(client: ControlClientT, job_id: str) -> dict[str, Any]:
         err.print(f"job {job_id} keeps running; follow it with `ipdc job status {job_id}`", highlight=False)
         sys.exit(0)
     err.print(f"cancelling job {job_id}...", highlight=False)
-    client.call("cancel", job_id=job_id)
+    try:
+        client.call("cancel", job_id=job_id)
+    except KeyboardInterrupt:  # a second Ctrl-C stops only the wait: the service has the cancel
+        raise JobCancelled(f"stopped waiting: the controller service goes on cancelling job {job_id} "
+                           f"(`ipdc job status {job_id}` shows when it is)") from None
     raise JobCancelled(f"job {job_id} was cancelled")
 
 

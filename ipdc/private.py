@@ -49,8 +49,16 @@ def write_private(path: Path, data: bytes | str, *, replace: bool = False) -> No
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and its parents) if needed, and make it 0700: a node's home and its
-    key directory are the owner's alone, whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    """Create ``path`` if needed, and make it 0700: a node's home and its key directory are
+    the owner's alone, whatever the umask. Parents it makes are 0700 too (``keys/`` made
+    before the home, by ``ipdc trust key`` before ``init``, made the home with the umask's
+    0755); parents that exist are left as they are."""
+    missing = []
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for directory in reversed(missing):
+        directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     path.chmod(PRIVATE_DIR)
     return path

@@ -34,6 +34,7 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import SigningKey, VerifyKey
 
 from ipdc.errors import TrustError
+from ipdc.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Signer:
                                  "`ipdc node init` again to make a new one")
             return cls(SigningKey(seed))
         signer = cls.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(SEED_PREFIX + _b64(signer._private.encode()) + "\n")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from ipdc.cli import _print_result, main
+from ipdc.cli import _interrupted, _print_result, main
+from ipdc.errors import JobCancelled
 from ipdc.jobs import shipped
 
 
@@ -78,3 +79,23 @@ def test_node_init_refuses_negative_slots_before_it_makes_the_node(tmp_path: Pat
     assert done.exit_code == 2
     assert "--slots" in done.stderr
     assert not (tmp_path / "home").exists()
+
+
+class _CancelInterrupted:
+    """A controller service client whose cancel is interrupted by a second Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    def call(self, op: str, **args: object) -> dict[str, object]:
+        self.calls.append((op, args))
+        raise KeyboardInterrupt
+
+
+def test_a_second_ctrl_c_while_cancelling_says_the_cancel_goes_on() -> None:
+    """It printed click's bare "Aborted!", and the user could not tell whether the job ran on."""
+    client = _CancelInterrupted()
+    with pytest.raises(JobCancelled, match="the controller service goes on cancelling job j1") as raised:
+        _interrupted(client, "j1")  # type: ignore[arg-type]
+    assert client.calls == [("cancel", {"job_id": "j1"})]
+    assert "ipdc job status j1" in str(raised.value)

@@ -31,9 +31,15 @@ def manifest(submitter: str) -> JobManifest:
 
 
 def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
-    path = tmp_path / "keys" / "submitter.key"
-    first = Signer.load_or_create(path)
+    home = tmp_path / "home"  # `ipdc trust key` before `init`: nothing of the home exists yet
+    path = home / "keys" / "submitter.key"
+    old = os.umask(0o022)
+    try:
+        first = Signer.load_or_create(path)
+    finally:
+        os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o600
+    assert [os.stat(d).st_mode & 0o777 for d in (home, home / "keys")] == [0o700, 0o700]
     assert Signer.load_or_create(path).public_key == first.public_key
     assert first.public_key.startswith("ed25519:")
     parse_public_key(first.public_key)
