@@ -32,12 +32,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ipdc.errors import JobError, KuboError, MessageError
-from ipdc.kubo import KuboClient
 from ipdc.wire.ids import Cid
 from ipdc.wire.manifest import MAX_TASKS
 from ipdc.wire.unixfs import Link, UnixFSHasher, cid_to_str, directory_link
+
+if TYPE_CHECKING:  # `ipdc mr` parses its INPUT here without loading httpx (~60 ms of its start)
+    from ipdc.kubo import KuboClient
 
 #: Seconds to wait for an input's blocks while listing it: a CID that no live peer
 #: holds is not waited for forever.

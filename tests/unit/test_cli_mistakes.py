@@ -8,6 +8,8 @@ at once must fail before it, as it does on a running node, with one line and no 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,12 @@ def test_a_second_ctrl_c_while_cancelling_says_the_cancel_goes_on() -> None:
         _interrupted(client, "j1")  # type: ignore[arg-type]
     assert client.calls == [("cancel", {"job_id": "j1"})]
     assert "ipdc job status j1" in str(raised.value)
+
+
+def test_submitting_from_the_cli_loads_no_http_client() -> None:
+    """``ipdc mr`` parses its INPUT with ipdc.submit.inputs and talks to the controller service
+    over a Unix socket: importing kubo's HTTP client (httpx, ~60 ms) only for a type hint was a
+    third of the command's start."""
+    probe = ("import sys, ipdc.cli, ipdc.jobs, ipdc.submit.inputs, ipdc.ctlsock; "
+             "assert 'httpx' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ipdc'))")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
