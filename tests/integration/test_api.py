@@ -192,16 +192,20 @@ def hold(seconds: float) -> None:
 
 def test_offload_sends_a_heavy_call_away_from_a_loaded_node(api: Swarm, swarm: LocalCluster) -> None:
     me = swarm.nodes[0].config.node.name
-    first = api.offload(spin, 0.5, policy="remote")  # measures its run time and the round trip
+    first = api.offload(spin, 1.0, policy="remote")  # measures its run time
     assert first.result(timeout=60) > 0 and first.peer != me
+    api.submit(hold, 0, peer=first.peer).result(timeout=60)  # the round trip (a session's first task is not one)
     blockers = [api.submit(hold, 600, peer=me) for _ in range(swarm.nodes[0].config.slots)]
     try:
-        assert wait_for(lambda: any(p.name == me and p.running >= swarm.nodes[0].config.slots
-                                    for p in api.client.peers.live()), 30)  # its heartbeat says busy
-        future = api.offload(spin, 0.5)
+        def loaded_here_only() -> bool:  # this node's heartbeat says busy, the others' idle
+            return all(p.running >= swarm.nodes[0].config.slots if p.name == me else p.running == 0
+                       for p in api.client.peers.live())
+
+        assert wait_for(loaded_here_only, 30), api.client.peers.live()
+        future = api.offload(spin, 1.0)
         assert future.result(timeout=60) > 0
         decision = api.decisions[-1]
-        assert decision.choice not in ("local", me) and future.peer == decision.choice
+        assert decision.choice not in ("local", me) and future.peer == decision.choice, decision.estimates
         local = next(e for e in decision.estimates if e.where == "local")
         chosen = next(e for e in decision.estimates if e.where == decision.choice)
         assert local.wait >= local.run > 0.3 and chosen.total < local.total
