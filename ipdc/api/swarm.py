@@ -37,7 +37,7 @@ from ipdc.api.future import HERE, Future, Stored
 from ipdc.api.mapreduce import run_mapreduce
 from ipdc.api.offload import LOCAL, Candidate, Decision, Measured, decide
 from ipdc.api.placement import choose
-from ipdc.errors import ControlError, IPDCError, NotEnoughPeers, TaskFailed, ValueRefused
+from ipdc.errors import ControlError, IPDCError, JobError, NotEnoughPeers, TaskFailed, ValueRefused
 from ipdc.home import NodeHome
 from ipdc.runner.pytask import decode, encode
 from ipdc.submit.client import SwarmClient
@@ -148,6 +148,9 @@ class Swarm:
         """Run a MapReduce job as ``ipdc mr`` does, with ``map_fn(line)`` (pairs),
         ``reduce_fn(key, values)`` and an optional ``combine(key, values)``; its JobResult
         (the output directory, the result CID, workers, timings)."""
+        if k < 1 or max_attempts < 1:  # named as this call names them, not as the CLI's --k
+            raise JobError(f"mapreduce: k and max_attempts must be at least 1, not k={k}, "
+                           f"max_attempts={max_attempts}")
         for fn in (map_fn, reduce_fn, combine):
             if fn is not None:
                 _by_value(fn)

@@ -12,7 +12,7 @@ import pytest
 
 import ipdc
 from ipdc.api import Swarm
-from ipdc.errors import NotEnoughPeers, ValueRefused
+from ipdc.errors import JobError, NotEnoughPeers, ValueRefused
 from ipdc.node.cluster import LocalCluster
 from ipdc.spawn import wait_for
 from ipdc.trust import Signer
@@ -265,6 +265,9 @@ def test_mapreduce_runs_the_mr_engine_with_functions(api: Swarm, tmp_path: Path)
     counts, _ = read_output(result.output, 3)
     assert counts == reference_counts(text.encode())
     assert len(result.parts) == 3 and result.result_cid and (result.output / "_SUCCESS").exists()
+    with pytest.raises(JobError, match="k and max_attempts must be at least 1, not k=0"):
+        api.mapreduce(words, lambda key, counts: sum(counts), source, k=0, output=tmp_path / "out0")
+    assert not (tmp_path / "out0").exists()
 
 
 def test_the_executor_serves_code_written_for_concurrent_futures(api: Swarm) -> None:
