@@ -197,9 +197,7 @@ class KuboClient:
         """
         if cid == EMPTY_CID:
             return b""
-        arg = str(Cid(cid))
-        if not single_block(arg):
-            self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
+        arg = self._ask_ahead(cid, stall)
         return self._read_stalling("cat", {"arg": arg}, arg, stall, cap)
 
     def fetch_into(self, cid: str, fd: int, *, stall: float, cap: int) -> int:
@@ -208,10 +206,16 @@ class KuboClient:
         Returns the byte count; the caller checks the bytes against ``cid``."""
         if cid == EMPTY_CID:
             return 0
+        arg = self._ask_ahead(cid, stall)
+        return self._stream("cat", {"arg": arg}, arg, stall, lambda response: _write_capped(response, fd, cap, arg))
+
+    def _ask_ahead(self, cid: str, stall: float) -> str:
+        """``cid`` checked, after asking for all of its blocks at once when it has more than
+        one (see :meth:`fetch`): what a ``cat`` of it then reads locally."""
         arg = str(Cid(cid))
         if not single_block(arg):
             self._read_stalling("refs", {"arg": arg, "recursive": "true", "unique": "true"}, arg, stall)
-        return self._stream("cat", {"arg": arg}, arg, stall, lambda response: _write_capped(response, fd, cap, arg))
+        return arg
 
     def _read_stalling(self, cmd: str, params: dict[str, Any], cid: str, stall: float,
                        cap: int | None = None) -> bytes:

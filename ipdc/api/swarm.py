@@ -469,7 +469,7 @@ class Swarm:
             self._runs.setdefault(task.fn, Measured()).add(reply.seconds)
             self._result_sizes.setdefault(task.fn, Measured()).add(reply.size)
             overhead = time.monotonic() - task.sent_at - reply.seconds
-            if peer in self._rtts or peer in self._bound:
+            if peer in self._bound:
                 self._rtts.setdefault(peer, Measured()).add(max(0.0, overhead))
             else:  # the session's first task there also bound it a runner: a one-off, not a round trip
                 self._bound.add(peer)

@@ -408,9 +408,7 @@ class MapReduceController:
                                            name="upload", daemon=True)
             self.adding.start()
         else:
-            with ExitStack() as files:
-                code_cids = self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
-                                                   for name, path in code.files.items()])
+            code_cids = self.add_code(code.files)
             self.uploads.record(self.job_id, list(code_cids))  # first: a kill from now on leaves a record
             added = self.add_chunks(local)
             self.uploads.record(self.job_id, [*code_cids, *added])
@@ -439,6 +437,12 @@ class MapReduceController:
             log.error("job %s: kubo names the job's uploads %s, not %s: its import settings differ from "
                       "IPDC's (Import.CidVersion, chunker, raw leaves)", self.job_id, added, expected)
 
+    def add_code(self, files: dict[str, Path]) -> list[Cid]:
+        """Add the job's code files to kubo, each from its path, in one request."""
+        with ExitStack() as opened:
+            return self.kubo.add_streams([(name, opened.enter_context(open(path, "rb")))
+                                          for name, path in files.items()])
+
     def add_chunks(self, local: list[Split]) -> list[Cid]:
         """Add a local input's chunks to kubo, each from its file, in one request."""
         return self.kubo.add_ranges((s.file.local, s.offset, s.length) for s in local if s.file.local is not None)
@@ -461,15 +465,13 @@ class MapReduceController:
         a pin of them would wait on the swarm for ever. The files must still be what the
         signed manifest names, or the job cannot go on."""
         code = job_code(self.job).files
-        with ExitStack() as files:
-            added = dict(zip(code, self.kubo.add_streams([(name, files.enter_context(open(path, "rb")))
-                                                          for name, path in code.items()]), strict=True))
-        chunks: list[Cid] = []
-        if isinstance(self.job.input, Path):  # an input given by CID was never added here
+        added = dict(zip(code, self.add_code(code), strict=True))
+        chunks = manifest.chunks  # an input given by CID was never added here
+        if isinstance(self.job.input, Path):
             splits = plan_splits(self.input_source(), self.job.chunks or default_chunks(self.input_bytes,
                                                                                        manifest.partitions))
             chunks = self.add_chunks(splits) if len(splits) == len(manifest.chunks) else []
-        if added != manifest.code or (isinstance(self.job.input, Path) and chunks != manifest.chunks):
+        if added != manifest.code or chunks != manifest.chunks:
             raise JobError(f"job {self.job_id} cannot be resumed: its code or input changed since it was "
                            "submitted, and this node's kubo no longer holds what it sent; submit it again")
         log.info("job %s: added its code and input again (its first adds never finished)", self.job_id)
